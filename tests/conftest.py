@@ -1,0 +1,60 @@
+"""Shared fixtures. Unit tests use tiny models built in-process; integration tests (marked
+``integration``) load the default model once per session, under a socket guard."""
+
+from __future__ import annotations
+
+import os
+import socket
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@contextmanager
+def no_network():
+    """Any socket connection attempt raises: proves a code path is offline."""
+    real = socket.socket.connect
+
+    def guard(self, *args, **kwargs):
+        raise AssertionError(f"network access attempted: {args}")
+
+    socket.socket.connect = guard
+    try:
+        yield
+    finally:
+        socket.socket.connect = real
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    assert SHARED_DATA.is_dir(), f"integration data missing: {SHARED_DATA}"
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    import interp_edit as ie
+
+    with no_network():
+        return ie.load_model()
+
+
+@pytest.fixture(scope="session")
+def fm():
+    """The tiny model trained on synthetic facts (FactModel: .model, .facts)."""
+    from interp_edit.testing import fact_model
+
+    return fact_model()
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    from interp_edit.testing import random_model
+
+    return random_model()
