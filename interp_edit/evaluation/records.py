@@ -1,0 +1,77 @@
+"""The one record type every evaluation dataset is loaded into.
+
+An :class:`EditRecord` is a CounterFact-style case: the fact to rewrite (``prompt`` template,
+``subject``, ``target_true`` -> ``target_new``) plus the probes that measure the edit:
+
+- ``paraphrases``: prompts whose answer should become ``target_new``;
+- ``neighborhood``: ``(prompt, answer)`` pairs about *other* subjects whose answer must not change
+  (in CounterFact the answer is ``target_true``: same relation, same object, another subject);
+- ``reverse``: ``(prompt, answer)`` pairs that ask the edited fact backwards, answered by the
+  subject ("The landmark in Taipei called the" -> "Space Needle");
+- ``portability``: ``(prompt, answer)`` pairs whose answer follows from the new fact
+  ("The Space Needle is in the country of" -> "Taiwan");
+- ``generation_prompts``: prompts for free generation (fluency).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from interp_edit.editing.base import EditRequest
+from interp_edit.errors import InterpEditError
+
+Pairs = tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class EditRecord:
+    """One edit case and its probes. ``prompt`` is a template with one ``{}`` for the subject."""
+
+    case_id: str | int
+    prompt: str
+    subject: str
+    target_new: str
+    target_true: str
+    paraphrases: tuple[str, ...] = ()
+    neighborhood: Pairs = ()
+    reverse: Pairs = ()
+    portability: Pairs = ()
+    generation_prompts: tuple[str, ...] = ()
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if self.prompt.count("{}") != 1:
+            raise InterpEditError(
+                f"record {self.case_id!r}: prompt {self.prompt!r} must be a template with "
+                "exactly one '{}' where the subject goes"
+            )
+        for name in ("subject", "target_new", "target_true"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise InterpEditError(f"record {self.case_id!r}: {name} is empty")
+        # accept lists from JSON and store tuples, so records stay hashable and immutable
+        for name in ("paraphrases", "generation_prompts"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        for name in ("neighborhood", "reverse", "portability"):
+            pairs = tuple((str(p), str(a)) for p, a in getattr(self, name))
+            object.__setattr__(self, name, pairs)
+
+    @property
+    def text(self) -> str:
+        """The edit prompt with the subject filled in."""
+        return self.prompt.replace("{}", self.subject, 1)
+
+    @property
+    def request(self) -> EditRequest:
+        """The edit this record asks for, ready for ``ie.edit``."""
+        return EditRequest(self.prompt, self.subject, self.target_new, self.target_true)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EditRecord":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
