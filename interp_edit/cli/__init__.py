@@ -9,7 +9,7 @@ import os
 import sys
 
 # one line per subcommand module
-_COMMANDS = ["predict"]
+_COMMANDS = ["predict", "evaluate"]
 
 
 def build_parser() -> argparse.ArgumentParser:
