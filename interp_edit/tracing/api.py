@@ -1,0 +1,82 @@
+"""``trace`` and ``trace_all``: check the inputs, pick a method, wrap the grid in a result."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Sequence
+
+from jaxtyping import Float
+from torch import Tensor
+
+from interp_edit.models import Model
+from interp_edit.tracing.inputs import check_options, prepare, select_cells
+from interp_edit.tracing.results import KINDS, TraceResult, TraceSet
+
+# method -> module with ``run(inputs, kinds, *, window, sever, cells, progress)``
+_METHOD_MODULES = {
+    "fast": "interp_edit.tracing.engine",
+    "reference": "interp_edit.tracing.reference",
+    "attribution": "interp_edit.tracing.attribution",
+}
+
+
+def trace(
+    model: Model,
+    prompt: str,
+    subject: str,
+    *,
+    target: str | None = None,
+    kind: str = "resid",
+    window: int = 10,
+    samples: int = 10,
+    noise: str | float | Float[Tensor, "samples subject_len d_model"] = "s3",
+    seed: int = 1,
+    method: str = "fast",
+    positions: Sequence[int] | None = None,
+    layers: Sequence[int] | None = None,
+    sever: str | None = None,
+    progress: bool | None = None,
+) -> TraceResult | TraceSet:
+    """Causal trace of one fact (Meng et al. 2022): corrupt the subject's token embeddings
+    with Gaussian noise, restore one (token, layer) cell at a time to its clean value, and
+    record p(target) at the last position, averaged over the noise samples.
+
+    Args:
+        target: the answer to score (its first token, leading space added when missing);
+            ``None`` means the model's own clean top-1 token.
+        kind: ``"resid"`` (block outputs), ``"mlp"`` or ``"attn"`` (windows of ``window``
+            layers' outputs), or ``"all"`` for a :class:`TraceSet` of the three, sharing
+            the clean and corrupted runs.
+        noise: ``"sK"`` (K x the std of subject-token embeddings over a built-in reference
+            list, see :mod:`interp_edit.tracing.noise`), a float std, or a tensor
+            ``[samples, subject_len, d_model]`` used as given. Seeded by ``seed``.
+        method: ``"fast"`` (exact), ``"reference"`` (exact, one forward pass per cell; the
+            yardstick) or ``"attribution"`` (a first-order gradient estimate for screening).
+        positions, layers: compute only these tokens/layers; other cells hold NaN.
+        sever: ``"mlp"`` or ``"attn"`` (kind ``"resid"`` only): also freeze that output of
+            every later layer at the restored token at its corrupted value.
+        progress: show a progress bar (``None``: on a terminal, for runs longer than 3 s).
+    """
+    kinds = KINDS if kind == "all" else (kind,)
+    check_options(kinds, method, window, sever)
+    inputs = prepare(model, prompt, subject, target, samples, noise, seed)
+    cells = select_cells(inputs, positions, layers)
+    run = importlib.import_module(_METHOD_MODULES[method]).run
+    grids, low = run(inputs, kinds, window=window, sever=sever, cells=cells, progress=progress)
+    results = {
+        k: TraceResult(
+            scores=grids[k], low_score=float(low), high_score=inputs.high_score,
+            prompt=prompt, subject=subject, tokens=model.to_str_tokens(inputs.ids),
+            token_ids=inputs.ids.tolist(), subject_range=inputs.subject_range,
+            target=inputs.target, target_id=inputs.target_id, kind=k, window=int(window),
+            noise_std=inputs.noise_std, noise_source=inputs.noise_source, samples=samples,
+            seed=inputs.seed, model_name=model.name, method=method, sever=sever,
+        )  # fmt: skip
+        for k in kinds
+    }
+    return TraceSet(**results) if kind == "all" else results[kind]
+
+
+def trace_all(model: Model, prompt: str, subject: str, **kwargs) -> TraceSet:
+    """The hidden-state, MLP and attention traces of one fact (``trace(..., kind="all")``)."""
+    return trace(model, prompt, subject, kind="all", **kwargs)

@@ -1,0 +1,169 @@
+"""What every tracing method shares: checked inputs, the grid of cells, and what restoring a
+cell means (its *plan*), so the reference, fast and attribution methods cannot disagree on
+semantics.
+
+A cell is ``(token t, layer l)``. Its plan is a tuple of :class:`Restore` steps, each replacing
+one activation at token ``t`` of one layer, where the activation ("site") is the block output
+(``"resid"``, ``hook_resid_post``), the MLP output (``"mlp"``) or the attention output
+(``"attn"``), and the value comes from the clean run or from the corrupted run:
+
+- kind ``"resid"``: block ``l``'s output, clean. With ``sever="mlp"`` (or ``"attn"``) the MLP
+  (attention) outputs of every later layer at token ``t`` are also frozen at their corrupted
+  values (Meng et al. 2022, Fig. 3).
+- kinds ``"mlp"``/``"attn"``: that output of every layer in :func:`window_layers`, clean.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from interp_edit.errors import InterpEditError
+from interp_edit.models import Model
+from interp_edit.tracing.noise import resolve_noise
+from interp_edit.tracing.results import KINDS
+
+METHODS = ("fast", "reference", "attribution")
+SEVERS = ("mlp", "attn")
+
+
+class Restore(NamedTuple):
+    """Replace ``site`` of ``layer`` at the cell's token with its ``source`` run's value."""
+
+    layer: int
+    site: str  # "resid" | "mlp" | "attn"
+    source: str  # "clean" | "corrupted"
+
+
+Plan = tuple[Restore, ...]
+
+
+def window_layers(layer: int, window: int, n_layers: int) -> range:
+    """The layers restored together around ``layer`` (kmeng01/rome ``causal_trace``)."""
+    return range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2)))
+
+
+def plan(kind: str, layer: int, window: int, n_layers: int, sever: str | None = None) -> Plan:
+    """The restorations that make up cell ``(t, layer)`` of a trace of this kind."""
+    if kind == "resid":
+        frozen = range(layer + 1, n_layers) if sever else range(0)
+        return (Restore(layer, "resid", "clean"),) + tuple(
+            Restore(j, sever, "corrupted") for j in frozen
+        )
+    return tuple(Restore(j, kind, "clean") for j in window_layers(layer, window, n_layers))
+
+
+@dataclass(frozen=True, eq=False)
+class TraceInputs:
+    """A checked tracing problem: tokens, subject span, target and the noise samples."""
+
+    model: Model
+    prompt: str
+    subject: str
+    ids: Int[Tensor, "pos"]
+    subject_range: tuple[int, int]
+    target: str
+    target_id: int
+    high_score: float  # clean p(target), from a plain forward pass
+    noise: Float[Tensor, "samples subject_len d_model"]
+    noise_std: float
+    noise_source: str
+    seed: int
+
+    @property
+    def samples(self) -> int:
+        return int(self.noise.shape[0])
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.ids.shape[0])
+
+    @property
+    def n_layers(self) -> int:
+        return self.model.n_layers
+
+    def batch(self, copies: int) -> Int[Tensor, "batch pos"]:
+        """The prompt repeated ``copies`` times (one row per corrupted sample)."""
+        return self.ids[None].expand(copies, -1).to(self.model.device)
+
+
+@torch.no_grad()
+def prepare(
+    model: Model,
+    prompt: str,
+    subject: str,
+    target: str | None,
+    samples: int,
+    noise: str | float | Tensor,
+    seed: int,
+) -> TraceInputs:
+    """Check the inputs and run the clean pass (for the default target and ``high_score``)."""
+    _positive_int("samples", samples)
+    ids = model.tokenize(prompt)  # raises on an empty prompt or one longer than the context
+    start, end = model.subject_range(prompt, subject)
+    probs = model.logits(ids[None].to(model.device))[0, -1].softmax(-1)
+    if target is None:
+        target_id = int(probs.argmax())
+        target = model.tokenizer.decode([target_id])
+    else:
+        target_id = model.target_ids(target)[0]
+    values, std, source = resolve_noise(model, noise, samples, end - start, seed)
+    return TraceInputs(
+        model, prompt, subject, ids, (start, end), target, target_id, float(probs[target_id]),
+        values, std, source, int(seed),
+    )  # fmt: skip
+
+
+def check_options(kinds: Sequence[str], method: str, window: int, sever: str | None) -> None:
+    if method not in METHODS:
+        raise InterpEditError(f"unknown method {method!r}: choose one of {METHODS}")
+    for kind in kinds:
+        if kind not in KINDS:
+            raise InterpEditError(f"unknown kind {kind!r}: choose one of {KINDS} or 'all'")
+    _positive_int("window", window)
+    if sever is not None:
+        if sever not in SEVERS:
+            raise InterpEditError(f"unknown sever {sever!r}: choose one of {SEVERS} or None")
+        if tuple(kinds) != ("resid",):
+            raise InterpEditError("sever= applies to kind='resid' only (hidden-state traces)")
+        if method == "attribution":
+            raise InterpEditError("sever= needs an exact method: use method='fast'")
+
+
+def select_cells(
+    inputs: TraceInputs, positions: Sequence[int] | None, layers: Sequence[int] | None
+) -> list[tuple[int, int]]:
+    """The ``(token, layer)`` cells to compute: all, or the given tokens/layers."""
+    toks = _indices("positions", positions, inputs.n_tokens)
+    lays = _indices("layers", layers, inputs.n_layers)
+    return [(t, layer) for t in toks for layer in lays]
+
+
+def _indices(name: str, given: Sequence[int] | None, n: int) -> list[int]:
+    if given is None:
+        return list(range(n))
+    out = sorted({int(i) + n if int(i) < 0 else int(i) for i in given})
+    if not out or out[0] < 0 or out[-1] >= n:
+        raise InterpEditError(f"{name}={list(given)!r} must be non-empty indices in 0..{n - 1}")
+    return out
+
+
+def _positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InterpEditError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def progress_bar(total: int, show: bool | None, desc: str):
+    """A tqdm bar over cells. ``show=None``: only on a terminal, and only once the run has
+    taken more than 3 s (so short runs and test logs stay quiet)."""
+    from tqdm.auto import tqdm
+
+    if show is None:
+        return tqdm(total=total, desc=desc, unit="cell", delay=3.0, leave=False,
+                    disable=not sys.stderr.isatty())  # fmt: skip
+    return tqdm(total=total, desc=desc, unit="cell", disable=not show, leave=False)

@@ -1,0 +1,103 @@
+"""The plain algorithm, through the hook layer: for every cell, one forward pass over the
+batch of corrupted samples with that cell's activations patched to their clean values.
+
+This is the yardstick the fast engine is tested against; keep it short and obvious.
+:func:`hooked_grid` with ``cells_per_pass > 1`` packs several cells into one pass (rows
+``i*S .. (i+1)*S`` belong to cell ``i``): that is the fast method's fallback for models the
+fast engine does not support.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from einops import rearrange
+from jaxtyping import Float
+from torch import Tensor
+
+from interp_edit import hooks as H
+from interp_edit.models import attn_out_hook, mlp_out_hook, resid_hook
+from interp_edit.tracing.inputs import Plan, TraceInputs, plan, progress_bar
+
+_SITE_HOOK = {"resid": resid_hook, "mlp": mlp_out_hook, "attn": attn_out_hook}
+
+
+def all_sites(n_layers: int) -> list[str]:
+    return [_SITE_HOOK[site](j) for j in range(n_layers) for site in _SITE_HOOK]
+
+
+@torch.no_grad()
+def capture_runs(inputs: TraceInputs) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
+    """Clean activations ``[1, pos, d]``, corrupted ones ``[samples, pos, d]`` (every site of
+    every layer) and the corrupted p(target) per sample."""
+    model, names = inputs.model, all_sites(inputs.n_layers)
+    clean: dict[str, Tensor] = {}
+    with H.hooked(model, [H.capture(n, clean) for n in names]):
+        model.logits(inputs.batch(1))
+    corrupted: dict[str, Tensor] = {}
+    noise = H.add_noise(slice(*inputs.subject_range), inputs.noise)
+    with H.hooked(model, [noise] + [H.capture(n, corrupted) for n in names]):
+        logits = model.logits(inputs.batch(inputs.samples))
+    return clean, corrupted, logits[:, -1].softmax(-1)[:, inputs.target_id]
+
+
+def restore_hooks(
+    t: int, cell_plan: Plan, clean: dict[str, Tensor], corrupted: dict[str, Tensor], rows: slice
+) -> list[H.Hook]:
+    """One patch per restoration of a cell (token ``t``), on batch rows ``rows``."""
+    hooks = []
+    for step in cell_plan:
+        name = _SITE_HOOK[step.site](step.layer)
+        value = clean[name][0, t] if step.source == "clean" else corrupted[name][:, t]
+        hooks.append(H.patch(name, t, value, rows=rows))
+    return hooks
+
+
+@torch.no_grad()
+def hooked_grid(
+    inputs: TraceInputs,
+    jobs: Sequence[tuple[int, Plan]],
+    cells_per_pass: int,
+    progress: bool | None,
+) -> tuple[Float[Tensor, "n_jobs"], float]:
+    """Score each ``(token, plan)`` job; returns the scores and the corrupted ``low_score``."""
+    clean, corrupted, low = capture_runs(inputs)
+    S, out = inputs.samples, []
+    bar = progress_bar(len(jobs), progress, "causal trace")
+    for i in range(0, len(jobs), cells_per_pass):
+        chunk = jobs[i : i + cells_per_pass]
+        noise = H.add_noise(slice(*inputs.subject_range), inputs.noise.repeat(len(chunk), 1, 1))
+        hooks = [noise]
+        for c, (t, cell_plan) in enumerate(chunk):
+            hooks += restore_hooks(t, cell_plan, clean, corrupted, slice(c * S, (c + 1) * S))
+        with H.hooked(inputs.model, hooks):
+            logits = inputs.model.logits(inputs.batch(len(chunk) * S))
+        p = logits[:, -1].softmax(-1)[:, inputs.target_id]
+        out.append(rearrange(p, "(cell s) -> cell s", s=S).mean(1))
+        bar.update(len(chunk))
+    bar.close()
+    return torch.cat(out), float(low.mean())
+
+
+def grid_jobs(
+    inputs: TraceInputs, kinds: Sequence[str], window: int, sever: str | None, cells
+) -> list[tuple[str, int, int, Plan]]:
+    """Every ``(kind, token, layer, plan)`` to compute."""
+    L = inputs.n_layers
+    return [(k, t, layer, plan(k, layer, window, L, sever)) for k in kinds for t, layer in cells]
+
+
+def fill_grids(inputs: TraceInputs, kinds, jobs, scores: Tensor) -> dict[str, Tensor]:
+    """Scatter per-job scores into NaN-initialised ``[n_tokens, n_layers]`` grids."""
+    grids = {k: torch.full((inputs.n_tokens, inputs.n_layers), float("nan")) for k in kinds}
+    for (kind, t, layer, _), score in zip(jobs, scores.tolist()):
+        grids[kind][t, layer] = score
+    return grids
+
+
+def run(inputs: TraceInputs, kinds, *, window, sever, cells, progress, cells_per_pass=1):
+    """``method="reference"``: one forward pass per cell."""
+    jobs = grid_jobs(inputs, kinds, window, sever, cells)
+    scores, low = hooked_grid(inputs, [(t, p) for _, t, _, p in jobs], cells_per_pass, progress)
+    return fill_grids(inputs, kinds, jobs, scores), low

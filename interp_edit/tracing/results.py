@@ -1,0 +1,155 @@
+"""Result objects of causal tracing: :class:`TraceResult` (one grid) and :class:`TraceSet`
+(the three kinds of one fact, sharing the clean and corrupted runs).
+
+Both save to a single ``.npz`` file (arrays plus one JSON metadata string, loadable with
+``allow_pickle=False``) and plot themselves through :mod:`interp_edit.plotting.heatmaps`;
+plotting never recomputes anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from interp_edit.errors import InterpEditError
+
+KINDS = ("resid", "mlp", "attn")
+_FORMAT = "interp_edit.TraceResult/1"
+
+
+@dataclass(frozen=True, eq=False)
+class TraceResult:
+    """One causal trace: p(target) with each (token, layer) cell restored to its clean value.
+
+    ``scores[t, l]`` is the probability of the target's first token at the last position,
+    averaged over the noise samples, with the subject embeddings corrupted and the cell
+    (token ``t``, layer ``l``) restored. For ``kind="resid"`` the cell is block ``l``'s output
+    (``hook_resid_post``); for ``"mlp"``/``"attn"`` it is the window of MLP/attention outputs
+    of layers ``max(0, l - window//2) .. min(L, l - (-window//2)) - 1`` at token ``t``.
+    Cells left out with ``positions=``/``layers=`` hold NaN.
+    ``method="attribution"`` scores are a first-order estimate (see
+    :mod:`interp_edit.tracing.attribution`), not probabilities.
+    """
+
+    scores: Float[Tensor, "n_tokens n_layers"]
+    low_score: float  # corrupted, nothing restored
+    high_score: float  # clean run
+    prompt: str
+    subject: str
+    tokens: list[str]
+    token_ids: list[int]
+    subject_range: tuple[int, int]  # [start, end) token span of the subject
+    target: str
+    target_id: int
+    kind: str  # "resid" | "mlp" | "attn"
+    window: int
+    noise_std: float
+    noise_source: str  # how noise_std was chosen, in words
+    samples: int
+    seed: int
+    model_name: str
+    method: str  # "fast" | "reference" | "attribution"
+    sever: str | None = None  # None | "mlp" | "attn" (kind "resid" only)
+
+    @property
+    def indirect_effect(self) -> Float[Tensor, "n_tokens n_layers"]:
+        """``scores - low_score``: how much restoring each cell brings the answer back."""
+        return self.scores - self.low_score
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.scores.shape[0])
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.scores.shape[1])
+
+    def top_cells(self, k: int = 5) -> list[tuple[int, int, float]]:
+        """The ``k`` cells with the largest score, as ``(token, layer, score)``."""
+        flat = torch.nan_to_num(self.scores, nan=-float("inf")).flatten()
+        idx = flat.topk(min(k, flat.numel())).indices
+        return [(int(i) // self.n_layers, int(i) % self.n_layers, float(flat[i])) for i in idx]
+
+    def plot(self, ax=None, **kw):
+        """Heatmap of the scores (see :func:`interp_edit.plotting.heatmaps.plot_trace`)."""
+        from interp_edit.plotting.heatmaps import plot_trace
+
+        return plot_trace(self, ax=ax, **kw)
+
+    # ---- persistence ---------------------------------------------------------------------
+    def _arrays(self, prefix: str = "") -> dict[str, np.ndarray]:
+        meta = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "scores"}
+        meta["format"] = _FORMAT
+        return {
+            prefix + "scores": self.scores.detach().cpu().to(torch.float32).numpy(),
+            prefix + "meta": np.array(json.dumps(meta)),
+        }
+
+    @classmethod
+    def _from_arrays(cls, data: Mapping[str, Any], prefix: str = "") -> TraceResult:
+        try:
+            meta = json.loads(str(data[prefix + "meta"]))
+            scores = torch.from_numpy(np.array(data[prefix + "scores"]))
+        except KeyError as exc:
+            raise InterpEditError(f"not a saved trace: missing array {exc}") from None
+        if meta.pop("format", None) != _FORMAT:
+            raise InterpEditError(f"not a saved trace (expected format {_FORMAT})")
+        meta["subject_range"] = tuple(meta["subject_range"])
+        return cls(scores=scores, **meta)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write one ``.npz`` file (scores + JSON metadata; no pickle)."""
+        np.savez(_npz(path), **self._arrays())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> TraceResult:
+        with np.load(_npz(path), allow_pickle=False) as data:
+            return cls._from_arrays(data)
+
+
+@dataclass(frozen=True, eq=False)
+class TraceSet:
+    """The hidden-state, MLP and attention traces of one fact (``trace(..., kind="all")``)."""
+
+    resid: TraceResult
+    mlp: TraceResult
+    attn: TraceResult
+
+    def __getitem__(self, kind: str) -> TraceResult:
+        if kind not in KINDS:
+            raise InterpEditError(f"unknown kind {kind!r}: choose one of {KINDS}")
+        return getattr(self, kind)
+
+    def __iter__(self):
+        return iter((self.resid, self.mlp, self.attn))
+
+    def plot(self, **kw):
+        """The three heatmaps side by side (see ``plotting.heatmaps.plot_trace_set``)."""
+        from interp_edit.plotting.heatmaps import plot_trace_set
+
+        return plot_trace_set(self, **kw)
+
+    def save(self, path: str | os.PathLike) -> None:
+        arrays: dict[str, np.ndarray] = {}
+        for kind in KINDS:
+            arrays |= self[kind]._arrays(prefix=f"{kind}_")
+        np.savez(_npz(path), **arrays)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> TraceSet:
+        with np.load(_npz(path), allow_pickle=False) as data:
+            return cls(**{k: TraceResult._from_arrays(data, prefix=f"{k}_") for k in KINDS})
+
+
+def _npz(path: str | os.PathLike) -> str:
+    """``np.savez`` appends ``.npz`` to other names; do the same on load so both agree."""
+    path = os.fspath(path)
+    return path if path.endswith(".npz") else path + ".npz"
