@@ -1,0 +1,58 @@
+"""Save and load a frozen dataclass as one ``.npz`` file: tensor fields become arrays, the
+other fields one JSON string (loadable with ``allow_pickle=False``, like ``TraceResult``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from interp_edit.errors import InterpEditError
+
+T = TypeVar("T")
+
+
+def npz_path(path: str | os.PathLike) -> str:
+    """``np.savez`` appends ``.npz`` to other names; load the same name it wrote."""
+    path = os.fspath(path)
+    return path if path.endswith(".npz") else path + ".npz"
+
+
+def save_dataclass(obj: Any, path: str | os.PathLike, fmt: str) -> str:
+    arrays: dict[str, np.ndarray] = {}
+    meta: dict[str, Any] = {"format": fmt}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, Tensor):
+            arrays[f.name] = value.detach().cpu().numpy()
+        else:
+            meta[f.name] = value
+    out = npz_path(path)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    np.savez(out, __meta__=np.array(json.dumps(meta)), **arrays)
+    return out
+
+
+def load_dataclass(cls: type[T], path: str | os.PathLike, fmt: str) -> T:
+    with np.load(npz_path(path), allow_pickle=False) as data:
+        if "__meta__" not in data:
+            raise InterpEditError(f"{path} is not a saved {cls.__name__} (no metadata)")
+        meta = json.loads(str(data["__meta__"]))
+        if meta.pop("format", None) != fmt:
+            raise InterpEditError(f"{path} is not a saved {cls.__name__} (expected {fmt})")
+        arrays = {k: torch.from_numpy(np.array(data[k])) for k in data.files if k != "__meta__"}
+    return cls(**arrays, **{k: _tuples(v) for k, v in meta.items()})
+
+
+def _tuples(value: Any) -> Any:
+    """JSON lists back to the tuples the frozen dataclasses hold."""
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    return value
