@@ -47,7 +47,8 @@ def load_counterfact(path: str | os.PathLike) -> list[EditRecord]:
 
 
 def load_zsre(path: str | os.PathLike) -> list[EditRecord]:
-    """zsRE records in the MEND format; records whose subject is not in the question are dropped."""
+    """zsRE records in the MEND format. Records whose subject is not in the question, or with
+    no answer or an empty ``alt``, are dropped (with a logged count)."""
     rows = _read_json_list(path)
     keys = set(rows[0]) if rows else set()
     if not _ZSRE_KEYS <= keys:
@@ -58,7 +59,7 @@ def load_zsre(path: str | os.PathLike) -> list[EditRecord]:
     out, dropped = [], 0
     for i, r in enumerate(rows):
         src, subject = r["src"], r["subject"]
-        if subject not in src or not r["answers"]:
+        if subject not in src or not r["answers"] or not str(r["alt"]).strip():
             dropped += 1
             continue
         loc = ((r["loc"], r["loc_ans"]),) if r.get("loc") and r.get("loc_ans") else ()
@@ -73,7 +74,7 @@ def load_zsre(path: str | os.PathLike) -> list[EditRecord]:
             source="zsre",
         ))
     if dropped:
-        log.warning("%s: dropped %d zsRE records (subject not in the question or no answer)",
+        log.warning("%s: dropped %d zsRE records (subject not in the question, or no answer/alt)",
                     path, dropped)
     return out
 

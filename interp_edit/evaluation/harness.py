@@ -98,7 +98,7 @@ def evaluate(
             continue
         seconds = time.perf_counter() - t0
         try:
-            post = _measure_after(model, rec, applied, unrelated, gen if fluency else (),
+            post = _measure_after(model, rec, pre, applied, unrelated, gen if fluency else (),
                                   fluency_tokens)
         finally:
             if applied is not None and applied.applied:
@@ -126,16 +126,18 @@ def evaluate(
 def _measure_after(
     model: Model,
     rec: EditRecord,
+    pre: dict[str, Any],
     applied: AppliedEdit | None,
     unrelated: list[tuple[str, int]],
     gen: tuple[str, ...],
     fluency_tokens: int,
 ) -> dict[str, Any]:
-    out: dict[str, Any] = metrics.measure(model, rec, applied)
+    # the baseline leaves the model as it is: its "after" is its "before" (already measured)
+    out: dict[str, Any] = dict(pre) if applied is None else metrics.measure(model, rec, applied)
     out["unchanged_top1"] = metrics.unchanged_top1(
         model, [p for p, _ in unrelated], [t for _, t in unrelated], applied
     )
-    if gen:
+    if gen and applied is not None:
         out["fluency"] = metrics.fluency(model, gen, applied, fluency_tokens)
     return out
 
