@@ -1,0 +1,316 @@
+"""Averages of causal traces over many facts: ROME's token groups, average indirect effects
+(AIE) and 95% confidence intervals.
+
+A fact's trace is a grid ``scores[token, layer]``; its indirect effect is
+``scores - low_score``. Tokens fall into ROME's six groups (Meng et al. 2022, Fig. 2):
+
+    first subject token | middle subject tokens | last subject token |
+    first subsequent token | further tokens | last token
+
+(tokens before the subject belong to no group, as in ROME). A group with several tokens is
+averaged within the fact first, so every fact counts once and the 95% CI is a Student-t
+interval over facts. A fact lacking a group (a one- or two-token subject has no middle tokens)
+is left out of that group only; ``n`` says how many facts each mean rests on.
+
+:class:`AverageTrace` keeps the per-fact group effects (not just the means), so it can be
+saved, reloaded, merged into a table or re-plotted without tracing again.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from jaxtyping import Float, Int
+from scipy import stats as _scipy_stats
+from torch import Tensor
+
+from interp_edit.errors import InterpEditError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from interp_edit.tracing.results import TraceResult
+
+GROUPS = (
+    "first subject token",
+    "middle subject tokens",
+    "last subject token",
+    "first subsequent token",
+    "further tokens",
+    "last token",
+)
+KINDS = ("resid", "mlp", "attn")
+_FORMAT = "interp_edit.AverageTrace/1"
+
+
+def token_groups(n_tokens: int, subject_range: tuple[int, int]) -> tuple[tuple[int, ...], ...]:
+    """Token positions of each of ROME's six groups (in :data:`GROUPS` order; may be empty).
+
+    As in ROME a one-token subject is both first and last subject token, and when the
+    subject is followed by a single token that token is both first subsequent and last.
+    """
+    start, end = subject_range
+    if not 0 <= start < end <= n_tokens:
+        raise InterpEditError(f"subject range {subject_range} does not fit {n_tokens} tokens")
+    last = n_tokens - 1
+    return (
+        (start,),
+        tuple(range(start + 1, end - 1)),
+        (end - 1,),
+        (end,) if end <= last else (),
+        tuple(range(end + 1, last)),
+        (last,),
+    )
+
+
+def group_effects(
+    effects: Float[Tensor, "pos layer"], subject_range: tuple[int, int]
+) -> Float[Tensor, "group layer"]:
+    """Mean indirect effect of each token group (NaN rows for empty groups)."""
+    out = torch.full((len(GROUPS), effects.shape[1]), float("nan"), dtype=torch.float64)
+    for g, positions in enumerate(token_groups(effects.shape[0], subject_range)):
+        if positions:
+            out[g] = effects[list(positions)].double().mean(0)
+    return out
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One way of tracing: which states were restored, which path was severed, which method."""
+
+    kind: str = "resid"
+    sever: str | None = None
+    method: str = "fast"
+
+    @property
+    def exact(self) -> bool:
+        return self.method != "attribution"
+
+    @property
+    def slug(self) -> str:
+        """A file-name-safe name: ``mlp``, ``resid-sever-attn``, ``attn-attribution``."""
+        return "-".join([self.kind, *(["sever", self.sever] if self.sever else []), self.method])
+
+
+@dataclass(frozen=True)
+class GroupStats:
+    """Mean AIE per token group and layer with its 95% CI; ``n`` facts behind each group."""
+
+    mean: Float[Tensor, "group layer"]
+    lo: Float[Tensor, "group layer"]
+    hi: Float[Tensor, "group layer"]
+    n: Int[Tensor, "group"]
+
+
+@dataclass(frozen=True)
+class Peak:
+    """Where the mean AIE of one condition is largest."""
+
+    condition: Condition
+    group: str
+    layer: int
+    aie: float
+    lo: float
+    hi: float
+    n: int
+
+
+def summarize(effects: Float[Tensor, "fact group layer"], confidence: float = 0.95) -> GroupStats:
+    """Mean over facts (ignoring NaN) and a Student-t confidence interval per cell."""
+    x = effects.double()
+    present = ~torch.isnan(x)
+    n = present.sum(0)  # [group, layer]
+    mean = torch.where(present, x, 0).sum(0) / n.clamp(min=1)
+    sq = torch.where(present, x - mean, 0).pow(2).sum(0)
+    sem = (sq / (n - 1).clamp(min=1)).sqrt() / n.clamp(min=1).sqrt()
+    crit = torch.from_numpy(_scipy_stats.t.ppf(0.5 + confidence / 2, (n - 1).clamp(min=1).numpy()))
+    half = torch.where(n > 1, crit * sem, float("nan"))
+    mean = torch.where(n > 0, mean, float("nan"))
+    return GroupStats(mean, mean - half, mean + half, n.max(-1).values)
+
+
+@dataclass(frozen=True, eq=False)
+class AverageTrace:
+    """Per-fact group effects for every traced condition, with their averages.
+
+    ``effects[c][f, g, l]`` is fact ``f``'s mean indirect effect over token group ``g`` with
+    layer ``l`` restored under ``conditions[c]``; NaN where the group is empty or the fact
+    was not traced under that condition (an exact pass on a sample, for instance).
+    """
+
+    conditions: tuple[Condition, ...]
+    effects: tuple[Float[Tensor, "fact group layer"], ...]
+    low_scores: tuple[Float[Tensor, "fact"], ...]  # NaN where not traced
+    high_scores: Float[Tensor, "fact"]
+    prompts: tuple[str, ...]
+    subjects: tuple[str, ...]
+    targets: tuple[str, ...]
+    n_candidates: int  # facts offered, before keeping those the model predicts top-1
+    model_name: str
+    noise_std: float
+    window: int
+    samples: int
+    seed: int
+    noise_source: str = ""  # how noise_std was chosen, in words
+    trace_dir: str | None = None  # where the per-fact TraceResults are cached
+    groups: tuple[str, ...] = field(default=GROUPS)
+
+    def __post_init__(self):
+        if len(self.conditions) != len(self.effects) or len(self.effects) != len(self.low_scores):
+            raise InterpEditError("AverageTrace needs one effects and low_scores entry per condition")
+
+    # ---- looking things up -------------------------------------------------------------
+    @property
+    def n_facts(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def n_layers(self) -> int:
+        return self.effects[0].shape[-1]
+
+    def condition(self, kind: str = "resid", sever: str | None = None, method: str | None = None) -> Condition:
+        """The traced condition matching ``kind``/``sever``; ``method=None`` prefers an exact one."""
+        found = [c for c in self.conditions if c.kind == kind and c.sever == sever
+                 and (method is None or c.method == method)]
+        if not found:
+            have = ", ".join(c.slug for c in self.conditions)
+            raise InterpEditError(
+                f"no trace for kind={kind!r}, sever={sever!r}, method={method!r}; this "
+                f"AverageTrace has: {have}. Run trace_dataset with those kinds/sever settings."
+            )
+        return sorted(found, key=lambda c: not c.exact)[0]
+
+    def has(self, kind: str, sever: str | None = None, method: str | None = None) -> bool:
+        return any(c.kind == kind and c.sever == sever and (method is None or c.method == method)
+                   for c in self.conditions)
+
+    def fact_effects(self, kind: str = "resid", sever: str | None = None,
+                     method: str | None = None) -> Float[Tensor, "fact group layer"]:
+        return self.effects[self.conditions.index(self.condition(kind, sever, method))]
+
+    def stats(self, kind: str = "resid", sever: str | None = None, method: str | None = None,
+              confidence: float = 0.95) -> GroupStats:
+        """Mean AIE per token group and layer, with its confidence interval."""
+        return summarize(self.fact_effects(kind, sever, method), confidence)
+
+    def mean_low_score(self, kind: str = "resid", sever: str | None = None) -> float:
+        low = self.low_scores[self.conditions.index(self.condition(kind, sever))]
+        return float(low.nanmean())
+
+    @property
+    def total_effect(self) -> float:
+        """Average total effect: mean over facts of clean minus corrupted p(target)."""
+        return float(self.high_scores.double().mean()) - self.mean_low_score(self.conditions[0].kind)
+
+    def peak(self, kind: str = "resid", group: str | None = None, sever: str | None = None,
+             method: str | None = None) -> Peak:
+        """The (group, layer) of the largest mean AIE; ``group`` restricts to one row."""
+        cond = self.condition(kind, sever, method)
+        s = self.stats(kind, sever, cond.method)
+        mean = s.mean.clone()
+        if group is not None:
+            keep = torch.zeros(len(self.groups), dtype=torch.bool)
+            keep[self.groups.index(group)] = True
+            mean[~keep] = float("nan")
+        flat = torch.nan_to_num(mean, nan=-float("inf")).argmax()
+        g, layer = divmod(int(flat), mean.shape[1])
+        return Peak(cond, self.groups[g], layer, float(s.mean[g, layer]), float(s.lo[g, layer]),
+                    float(s.hi[g, layer]), int(s.n[g]))
+
+    def fact_trace(self, index: int, kind: str = "resid", sever: str | None = None,
+                   method: str | None = None) -> TraceResult:
+        """The cached single-fact trace behind row ``index`` (for plotting one example)."""
+        from interp_edit.tracing.results import TraceResult
+
+        path = Path(self.trace_dir or "") / fact_file(
+            self.prompts[index], self.subjects[index], self.targets[index],
+            self.condition(kind, sever, method))
+        if not self.trace_dir or not path.exists():
+            raise InterpEditError(f"the per-fact trace {path} is not cached (any more); rerun "
+                                  "trace_dataset with the same settings to recreate it")
+        return TraceResult.load(path)
+
+    # ---- saving ------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write one ``.npz`` file: arrays plus a JSON header (no pickle)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {k: getattr(self, k) for k in (
+            "prompts", "subjects", "targets", "n_candidates", "model_name", "noise_std",
+            "window", "samples", "seed", "noise_source", "trace_dir", "groups")}
+        meta |= {"format": _FORMAT, "conditions": [asdict(c) for c in self.conditions]}
+        arrays = {"high_scores": self.high_scores.numpy()}
+        for i, (e, low) in enumerate(zip(self.effects, self.low_scores)):
+            arrays[f"effects_{i}"], arrays[f"low_scores_{i}"] = e.numpy(), low.numpy()
+        with open(path, "wb") as f:
+            np.savez_compressed(f, meta=np.array(json.dumps(meta)), **arrays)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> AverageTrace:
+        with np.load(Path(path), allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+            if meta.pop("format", None) != _FORMAT:
+                raise InterpEditError(f"{path} is not a saved AverageTrace")
+            conds = tuple(Condition(**c) for c in meta.pop("conditions"))
+            tensor = lambda k: torch.from_numpy(z[k].copy())  # noqa: E731
+            return cls(
+                conditions=conds,
+                effects=tuple(tensor(f"effects_{i}") for i in range(len(conds))),
+                low_scores=tuple(tensor(f"low_scores_{i}") for i in range(len(conds))),
+                high_scores=tensor("high_scores"),
+                **{k: tuple(v) if isinstance(v, list) else v for k, v in meta.items()},
+            )
+
+    # ---- plotting ----------------------------------------------------------------------
+    def plot(self, **kwargs) -> Figure:
+        """AIE by layer for each token group, one panel per kind (ROME Fig. 2)."""
+        from interp_edit.plotting.curves import plot_aie
+
+        return plot_aie(self, **kwargs)
+
+    def plot_severed(self, **kwargs) -> Figure:
+        """AIE at the last subject token with no / MLP / attention severing (ROME Fig. 3)."""
+        from interp_edit.plotting.curves import plot_severed
+
+        return plot_severed(self, **kwargs)
+
+    def plot_heatmaps(self, **kwargs) -> Figure:
+        """Mean AIE as token-group x layer heatmaps, one per kind (ROME Fig. 2, left)."""
+        from interp_edit.plotting.heatmaps import plot_average_heatmaps
+
+        return plot_average_heatmaps(self, **kwargs)
+
+    def __repr__(self) -> str:
+        conds = ", ".join(c.slug for c in self.conditions)
+        return (f"AverageTrace({self.model_name!r}, {self.n_facts} of {self.n_candidates} facts, "
+                f"{self.n_layers} layers, conditions: {conds})")
+
+
+def fact_file(prompt: str, subject: str, target: str, condition: Condition) -> str:
+    """The cache file name of one fact traced under one condition."""
+    from interp_edit._cache import stable_hash
+
+    return f"{stable_hash([prompt, subject, target])}-{condition.slug}.npz"
+
+
+def peak_table(avg: AverageTrace) -> str:
+    """A markdown table: for each traced kind, where the mean AIE peaks overall, at the last
+    subject token and at the last token, with 95% CIs and the number of facts."""
+    rows = ["| kind | where | peak token group | peak layer | AIE | 95% CI | n |",
+            "|---|---|---|---|---|---|---|"]
+    for kind in KINDS:
+        for sever in (None, "mlp", "attn"):
+            if not avg.has(kind, sever):
+                continue
+            name = kind + (f", {sever} severed" if sever else "")
+            for where in (None, "last subject token", "last token"):
+                p = avg.peak(kind, where, sever)
+                rows.append(f"| {name} | {where or 'anywhere'} | {p.group} | {p.layer} | "
+                            f"{p.aie:.3f} | [{p.lo:.3f}, {p.hi:.3f}] | {p.n} |")
+    return "\n".join(rows) + "\n"

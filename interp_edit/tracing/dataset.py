@@ -1,0 +1,235 @@
+"""Causal tracing over a dataset of facts, resumably, averaged into an :class:`AverageTrace`.
+
+    facts = ie.load_known_facts("../shared/data/known_1000.json")
+    avg = ie.trace_dataset(model, facts, kinds="all", sever=True, limit=100)
+    avg.plot(); avg.plot_severed(); avg.peak("mlp")
+
+What it does, in order (following kmeng01/rome ``experiments/causal_trace.py``):
+
+1. ``noise="sK"``: K x the std of the token embeddings of *all* the set's subjects (ROME's
+   ``collect_embedding_std`` over known_1000), measured before ``limit`` applies, so a
+   quick run and a full run use the same noise and share cached traces.
+2. Keeps the facts whose target (``fact.attribute``, scored by its first token) is the
+   model's top-1 next token, and reports how many it kept.
+3. Traces every kept fact under every condition (kind, severed path, method), saving each
+   result as its own ``.npz`` under ``cache_dir`` (default: the user cache), keyed by the
+   model's fingerprint and the settings. A rerun, or a run after an interruption, loads those
+   files and traces only what is missing.
+4. Averages the indirect effects per token group (see :mod:`interp_edit.tracing.average`).
+
+``method="attribution"`` screens the whole set with the gradient estimate;
+``exact_sample=N`` adds the exact (``"fast"``) trace of a seeded random sample of N kept facts,
+so the two can be compared in one AverageTrace.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import sys
+from pathlib import Path
+from typing import Iterable, Protocol, Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from interp_edit import _cache
+from interp_edit.errors import InterpEditError, SubjectNotFoundError
+from interp_edit.models import Model
+from interp_edit.tracing import noise as _noise
+from interp_edit.tracing.api import trace
+from interp_edit.tracing.average import (
+    GROUPS,
+    KINDS,
+    AverageTrace,
+    Condition,
+    fact_file,
+    group_effects,
+)
+from interp_edit.tracing.results import TraceResult
+
+__all__ = ["AverageTrace", "Condition", "predicted_facts", "trace_dataset"]
+
+log = logging.getLogger(__name__)
+
+
+class Fact(Protocol):
+    """Anything with these attributes can be traced: a KnownFact, a SyntheticFact, ..."""
+
+    prompt: str
+    subject: str
+    attribute: str
+
+
+def trace_dataset(
+    model: Model,
+    facts: Iterable[Fact],
+    kinds: Sequence[str] | str = KINDS,
+    *,
+    samples: int = 10,
+    noise: str | float = "s3",
+    window: int = 10,
+    seed: int = 1,
+    method: str = "fast",
+    sever: bool = False,
+    limit: int | None = None,
+    exact_sample: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    batch_size: int = 32,
+) -> AverageTrace:
+    """Trace the facts the model knows and average their indirect effects per token group.
+
+    ``kinds``: any of ``"resid"``, ``"mlp"``, ``"attn"`` (or ``"all"``). ``sever=True`` adds
+    the hidden-state traces with the MLP and with the attention path severed (ROME Fig. 3).
+    ``limit`` keeps the first ``limit`` facts. Other arguments are passed to :func:`trace`.
+    """
+    facts = list(facts)
+    _check_facts(facts)
+    kinds = KINDS if kinds == "all" else (kinds,) if isinstance(kinds, str) else tuple(kinds)
+    if bad := [k for k in kinds if k not in KINDS]:
+        raise InterpEditError(f"unknown kinds {bad}: choose from {KINDS} or 'all'")
+    if exact_sample and method != "attribution":
+        raise InterpEditError("exact_sample adds an exact pass to method='attribution'; "
+                              f"with method={method!r} every fact is already traced exactly")
+    std, source = dataset_noise(model, noise, [f.subject for f in facts])
+    candidates = facts if limit is None else facts[:limit]
+    kept, high = predicted_facts(model, candidates, batch_size=batch_size)
+    _say(progress, f"tracing {len(kept)} of {len(candidates)} facts: those whose target is "
+                   f"the model's top-1 prediction")
+    if not kept:
+        raise InterpEditError("the model predicts none of these facts' targets top-1: "
+                              "nothing to trace (check the targets, or raise limit)")
+
+    settings = dict(model=model.fingerprint, noise_std=repr(std), samples=samples,
+                    window=window, seed=seed)
+    root = Path(cache_dir) if cache_dir is not None else _cache.cache_dir("traces")
+    trace_dir = root / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', model.name)}-{_cache.stable_hash(settings)}"
+    trace_dir.mkdir(parents=True, exist_ok=True)
+
+    conditions = _conditions(kinds, sever, method)
+    jobs = [(i, c) for i in range(len(kept)) for c in conditions]
+    if exact_sample:
+        sample = sorted(random.Random(seed).sample(range(len(kept)), min(exact_sample, len(kept))))
+        exact = _conditions(kinds, sever, "fast")
+        conditions += exact
+        jobs += [(i, c) for i in sample for c in exact]
+
+    def path_of(i: int, c: Condition) -> Path:
+        f = kept[i]
+        return trace_dir / fact_file(f.prompt, f.subject, f.attribute, c)
+
+    todo = [(i, c) for i, c in jobs if not path_of(i, c).exists()]
+    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), unit="trace", desc="tracing",
+               disable=not progress, dynamic_ncols=True)
+    with bar:
+        for i, c in todo:
+            f = kept[i]
+            bar.set_postfix_str(f"{c.slug}: {f.subject[:24]}", refresh=False)
+            r = trace(model, f.prompt, f.subject, target=f.attribute, kind=c.kind,
+                      window=window, samples=samples, noise=std, seed=seed, method=c.method,
+                      sever=c.sever, progress=False)
+            _save_atomic(r, path_of(i, c))
+            bar.update()
+
+    effects, lows = [], []
+    for c in conditions:
+        traced = {i for i, cj in jobs if cj == c}
+        paths = [path_of(i, c) if i in traced else None for i in range(len(kept))]
+        e, low = _collect(paths, model.n_layers)
+        effects.append(e)
+        lows.append(low)
+    return AverageTrace(
+        conditions=tuple(conditions), effects=tuple(effects), low_scores=tuple(lows),
+        high_scores=high, prompts=tuple(f.prompt for f in kept),
+        subjects=tuple(f.subject for f in kept), targets=tuple(f.attribute for f in kept),
+        n_candidates=len(candidates), model_name=model.name, noise_std=std, window=window,
+        samples=samples, seed=seed, noise_source=source, trace_dir=str(trace_dir),
+    )
+
+
+def dataset_noise(model: Model, noise: str | float, subjects: Sequence[str]) -> tuple[float, str]:
+    """The noise std for a dataset: ``"sK"`` is K x the embedding std of its subjects."""
+    if isinstance(noise, str):
+        match = _noise._SPEC.match(noise.strip())
+        if not match:
+            raise InterpEditError(f"unknown noise {noise!r}: use 'sK' (e.g. 's3') or a float std")
+        k = float(match.group(1))
+        std = k * _noise.embedding_std(model, subjects)
+        return std, (f"{match.group(1)} x std of subject-token embeddings over the "
+                     f"dataset's {len(subjects)} subjects")
+    if isinstance(noise, (int, float)) and not isinstance(noise, bool) and noise >= 0:
+        return float(noise), "fixed std"
+    raise InterpEditError(f"a dataset trace takes noise='sK' or a float std >= 0, not {noise!r}")
+
+
+@torch.no_grad()
+def predicted_facts(
+    model: Model, facts: Sequence[Fact], *, batch_size: int = 32
+) -> tuple[list[Fact], Float[Tensor, "kept"]]:
+    """The facts whose target's first token is the model's top-1 next token, and its
+    clean probability. Facts whose subject is not in the prompt are skipped with a warning."""
+    usable = []
+    for f in facts:
+        try:
+            model.subject_range(f.prompt, f.subject)
+            usable.append(f)
+        except SubjectNotFoundError:
+            log.warning("skipping %r: subject %r not in the prompt", f.prompt, f.subject)
+    kept, probs = [], []
+    for start in range(0, len(usable), batch_size):
+        chunk = usable[start : start + batch_size]
+        p = model.last_logits([f.prompt for f in chunk]).softmax(-1)
+        first = torch.tensor([model.target_ids(f.attribute)[0] for f in chunk], device=p.device)
+        hit = p.argmax(-1) == first
+        kept += [f for f, h in zip(chunk, hit) if h]
+        probs.append(p[torch.arange(len(chunk)), first][hit].double().cpu())
+    return kept, torch.cat(probs) if probs else torch.zeros(0, dtype=torch.float64)
+
+
+def _conditions(kinds: Sequence[str], sever: bool, method: str) -> list[Condition]:
+    conds = [Condition(k, None, method) for k in kinds]
+    if sever:
+        conds += [Condition("resid", s, method) for s in ("mlp", "attn")]
+    return conds
+
+
+def _collect(
+    paths: Sequence[Path | None], n_layers: int
+) -> tuple[Float[Tensor, "fact group layer"], Float[Tensor, "fact"]]:
+    """Group effects and corrupted scores of cached traces; NaN for facts not traced."""
+    effects = torch.full((len(paths), len(GROUPS), n_layers), float("nan"), dtype=torch.float64)
+    low = torch.full((len(paths),), float("nan"), dtype=torch.float64)
+    for i, path in enumerate(paths):
+        if path is not None:
+            r = TraceResult.load(path)
+            effects[i] = group_effects(r.indirect_effect, r.subject_range)
+            low[i] = r.low_score
+    return effects, low
+
+
+def _save_atomic(result: TraceResult, path: Path) -> None:
+    """Write to a temporary name, then rename: an interrupted run leaves no partial file."""
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.part.npz")
+    result.save(tmp)
+    os.replace(tmp, path)
+
+
+def _check_facts(facts: Sequence[object]) -> None:
+    for f in facts:
+        missing = [a for a in ("prompt", "subject", "attribute") if not hasattr(f, a)]
+        if missing:
+            raise InterpEditError(
+                f"a fact needs .prompt, .subject and .attribute; {type(f).__name__} lacks "
+                f"{missing} (use ie.load_known_facts, or any object with those attributes)"
+            )
+
+
+def _say(progress: bool, message: str) -> None:
+    log.info(message)
+    if progress:
+        tqdm.write(message, file=sys.stderr)
