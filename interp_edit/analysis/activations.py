@@ -57,6 +57,7 @@ class ActivationDiff:
     kinds: tuple[str, ...]  # one label per prompt: "edit", "paraphrase", ...
     prompts: tuple[str, ...]
     tokens: tuple[tuple[str, ...], ...]  # each prompt's own (aligned) tokens
+    subject_ranges: tuple[tuple[int, int], ...]  # [start, end) of the subject; (0, 0): absent
     resid_change: Float[Tensor, "prompt pos layer"]  # ||h_after - h_before||
     resid_norm: Float[Tensor, "prompt pos layer"]  # ||h_before||
     resid_cos: Float[Tensor, "prompt pos layer"]  # cos(h_after, h_before)
@@ -179,6 +180,9 @@ def compare_activations(
         targets = (req.target_true, req.target_new)
     target_ids = [model.target_ids(t)[0] for t in targets]
     own, ctx = _own_tokens(model, texts, edit.context)
+    shift = 1 if edit.context and model.prepend_bos else 0
+    spans = tuple(tuple(x - shift for x in model.subject_range(t, req.subject))
+                  if req.subject in t else (0, 0) for t in texts)
 
     def run(after: bool) -> dict[str, Tensor]:
         seqs = [(ctx if after else []) + ids for ids in own]
@@ -201,6 +205,7 @@ def compare_activations(
         kinds=kinds,
         prompts=texts,
         tokens=tuple(tuple(model.to_str_tokens(ids)) for ids in own),
+        subject_ranges=spans,
         resid_change=d["resid"],
         resid_norm=before["resid"].norm(dim=-1),
         resid_cos=torch.nn.functional.cosine_similarity(after["resid"], before["resid"], dim=-1),
