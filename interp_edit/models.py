@@ -390,8 +390,12 @@ def _short(s: str) -> str:
 @contextmanager
 def _quiet_logs() -> Iterator[None]:
     """Silence transformers/TransformerLens chatter (warnings still reach the log at ERROR)."""
+    from transformers.utils import logging as hf_logging
+
     names = ["transformers", "transformer_lens", "root"]
     old = [logging.getLogger(n).level for n in names]
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     for n in names:
         logging.getLogger(n).setLevel(logging.ERROR)
     try:
@@ -399,3 +403,5 @@ def _quiet_logs() -> Iterator[None]:
     finally:
         for n, lvl in zip(names, old):
             logging.getLogger(n).setLevel(lvl)
+        if bars:
+            hf_logging.enable_progress_bar()

@@ -19,9 +19,12 @@ from __future__ import annotations
 import functools
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
+from interp_edit._cache import cache_dir, file_digest, stable_hash
 from interp_edit.models import Model, _boot_bridge
 
 _SYLLABLES = ["zor", "quix", "bal", "mera", "tund", "vel", "osk", "pry", "lum", "dax", "fen", "gor"]
@@ -120,7 +123,8 @@ def fact_model(
     """A tiny model trained (a few seconds) to complete synthetic facts.
 
     Each subject gets one city and one job; the model is trained on every template of both
-    relations. Cached per argument tuple, so test modules share one trained model.
+    relations. The trained weights are cached (safetensors, keyed by the arguments, this
+    file's code and the torch version) in the user cache and in memory, so tests share them.
     """
     model = random_model(n_layers, d_model, n_subjects, seed)
     rng = random.Random(seed)
@@ -128,6 +132,24 @@ def fact_model(
     for subject in _subjects(n_subjects, seed):
         for rel, (templates, attrs) in RELATIONS.items():
             facts.append(SyntheticFact(subject, rel, rng.choice(attrs), templates[0], tuple(templates[1:])))
+    key = stable_hash([n_layers, d_model, n_subjects, steps, seed, torch.__version__,
+                       file_digest(Path(__file__))])
+    path = cache_dir("testing") / f"fact_model-{key}.safetensors"
+    if path.exists():
+        model.hf_model.load_state_dict(load_file(str(path)), strict=False)
+    else:
+        _train(model, facts, steps, seed)
+        state = {k: v.contiguous() for k, v in model.hf_model.state_dict().items()
+                 if k != "lm_head.weight"}  # tied to the embedding
+        tmp = path.with_suffix(".tmp")
+        save_file(state, str(tmp))
+        tmp.replace(path)
+    # weights changed: a new Model recomputes the fingerprint, so artifacts are keyed to it
+    trained = Model(model.bridge, model.tokenizer, model.name + f"-facts{steps}")
+    return FactModel(trained, tuple(facts))
+
+
+def _train(model: Model, facts: list[SyntheticFact], steps: int, seed: int) -> None:
     seqs = []
     for f in facts:
         for t in (f.template, *f.paraphrases):
@@ -153,6 +175,3 @@ def fact_model(
     hf.eval()
     for p in params:
         p.requires_grad_(False)
-    # weights changed: recompute the fingerprint so artifacts are keyed to the trained model
-    trained = Model(model.bridge, model.tokenizer, model.name + f"-facts{steps}")
-    return FactModel(trained, tuple(facts))
