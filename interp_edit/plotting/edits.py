@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 # prompt kinds (Okabe-Ito, colour-blind safe): moved prompts warm, controls cool/grey
 KIND_COLOR = {"edit": "#D55E00", "paraphrase": "#E69F00", "neighborhood": "#0072B2",
               "unrelated": "#999999"}
+KIND_STYLE = {"edit": "-", "paraphrase": (0, (4, 2)), "neighborhood": "-", "unrelated": (0, (1, 1.5))}
 KIND_LABEL = {"edit": "edit prompt", "paraphrase": "paraphrase", "neighborhood": "neighbourhood",
               "unrelated": "unrelated"}
 SITE_TITLE = {"resid": "Residual stream (block output)", "mlp": "MLP output", "attn": "Attention output"}
@@ -64,12 +65,13 @@ def plot_change_curves(
         for ax, site in zip(axes, sites):
             curves = diff.curve(site, position).numpy()
             for i, kind in enumerate(diff.kinds):
-                ax.plot(layers, curves[i], color=KIND_COLOR.get(kind), label=KIND_LABEL.get(kind, kind))
+                ax.plot(layers, curves[i], color=KIND_COLOR.get(kind), ls=KIND_STYLE.get(kind, "-"),
+                        label=KIND_LABEL.get(kind, kind))
             _mark_edit_layers(ax, diff)
             ax.set_title(SITE_TITLE[site])
             ax.set_xlabel("layer")
         axes[0].set_ylabel(f"\u2016\u0394\u2016 / \u2016h before\u2016 ({where})")
-        axes[-1].legend(loc="upper left")
+        _legend_below(fig, axes[0], len(diff.kinds) + 1)
         fig.suptitle(edit_title(diff))
     return fig
 
@@ -130,7 +132,7 @@ def plot_logit_lens(
             ax.set_xlabel("layer")
             ax.set_ylim(-0.02, 1.02)
         axes[0].set_ylabel("logit-lens probability, last token")
-        axes[-1].legend(loc="upper left")
+        _legend_below(fig, axes[0], 5)
         fig.suptitle(edit_title(diff))
     return fig
 
@@ -148,6 +150,11 @@ def plot_trace_before_after(
             plot_trace(r, ax, title=head, show_tokens=j == 0)
         fig.suptitle(title or st.restored_title(before.kind, before.window, before.sever, before.method))
     return fig
+
+
+def _legend_below(fig: Figure, ax: Axes, ncol: int) -> None:
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=ncol)
 
 
 def _mark_edit_layers(ax: Axes, diff: ActivationDiff) -> None:
