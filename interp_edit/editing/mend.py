@@ -1,0 +1,335 @@
+"""MEND: Model Editor Networks with Gradient Decomposition (Mitchell et al. 2022).
+
+The gradient of a loss with respect to a linear layer's weight ``W [d_out, d_in]`` over a
+sequence is ``Σ_t δ_t u_tᵀ``: ``u_t`` is the layer's input at token t and ``δ_t`` the loss
+gradient at its output. MEND never forms that matrix. A small trained network maps each pair
+``(u_t, δ_t)`` to ``(û_t, δ̂_t)`` and the edit is
+
+    ΔW_l = −α_l · Σ_t δ̂_t û_tᵀ        (a rank ≤ T update, α_l a learned step size)
+
+The edited matrices are MLP output projections (``Model.mlp_out_proj``; ``u`` is the hook point
+``mlp_key_hook``, ``δ`` the gradient at ``mlp_out_hook``) of the layers the editor was trained
+for: MEND's last three (``layer_choice="last"``), the layers where the MLP causal trace is
+strongest (``"traced"``, location-aware; see :mod:`interp_edit.editing.mend_train`) or a given
+list (``"given"``). The edit loss is the mean NLL per target token of each request, so only
+tokens up to the last target position get a gradient; the others are dropped.
+
+The network (:class:`GradientTransform`): ``z = [norm(u); norm(δ)]`` (running mean and std,
+collected while training), then ``n_blocks`` residual blocks ``z + B relu(s_l ⊙ (A z + b) + o_l)
++ c`` with a rank-``rank`` hidden layer. ``B = 0`` and ``c = 0`` at init, so an untrained
+network is the identity. One network serves every edited matrix of one shape; ``s_l, o_l``
+(per-layer scale and shift) tell the layers apart.
+
+    edit = ie.edit(model, [req], method="mend", editor="mend.safetensors")
+
+An editor file is safetensors with its JSON config (model fingerprint, layers, sizes, training
+summary) in the header; it refuses to load for another model (:class:`ModelMismatchError`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from einops import einsum, rearrange
+from jaxtyping import Float
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from interp_edit._cache import cache_dir
+from interp_edit.editing.base import AppliedEdit, EditRequest, parameter_name, register_editor
+from interp_edit.errors import InterpEditError, ModelMismatchError
+from interp_edit.hooks import add_delta, capture, hooked
+from interp_edit.models import Model, mlp_key_hook, mlp_out_hook
+
+FORMAT = "interp_edit.MENDEditor/1"
+LAYER_CHOICES = ("last", "traced", "given")
+Factors = tuple[Float[Tensor, "n d_in"], Float[Tensor, "n d_out"]]  # (u_t, δ_t) per token
+
+
+@dataclass(frozen=True)
+class MENDConfig:
+    """What an editor edits and how big its network is (saved with the weights)."""
+
+    model_name: str
+    fingerprint: str  # Model.fingerprint of the model the editor was trained on
+    layers: tuple[int, ...]
+    layer_choice: str  # "last" (MEND) | "traced" (location-aware) | "given"
+    shapes: tuple[tuple[int, int], ...]  # [d_out, d_in] of each edited weight
+    rank: int = 128  # hidden width of each residual block
+    n_blocks: int = 1
+    init_edit_lr: float = 1e-4  # α_l before training
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
+        object.__setattr__(self, "shapes", tuple(tuple(int(d) for d in s) for s in self.shapes))
+        if self.layer_choice not in LAYER_CHOICES:
+            raise InterpEditError(f"layer_choice {self.layer_choice!r}: use one of {LAYER_CHOICES}")
+        if not self.layers or len(self.layers) != len(self.shapes):
+            raise InterpEditError("an editor needs at least one layer, each with its shape")
+        if self.rank < 1 or self.n_blocks < 1 or not self.init_edit_lr > 0:
+            raise InterpEditError("rank and n_blocks must be >= 1 and init_edit_lr > 0")
+
+    @classmethod
+    def for_model(cls, model: Model, layers: Sequence[int], layer_choice: str,
+                  **sizes: Any) -> "MENDConfig":
+        shapes = [tuple(model.mlp_out_proj(int(layer)).weight.shape) for layer in layers]
+        return cls(model.name, model.fingerprint, tuple(layers), layer_choice, tuple(shapes),
+                   **sizes)
+
+
+def last_layers(model: Model, n: int = 3) -> tuple[int, ...]:
+    """MEND's default: the MLPs of the last ``n`` layers."""
+    return tuple(range(max(0, model.n_layers - n), model.n_layers))
+
+
+# ---- the gradient-transform network ------------------------------------------------------
+class RunningNorm(nn.Module):
+    """Per-feature running mean and std over every vector seen in training mode (Chan et al.'s
+    parallel update, float64). With fewer than two vectors seen it is the identity."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("mean", torch.zeros(dim, dtype=torch.float64))
+        self.register_buffer("m2", torch.zeros(dim, dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, x: Float[Tensor, "n dim"]) -> None:
+        n = x.shape[0]
+        if n == 0:
+            return
+        x = x.double()
+        batch_mean = x.mean(0)
+        total = self.count + n
+        diff = batch_mean - self.mean
+        self.m2 += ((x - batch_mean) ** 2).sum(0) + diff**2 * self.count * n / total
+        self.mean += diff * n / total
+        self.count.copy_(total)
+
+    @property
+    def std(self) -> Float[Tensor, "dim"]:
+        return (self.m2 / (self.count - 1).clamp(min=1)).sqrt()
+
+    def forward(self, x: Float[Tensor, "n dim"]) -> Float[Tensor, "n dim"]:
+        if self.training:
+            self.update(x)
+        if self.count < 2:
+            return x
+        return (x - self.mean.to(x)) / (self.std.to(x) + self.eps)
+
+
+class _ResidualBlock(nn.Module):
+    """z + B relu(s_l ⊙ (A z + b) + o_l) + c, with a rank-``rank`` hidden layer and per-layer
+    (``mode``) scale s and shift o. B = 0 and c = 0 at init: the block starts as the identity."""
+
+    def __init__(self, dim: int, rank: int, n_modes: int):
+        super().__init__()
+        self.down = nn.Parameter(torch.randn(rank, dim) / math.sqrt(dim))  # A
+        self.down_bias = nn.Parameter(torch.zeros(rank))  # b
+        self.up = nn.Parameter(torch.zeros(dim, rank))  # B
+        self.up_bias = nn.Parameter(torch.zeros(dim))  # c
+        self.scale = nn.Parameter(torch.ones(n_modes, rank))  # s_l
+        self.shift = nn.Parameter(torch.zeros(n_modes, rank))  # o_l
+
+    def forward(self, z: Float[Tensor, "n dim"], mode: int) -> Float[Tensor, "n dim"]:
+        hidden = einsum(z, self.down, "n dim, rank dim -> n rank") + self.down_bias
+        hidden = torch.relu(hidden * self.scale[mode] + self.shift[mode])
+        return z + einsum(hidden, self.up, "n rank, dim rank -> n dim") + self.up_bias
+
+
+class GradientTransform(nn.Module):
+    """(u_t, δ_t) -> (û_t, δ̂_t) for every edited matrix of one shape ``[d_out, d_in]``."""
+
+    def __init__(self, d_in: int, d_out: int, rank: int, n_blocks: int, n_modes: int):
+        super().__init__()
+        self.d_in, self.d_out = d_in, d_out
+        self.norm_u, self.norm_delta = RunningNorm(d_in), RunningNorm(d_out)
+        dim = d_in + d_out
+        self.blocks = nn.ModuleList(_ResidualBlock(dim, rank, n_modes) for _ in range(n_blocks))
+
+    def forward(
+        self, u: Float[Tensor, "n d_in"], delta: Float[Tensor, "n d_out"], mode: int
+    ) -> tuple[Float[Tensor, "n d_in"], Float[Tensor, "n d_out"]]:
+        z = torch.cat([self.norm_u(u), self.norm_delta(delta)], dim=-1)  # [n, d_in + d_out]
+        for block in self.blocks:
+            z = block(z, mode)
+        return z[:, : self.d_in], z[:, self.d_in :]
+
+
+# ---- the editor --------------------------------------------------------------------------
+class MENDEditor(nn.Module):
+    """Gradient transforms (one per weight shape) and per-layer log step sizes.
+
+    ``info`` holds JSON-serialisable provenance (training steps, data, validation metrics)."""
+
+    def __init__(self, config: MENDConfig, info: dict[str, Any] | None = None):
+        super().__init__()
+        self.config = config
+        self.info: dict[str, Any] = dict(info or {})
+        keys = [_shape_key(s) for s in config.shapes]
+        self._modes = [keys[:i].count(k) for i, k in enumerate(keys)]  # index among its shape
+        self.nets = nn.ModuleDict({
+            k: GradientTransform(s[1], s[0], config.rank, config.n_blocks, keys.count(k))
+            for k, s in dict(zip(keys, config.shapes)).items()
+        })
+        self._keys = keys
+        self.log_lr = nn.Parameter(torch.full((len(config.layers),), math.log(config.init_edit_lr)))
+
+    def forward(self, factors: dict[int, Factors]) -> dict[int, Float[Tensor, "d_out d_in"]]:
+        """ΔW of every edited layer from its raw gradient factors."""
+        out = {}
+        for i, layer in enumerate(self.config.layers):
+            u, delta = factors[layer]
+            u_hat, delta_hat = self.nets[self._keys[i]](u, delta, self._modes[i])
+            step = einsum(delta_hat, u_hat, "n d_out, n d_in -> d_out d_in")
+            out[layer] = -self.log_lr[i].exp() * step
+        return out
+
+    def check_model(self, model: Model) -> None:
+        if model.fingerprint != self.config.fingerprint:
+            raise ModelMismatchError(
+                f"this MEND editor was trained for {self.config.model_name!r} (fingerprint "
+                f"{self.config.fingerprint}), not {model.name!r} (fingerprint "
+                f"{model.fingerprint}); load that model or train an editor for this one "
+                "(interp-edit mend-train)"
+            )
+
+    def deltas(self, model: Model, requests: Sequence[EditRequest]) -> dict[str, Tensor]:
+        """Parameter name -> ΔW for ``requests`` edited together (their tokens are summed)."""
+        self.check_model(model)
+        factors = gradient_factors(model, self.config.layers, [r.text for r in requests],
+                                   [r.target_new for r in requests])
+        with torch.no_grad():
+            steps = self(factors)
+        return {parameter_name(model, model.mlp_out_proj(layer)): d for layer, d in steps.items()}
+
+    # ---- persistence ----------------------------------------------------------------------
+    def metadata(self) -> dict[str, Any]:
+        return {"format": FORMAT, "config": asdict(self.config), "info": self.info}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the weights and running statistics as safetensors, the config as JSON."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata={"interp_edit": json.dumps(self.metadata())})
+        tmp.replace(path)  # never leave a half-written editor behind
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: Model | None = None) -> "MENDEditor":
+        """Read an editor; with ``model``, check that it was trained for that model."""
+        path = Path(path)
+        if not path.is_file():
+            raise InterpEditError(f"MEND editor {str(path)!r} does not exist: train one with "
+                                  "`interp-edit mend-train --out PATH`")
+        with safe_open(str(path), framework="pt") as f:
+            header = (f.metadata() or {}).get("interp_edit")
+        meta = json.loads(header) if header else {}
+        if meta.get("format") != FORMAT:
+            raise InterpEditError(f"{path} is not a MEND editor (format {meta.get('format')!r})")
+        editor = cls(MENDConfig(**meta["config"]), meta.get("info"))
+        editor.load_state_dict(load_file(str(path)))
+        editor.eval()
+        if model is not None:
+            editor.check_model(model)
+        return editor
+
+
+def _shape_key(shape: tuple[int, int]) -> str:
+    return f"{shape[0]}x{shape[1]}"
+
+
+# ---- gradient factors ----------------------------------------------------------------------
+def gradient_factors(
+    model: Model, layers: Sequence[int], prompts: Sequence[str], targets: Sequence[str]
+) -> dict[int, Factors]:
+    """Inputs ``u_t`` and output gradients ``δ_t`` of each layer's MLP output projection, at
+    every token with a non-zero gradient, for the loss Σ_requests mean-NLL(target | prompt).
+
+    ``Σ_t δ_t u_tᵀ`` is exactly that loss's gradient with respect to the projection's weight.
+    The model's weights get no gradient: δ is read from zero tensors added to the MLP outputs.
+    """
+    n_target = [len(model.target_ids(t)) for t in targets]
+    width = max(len(model.tokenize(p)) + n for p, n in zip(prompts, n_target, strict=True))
+    w = model.mlp_out_proj(layers[0]).weight
+    store: dict[str, Tensor] = {}
+    bumps = {layer: torch.zeros(len(prompts), width, model.d_model, dtype=w.dtype,
+                                device=w.device, requires_grad=True) for layer in layers}
+    hooks = [capture(mlp_key_hook(layer), store) for layer in layers]
+    hooks += [add_delta(mlp_out_hook(layer), slice(None), bumps[layer]) for layer in layers]
+    with torch.enable_grad(), hooked(model, hooks):
+        logprobs = model.target_logprobs(prompts, targets, grad=True)
+        loss = -(logprobs / torch.tensor(n_target, device=logprobs.device)).sum()
+        grads = torch.autograd.grad(loss, [bumps[layer] for layer in layers])
+    out = {}
+    for layer, grad in zip(layers, grads):
+        u = rearrange(store[mlp_key_hook(layer)], "batch pos d_in -> (batch pos) d_in")
+        delta = rearrange(grad, "batch pos d_out -> (batch pos) d_out")
+        keep = delta.abs().amax(-1) > 0  # tokens after the last target position: no gradient
+        out[layer] = (u[keep], delta[keep])
+    return out
+
+
+# ---- the registered editor -------------------------------------------------------------------
+def default_editor_path(model: Model) -> Path:
+    """Where ``analyses/train_mend.py`` writes the editor of ``model`` (the user cache)."""
+    return cache_dir("mend", model.fingerprint) / "mend.safetensors"
+
+
+@dataclass(frozen=True)
+class MENDHparams:
+    """``editor``: a trained editor file; ``None``: the default one for this model in the user
+    cache (written by ``analyses/train_mend.py``)."""
+
+    editor: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.editor is not None:
+            object.__setattr__(self, "editor", os.fspath(self.editor))
+
+
+def load_editor(model: Model, editor: str | os.PathLike | None = None) -> MENDEditor:
+    """The editor at ``editor`` (or the model's default one), read once and kept in memory."""
+    path = Path(editor) if editor is not None else default_editor_path(model)
+    if editor is None and not path.is_file():
+        raise InterpEditError(
+            f"no trained MEND editor for {model.name!r} at {path}: train one with "
+            "`interp-edit mend-train --train counterfact-train.json --val counterfact-val.json "
+            "--out mend.safetensors` and pass editor='mend.safetensors', or run "
+            "analyses/train_mend.py (writes the default path)"
+        )
+    stat = path.stat() if path.is_file() else None
+    stamp = (stat.st_mtime_ns, stat.st_size) if stat else None
+    loaded = _load_cached(str(path.resolve()), stamp)
+    loaded.check_model(model)
+    return loaded
+
+
+@functools.lru_cache(maxsize=4)
+def _load_cached(path: str, stamp: tuple[int, int] | None) -> MENDEditor:
+    return MENDEditor.load(path)
+
+
+@register_editor("mend", MENDHparams)
+def apply_mend(model: Model, requests: Sequence[EditRequest], hp: MENDHparams) -> AppliedEdit:
+    """Edit with a trained editor: one forward/backward pass for the gradient factors, one pass
+    of the editor network, then ΔW added to the edited projections."""
+    editor = load_editor(model, hp.editor)
+    deltas = editor.deltas(model, requests)
+    cfg = editor.config
+    info = {"layers": list(cfg.layers), "layer_choice": cfg.layer_choice,
+            "editor": str(hp.editor or default_editor_path(model)),
+            "editor_steps": editor.info.get("step"),
+            "edit_lr": [round(float(x), 8) for x in editor.log_lr.detach().exp()]}
+    return AppliedEdit.from_deltas(model, "mend", requests, hp, deltas, info=info)

@@ -1,0 +1,332 @@
+"""Meta-training a MEND editor (Mitchell et al. 2022) on edit records.
+
+Each step draws one record and
+
+1. takes the raw gradient factors of its edit (x = the edit prompt, y = ``target_new``) on the
+   unedited model (:func:`interp_edit.editing.mend.gradient_factors`);
+2. turns them into ΔW with the editor and runs the model with W + ΔW substituted
+   (:func:`substituted`: differentiable, the model's parameters are never trained);
+3. loss = ``c_edit`` × NLL(target_new | edit prompt and its paraphrase, edited weights)
+        + ``c_loc`` × KL(original ‖ edited) over the next-token distributions of the record's
+          neighbour prompt followed by its true answer (a retain example: same relation, other
+          subject, whose answer must not change);
+4. one Adam step on the editor (the network, and the log step sizes at ``lr_lr``).
+
+Every ``val_every`` steps (and at step 0) the editor is saved as a resumable checkpoint
+(editor + optimizer as safetensors, the rest as JSON) and validated with the evaluation
+harness (``evaluate(..., method="mend")``: efficacy, paraphrase, neighbourhood) on the first
+``val_n`` validation records that the model knows. The best editor (efficacy + neighbourhood)
+is written to ``out``; training stops early after ``patience`` validations without improvement,
+or when ``max_minutes`` have passed.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from jaxtyping import Float
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from interp_edit.editing.mend import (
+    MENDConfig, MENDEditor, gradient_factors, last_layers)
+from interp_edit.errors import InterpEditError
+from interp_edit.evaluation.records import EditRecord
+from interp_edit.models import Model
+
+STATE_FORMAT = "interp_edit.MENDCheckpoint/1"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Meta-training settings. The defaults train a usable editor for the default model."""
+
+    steps: int = 3000
+    layers: str | tuple[int, ...] = "last"  # "last" (MEND) | "traced" (location-aware) | indices
+    n_layers: int = 3  # how many layers "last" and "traced" pick
+    rank: int = 128
+    n_blocks: int = 1
+    init_edit_lr: float = 1e-4
+    lr: float = 1e-4  # Adam on the network
+    lr_lr: float = 1e-2  # Adam on the log step sizes
+    c_edit: float = 1.0
+    c_loc: float = 1.0
+    rephrase: bool = True  # the edit loss also scores the record's first paraphrase
+    grad_clip: float = 100.0
+    val_every: int = 100
+    val_n: int = 40
+    patience: int = 6  # validations without improvement before stopping; 0: never stop early
+    max_minutes: float | None = None
+    seed: int = 0
+    trace_facts: int = 8  # records traced to pick layers="traced"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layers, (list, tuple)):
+            object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
+        elif self.layers not in ("last", "traced"):
+            raise InterpEditError(f"layers={self.layers!r}: use 'last', 'traced' or indices")
+        for name in ("steps", "n_layers", "val_every", "val_n"):
+            if getattr(self, name) < 1:
+                raise InterpEditError(f"TrainConfig.{name} must be >= 1")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    editor: MENDEditor  # the best editor (also written to ``out``)
+    history: tuple[dict[str, Any], ...]  # one row per validation
+    stopped: str  # why training ended
+
+
+# ---- the edited forward pass ---------------------------------------------------------------
+@contextmanager
+def substituted(model: Model, weights: dict[int, Tensor]) -> Iterator[Model]:
+    """Run ``model`` with the MLP output projections of some layers replaced by tensors
+    (e.g. W + ΔW with a graph back to the editor). The parameters are put back on exit."""
+    modules = {layer: model.mlp_out_proj(layer) for layer in weights}
+    params = {layer: m.weight for layer, m in modules.items()}
+    try:
+        for layer, m in modules.items():
+            del m.weight  # unregisters the parameter; a plain tensor attribute takes its place
+            m.weight = weights[layer]
+        yield model
+    finally:
+        for layer, m in modules.items():
+            m.weight = params[layer]  # re-registers the parameter
+
+
+def meta_loss(
+    model: Model, editor: MENDEditor, record: EditRecord, cfg: TrainConfig
+) -> tuple[Tensor, dict[str, float]]:
+    """The meta-training loss of one record (see the module docstring)."""
+    layers = editor.config.layers
+    steps = editor(gradient_factors(model, layers, [record.text], [record.target_new]))
+    edited = {layer: model.mlp_out_proj(layer).weight + steps[layer] for layer in layers}
+    prompts = [record.text, *record.paraphrases[: int(cfg.rephrase)]]
+    loc_prompt, loc_answer = record.neighborhood[0]
+    loc = torch.tensor([model.tokenize(loc_prompt).tolist() + model.target_ids(loc_answer)],
+                       device=model.device)
+    with torch.no_grad():
+        base = model.logits(loc).log_softmax(-1)  # [1, pos, d_vocab]
+    with substituted(model, edited):
+        logprobs = model.target_logprobs(prompts, [record.target_new] * len(prompts), grad=True)
+        after = model.logits(loc).log_softmax(-1)
+    edit_loss = -(logprobs / len(model.target_ids(record.target_new))).mean()
+    loc_loss = kl_divergence(base, after)
+    loss = cfg.c_edit * edit_loss + cfg.c_loc * loc_loss
+    return loss, {"loss": float(loss), "edit_nll": float(edit_loss), "loc_kl": float(loc_loss)}
+
+
+def kl_divergence(
+    base: Float[Tensor, "batch pos d_vocab"], edited: Float[Tensor, "batch pos d_vocab"]
+) -> Float[Tensor, ""]:
+    """KL(base ‖ edited) of log-distributions, summed over the vocabulary, mean over positions."""
+    return (base.exp() * (base - edited)).sum(-1).mean()
+
+
+# ---- layers -----------------------------------------------------------------------------------
+def choose_layers(
+    model: Model, records: Sequence[EditRecord], cfg: TrainConfig
+) -> tuple[tuple[int, ...], str, dict[str, Any]]:
+    """The edited layers, how they were chosen, and the evidence (per-layer MLP effects)."""
+    if isinstance(cfg.layers, tuple):
+        for layer in cfg.layers:
+            model._check_layer(layer)
+        return cfg.layers, "given", {}
+    if cfg.layers == "last":
+        return last_layers(model, cfg.n_layers), "last", {}
+    from interp_edit.tracing import trace
+
+    effects, traced = torch.zeros(model.n_layers), []
+    for rec in records:
+        if len(traced) == cfg.trace_facts:
+            break
+        p_true, p_new = model.next_token_probs([rec.text] * 2, [rec.target_true, rec.target_new])
+        if p_true <= p_new:
+            continue  # the model does not know this fact: its trace says nothing
+        last = model.subject_range(rec.text, rec.subject)[1] - 1
+        r = trace(model, rec.text, rec.subject, target=rec.target_true, kind="mlp", window=5,
+                  samples=3, positions=[last], progress=False)
+        effects += torch.nan_to_num(r.indirect_effect[last])
+        traced.append(rec.case_id)
+    if not traced:
+        raise InterpEditError("layers='traced': the model knows none of the training records")
+    effects /= len(traced)
+    top = sorted(effects.topk(min(cfg.n_layers, model.n_layers)).indices.tolist())
+    return tuple(top), "traced", {"mlp_effects": [round(float(e), 5) for e in effects],
+                                  "traced_records": traced, "window": 5, "samples": 3}
+
+
+# ---- training ---------------------------------------------------------------------------------
+def train_editor(
+    model: Model,
+    train: Sequence[EditRecord],
+    val: Sequence[EditRecord],
+    cfg: TrainConfig = TrainConfig(),
+    *,
+    out: str | Path,
+    checkpoint: str | Path | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Meta-train an editor for ``model``; the best one is written to ``out``.
+
+    ``checkpoint`` (default ``<out>.ckpt/``): a directory to save to every ``val_every`` steps;
+    a run started with the same config and an existing checkpoint resumes from it.
+    """
+    out = Path(out)
+    ckpt = Path(checkpoint) if checkpoint is not None else out.with_name(out.name + ".ckpt")
+    train = [r for r in train if r.neighborhood]
+    if not train:
+        raise InterpEditError("no training record has a neighbour (retain) prompt")
+    editor, opt, state = _start(model, train, cfg, ckpt, out)
+    order = _Order(len(train), cfg.seed)
+    t0, spent = time.perf_counter(), state["seconds"]
+    bar = tqdm(total=cfg.steps, initial=state["step"], desc="mend-train", disable=not progress)
+    window: list[dict[str, float]] = []
+    stopped = "steps"
+    if state["step"] == 0 and not state["history"]:
+        _validate(model, editor, val, cfg, state, window, out, ckpt, opt, spent)
+    while state["step"] < cfg.steps:
+        record = train[order[state["step"]]]
+        state["step"] += 1
+        bar.update(1)
+        try:
+            editor.train()
+            loss, parts = meta_loss(model, editor, record, cfg)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(editor.parameters(), cfg.grad_clip)
+            opt.step()
+            window.append(parts)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in parts.items()}, refresh=False)
+        except InterpEditError:  # a record this tokenizer cannot use (e.g. subject not found)
+            pass
+        seconds = spent + time.perf_counter() - t0
+        out_of_time = cfg.max_minutes is not None and seconds > 60 * cfg.max_minutes
+        if state["step"] % cfg.val_every == 0 or state["step"] == cfg.steps or out_of_time:
+            row = _validate(model, editor, val, cfg, state, window, out, ckpt, opt, seconds)
+            bar.write(_describe(row))
+            if out_of_time:
+                stopped = f"time budget of {cfg.max_minutes} minutes"
+                break
+            if cfg.patience and state["since_best"] >= cfg.patience:
+                stopped = f"early stop: no improvement in {cfg.patience} validations"
+                break
+    bar.close()
+    return TrainResult(MENDEditor.load(out, model), tuple(state["history"]), stopped)
+
+
+class _Order:
+    """Step -> record index: a fresh seeded shuffle each epoch (so a resumed run continues
+    exactly where it stopped)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self._epochs = n, seed, {}
+
+    def __getitem__(self, step: int) -> int:
+        epoch, i = divmod(step, self.n)
+        if epoch not in self._epochs:
+            perm = list(range(self.n))
+            random.Random(f"{self.seed}-{epoch}").shuffle(perm)
+            self._epochs = {epoch: perm}
+        return self._epochs[epoch][i]
+
+
+def _optimizer(editor: MENDEditor, cfg: TrainConfig) -> torch.optim.Adam:
+    net = [p for n, p in editor.named_parameters() if n != "log_lr"]
+    return torch.optim.Adam([{"params": net, "lr": cfg.lr},
+                             {"params": [editor.log_lr], "lr": cfg.lr_lr}])
+
+
+def _start(model, train, cfg, ckpt, out):
+    """A fresh editor and optimizer, or those of the checkpoint in ``ckpt`` (same config)."""
+    state_path = ckpt / "state.json"
+    if state_path.exists():
+        state = json.loads(state_path.read_text())
+        if state.get("format") != STATE_FORMAT or _fixed(state["train_config"]) != _fixed(
+                _jsonable(cfg)):
+            raise InterpEditError(
+                f"checkpoint {ckpt} was made with other settings ({state.get('train_config')});"
+                " delete it or pass another checkpoint directory to start afresh"
+            )
+        editor = MENDEditor.load(ckpt / "editor.safetensors", model)
+        opt = _optimizer(editor, cfg)
+        opt.load_state_dict(_load_optimizer(ckpt / "optimizer.safetensors", state["param_groups"]))
+        state["train_config"] = _jsonable(cfg)
+        return editor, opt, state
+    layers, how, evidence = choose_layers(model, train, cfg)
+    torch.manual_seed(cfg.seed)
+    config = MENDConfig.for_model(model, layers, how, rank=cfg.rank, n_blocks=cfg.n_blocks,
+                                  init_edit_lr=cfg.init_edit_lr)
+    editor = MENDEditor(config, {"layer_evidence": evidence})
+    state = {"format": STATE_FORMAT, "train_config": _jsonable(cfg), "step": 0, "seconds": 0.0,
+             "best_score": None, "best_step": None, "since_best": 0, "history": []}
+    return editor, _optimizer(editor, cfg), state
+
+
+def _validate(model, editor, val, cfg, state, window, out, ckpt, opt, seconds) -> dict[str, Any]:
+    """Checkpoint, measure on the validation records, keep the best editor; returns the row."""
+    from interp_edit.evaluation.harness import evaluate
+
+    editor.info.update(step=state["step"], train_seconds=round(seconds, 1))
+    state["seconds"] = seconds
+    current = editor.save(ckpt / "editor.safetensors")
+    report = evaluate(model, val, method="mend", editor=str(current), n=cfg.val_n,
+                      n_unrelated=0, progress=False, seed=cfg.seed)
+    metrics = {k: round(s.mean, 4) for k in ("efficacy", "paraphrase", "neighborhood")
+               if (s := report.summary(k)) is not None}
+    score = metrics.get("efficacy", 0.0) + metrics.get("neighborhood", 0.0)
+    losses = {k: round(sum(w[k] for w in window) / len(window), 4) for k in window[0]} if window else {}
+    window.clear()
+    row = {"step": state["step"], "seconds": round(seconds, 1), "val_records": report.n,
+           **metrics, "score": round(score, 4), **losses,
+           "edit_lr": [float(f"{x:.3g}") for x in editor.log_lr.detach().exp()]}
+    state["history"].append(row)
+    if state["best_score"] is None or score > state["best_score"]:
+        state.update(best_score=score, best_step=state["step"], since_best=0)
+        editor.info.update(validation=metrics, best_step=state["step"])
+        shutil.copyfile(editor.save(ckpt / "editor.safetensors"), out)
+    else:
+        state["since_best"] += 1
+    editor.info["history"] = state["history"]
+    _save_optimizer(opt, ckpt / "optimizer.safetensors", state)
+    (ckpt / "state.json").write_text(json.dumps(state, indent=1))
+    return row
+
+
+def _describe(row: dict[str, Any]) -> str:
+    keys = ("efficacy", "paraphrase", "neighborhood", "loss", "edit_nll", "loc_kl")
+    return f"step {row['step']} ({row['seconds']:.0f}s): " + ", ".join(
+        f"{k} {row[k]:.3f}" for k in keys if k in row)
+
+
+def _save_optimizer(opt: torch.optim.Optimizer, path: Path, state: dict[str, Any]) -> None:
+    sd = opt.state_dict()
+    tensors = {f"{i}.{k}": v.contiguous() for i, s in sd["state"].items() for k, v in s.items()}
+    save_file(tensors, str(path))
+    state["param_groups"] = sd["param_groups"]
+
+
+def _load_optimizer(path: Path, param_groups: list[dict[str, Any]]) -> dict[str, Any]:
+    per_param: dict[int, dict[str, Tensor]] = {}
+    for key, value in load_file(str(path)).items():
+        i, name = key.split(".", 1)
+        per_param.setdefault(int(i), {})[name] = value
+    return {"state": per_param, "param_groups": param_groups}
+
+
+def _jsonable(cfg: TrainConfig) -> dict[str, Any]:
+    return json.loads(json.dumps(asdict(cfg)))
+
+
+def _fixed(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The settings a resumed run must share with its checkpoint (it may run longer)."""
+    return {k: v for k, v in cfg.items() if k not in ("steps", "max_minutes", "patience")}
