@@ -113,3 +113,30 @@ def test_bootstrap_is_seeded_and_validates():
         bootstrap(lambda e: 0.0, x[:1])
     with pytest.raises(InterpEditError, match="layers"):
         localization_stats(x, x, [0, 1])
+
+
+def test_study_runs_resumes_saves_and_reports_on_the_fact_model(fm, tmp_path):
+    """The whole pipeline on two tiny facts and two layers (ROME with small settings)."""
+    pytest.importorskip("interp_edit.editing.rome")
+    from interp_edit.analysis.localization_study import LocalizationStudy, run_study
+    from interp_edit.evaluation.records import EditRecord
+
+    city = [f for f in fm.facts if f.relation == "city"][:3]
+    recs = [EditRecord(i, f.template, f.subject, "Rome" if f.attribute != "Rome" else "Oslo",
+                       f.attribute, paraphrases=(f.paraphrases[0].format(f.subject),),
+                       neighborhood=((city[2].prompt, city[2].attribute),))
+            for i, f in enumerate(city[:2])]
+    kw = dict(window=3, samples=2, rome={"stats_tokens": 1000, "n_prefixes": 2, "v_steps": 3},
+              cache=tmp_path / "rows.jsonl", progress=None)
+    study = run_study(fm.model, recs, [1, 3], **kw)
+    assert study.effect.shape == (2, fm.model.n_layers) and study.success.shape == (3, 2, 2)
+    assert set(study.auto_layer.tolist()) <= set(range(fm.model.n_layers))
+    assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == 2
+    again = run_study(fm.model, recs, [1, 3], **kw)  # resumed from the cache: same numbers
+    assert torch.equal(again.success, study.success)
+    back = LocalizationStudy.load(study.save(tmp_path / "study"))
+    assert back.layers == (1, 3) and torch.equal(back.effect, study.effect)
+    table = back.to_markdown(n_boot=20)
+    assert table.count("\n") == 4 and "efficacy magnitude" in table
+    for what in ("scatter", "layers"):
+        back.plot(what).savefig(tmp_path / f"{what}.png")

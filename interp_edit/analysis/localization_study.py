@@ -1,0 +1,198 @@
+"""Running the localization-vs-editing study (Hase et al. 2023) on any ``ie.load_model`` model.
+
+For each fact: the MLP causal trace at the last subject token for every layer (the tracing
+effect), then a ROME edit at each studied layer and at ``layer="auto"``, measured with the
+shared metrics of :mod:`interp_edit.evaluation.metrics`. The result, a
+:class:`LocalizationStudy`, saves, loads, computes its statistics
+(:mod:`~interp_edit.analysis.localization`) and plots itself.
+
+    study = run_study(model, known_records, layers=range(0, model.n_layers, 3), cache="rows.jsonl")
+    study.stats("efficacy_gap").pooled_r      # Estimate(value, lo, hi)
+    print(study.to_markdown())
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from interp_edit.analysis._npz import load_dataclass, save_dataclass
+from interp_edit.analysis.localization import R2_TERMS, LocalizationStats, localization_stats
+from interp_edit.errors import InterpEditError
+from interp_edit.models import Model
+
+# success metrics (keys of evaluation.metrics.measure) and how tables name them
+SUCCESS = {
+    "efficacy_gap": "efficacy magnitude, p(new) \u2212 p(true)",
+    "paraphrase_gap": "paraphrase magnitude, p(new) \u2212 p(true)",
+    "neighborhood_gap": "neighbourhood magnitude, p(true) \u2212 p(new)",
+}
+_MEASURED = ("efficacy", "paraphrase", "neighborhood")
+_FORMAT = "interp_edit.LocalizationStudy/1"
+
+
+@dataclass(frozen=True, eq=False)
+class LocalizationStudy:
+    """Tracing effects and edit successes of ``n`` facts. ``effect`` covers every layer;
+    ``success`` covers the edited ``layers`` only (``success[m, f, j]``: metric ``metrics[m]``
+    of fact ``f`` edited at ``layers[j]``)."""
+
+    case_ids: tuple[str, ...]
+    subjects: tuple[str, ...]
+    layers: tuple[int, ...]
+    metrics: tuple[str, ...]
+    effect: Float[Tensor, "fact all_layers"]  # MLP indirect effect, last subject token
+    clean: Float[Tensor, "fact"]  # clean p(target_true), the trace's high score
+    success: Float[Tensor, "metric fact layer"]
+    auto_layer: Int[Tensor, "fact"]  # the layer ROME's layer="auto" chose
+    auto_success: Float[Tensor, "metric fact"]
+    model_name: str
+    window: int
+    samples: int
+
+    @property
+    def n_facts(self) -> int:
+        return len(self.case_ids)
+
+    def grid(self, metric: str) -> tuple[Float[Tensor, "fact layer"], Float[Tensor, "fact layer"]]:
+        """``(effect, success)`` at the edited layers, for one metric."""
+        return self.effect[:, list(self.layers)], self.success[self._m(metric)]
+
+    def stats(self, metric: str = "efficacy_gap", n_boot: int = 1000, seed: int = 0) -> LocalizationStats:
+        effect, success = self.grid(metric)
+        return localization_stats(effect, success, self.layers, metric=metric,
+                                  auto=self.auto_success[self._m(metric)], n_boot=n_boot, seed=seed)
+
+    def to_markdown(self, n_boot: int = 1000) -> str:
+        """One table row per success metric; 95% bootstrap CIs over facts."""
+        head = ("| edit success | r pooled | mean per-fact r | R² layer | R² tracing | "
+                "R² layer + tracing | best fixed layer (mean) | auto (mean) | auto − best fixed |")
+        rows = [head, "|" + "---|" * 9]
+        for m in self.metrics:
+            s = self.stats(m, n_boot)
+            r2 = {k: s.r2[k] for k in R2_TERMS}
+            rows.append(
+                f"| {SUCCESS.get(m, m)} | {s.pooled_r} | {s.mean_per_fact_r} | {r2['layer']} | "
+                f"{r2['tracing']} | {r2['layer + tracing']} | {s.best_layer} ({s.best_layer_success:+.3f}) | "
+                f"{s.auto_success:+.3f} | {s.auto_gain} |"
+            )
+        return "\n".join(rows)
+
+    def plot(self, what: str = "scatter", **kw):
+        """``"scatter"`` | ``"layers"``: see :mod:`interp_edit.plotting.localization`."""
+        from interp_edit.plotting import localization as pl
+
+        fns = {"scatter": pl.plot_effect_vs_success, "layers": pl.plot_layerwise}
+        if what not in fns:
+            raise InterpEditError(f"what must be one of {tuple(fns)}, not {what!r}")
+        return fns[what](self, **kw)
+
+    def save(self, path) -> str:
+        return save_dataclass(self, path, _FORMAT)
+
+    @classmethod
+    def load(cls, path) -> "LocalizationStudy":
+        return load_dataclass(cls, path, _FORMAT)
+
+    def _m(self, metric: str) -> int:
+        if metric not in self.metrics:
+            raise InterpEditError(f"unknown metric {metric!r}; this study has {self.metrics}")
+        return self.metrics.index(metric)
+
+
+def fact_row(model: Model, record, layers: Sequence[int], *, window: int, samples: int,
+             seed: int = 1, rome: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything the study needs about one fact (an ``EditRecord``), JSON-serialisable."""
+    import interp_edit as ie
+    from interp_edit.evaluation.metrics import measure
+
+    last = model.subject_range(record.text, record.subject)[1] - 1
+    tr = ie.trace(model, record.text, record.subject, target=record.target_true, kind="mlp",
+                  window=window, samples=samples, seed=seed, positions=[last], progress=False)
+
+    def success(layer) -> dict[str, float]:
+        with ie.edit(model, record.request, method="rome", layer=layer, **(rome or {})) as e:
+            scores = measure(model, record, e, _MEASURED)
+            chosen = e.info["layer"]
+        return {**{m: scores[m] for m in SUCCESS}, "layer": chosen}
+
+    auto = success("auto")
+    return {
+        "case_id": str(record.case_id), "subject": record.subject, "clean": tr.high_score,
+        "effect": tr.indirect_effect[last].tolist(),
+        "success": [success(layer) for layer in layers], "auto": auto,
+        "config": {"layers": list(layers), "window": window, "samples": samples, "seed": seed,
+                   "rome": rome or {}, "model": model.name},
+    }
+
+
+def run_study(
+    model: Model,
+    records: Iterable,
+    layers: Sequence[int],
+    *,
+    window: int = 5,
+    samples: int = 10,
+    seed: int = 1,
+    rome: dict[str, Any] | None = None,
+    cache: str | os.PathLike | None = None,
+    progress: Callable[[str], None] | None = print,
+) -> LocalizationStudy:
+    """Trace and edit every record (see the module docstring). With ``cache`` (a JSON-lines
+    file) finished facts are appended as they complete and reused by a later run with the
+    same settings, so a long run can be stopped and resumed."""
+    layers = [int(x) for x in layers]
+    for layer in layers:
+        model._check_layer(layer)
+    records = list(records)
+    done = _read_cache(cache)
+    rows = []
+    for i, rec in enumerate(records):
+        row = done.get(str(rec.case_id))
+        want = {"layers": layers, "window": window, "samples": samples, "seed": seed,
+                "rome": rome or {}, "model": model.name}
+        if row is None or row["config"] != want:
+            row = fact_row(model, rec, layers, window=window, samples=samples, seed=seed, rome=rome)
+            if cache is not None:
+                with open(cache, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+        rows.append(row)
+        if progress:
+            best = max(range(len(layers)), key=lambda j: row["success"][j]["efficacy_gap"])
+            progress(f"[{i + 1}/{len(records)}] {rec.subject!r}: auto layer {row['auto']['layer']}, "
+                     f"best efficacy at layer {layers[best]}")
+    return study_from_rows(rows, layers, window=window, samples=samples, model_name=model.name)
+
+
+def study_from_rows(rows: Sequence[dict], layers: Sequence[int], *, window: int, samples: int,
+                    model_name: str) -> LocalizationStudy:
+    if not rows:
+        raise InterpEditError("no facts were studied: pass at least two records")
+    metrics = tuple(SUCCESS)
+    return LocalizationStudy(
+        case_ids=tuple(r["case_id"] for r in rows),
+        subjects=tuple(r["subject"] for r in rows),
+        layers=tuple(layers),
+        metrics=metrics,
+        effect=torch.tensor([r["effect"] for r in rows], dtype=torch.float32),
+        clean=torch.tensor([r["clean"] for r in rows], dtype=torch.float32),
+        success=torch.tensor([[[s[m] for s in r["success"]] for r in rows] for m in metrics]),
+        auto_layer=torch.tensor([r["auto"]["layer"] for r in rows]),
+        auto_success=torch.tensor([[r["auto"][m] for r in rows] for m in metrics]),
+        model_name=model_name,
+        window=window,
+        samples=samples,
+    )
+
+
+def _read_cache(cache) -> dict[str, dict]:
+    if cache is None or not os.path.exists(cache):
+        return {}
+    with open(cache) as f:
+        return {row["case_id"]: row for row in map(json.loads, filter(str.strip, f))}
