@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import functools
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,14 +136,15 @@ def fact_model(
     key = stable_hash([n_layers, d_model, n_subjects, steps, seed, torch.__version__,
                        file_digest(Path(__file__))])
     path = cache_dir("testing") / f"fact_model-{key}.safetensors"
+    params = dict(model.hf_model.named_parameters())  # deduplicated: tied weights appear once
     if path.exists():
-        model.hf_model.load_state_dict(load_file(str(path)), strict=False)
+        with torch.no_grad():
+            for name, value in load_file(str(path)).items():
+                params[name].copy_(value)
     else:
         _train(model, facts, steps, seed)
-        state = {k: v.contiguous() for k, v in model.hf_model.state_dict().items()
-                 if k != "lm_head.weight"}  # tied to the embedding
-        tmp = path.with_suffix(".tmp")
-        save_file(state, str(tmp))
+        tmp = path.with_name(f"{path.stem}-{os.getpid()}.tmp")
+        save_file({k: v.detach().contiguous() for k, v in params.items()}, str(tmp))
         tmp.replace(path)
     # weights changed: a new Model recomputes the fingerprint, so artifacts are keyed to it
     trained = Model(model.bridge, model.tokenizer, model.name + f"-facts{steps}")
