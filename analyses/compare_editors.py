@@ -1,0 +1,248 @@
+"""Compare editors on the same held-out facts: no edit, FT, FT-L, IKE (with and without
+demonstrations), ROME and MEND (when a trained editor exists), on the default model.
+
+Every number comes from ``ie.evaluate`` (the shared metrics; IKE is scored on
+``edit.wrap(prompt)``): efficacy, paraphrase, neighbourhood and unchanged top-1 on the first
+``--n`` CounterFact-val records the model knows (the harness skips the others, identically for
+every method); reverse, portability and fluency on the hand-written probe set
+(``load_probes()``), the only records that carry reverse and portability probes.
+
+    python analyses/compare_editors.py                 # --n 200: the README table and chart
+    python analyses/compare_editors.py --n 5           # a quick run
+    python analyses/compare_editors.py --mend-editor mend.safetensors
+    python analyses/compare_editors.py --n 30 --out figures/ike_demos --probes 0 \\
+        --variant "IKE 0=ike:demos=0" --variant "IKE 8=ike:demos=8" ...   # a sweep
+    python analyses/compare_editors.py --from-reports results/compare_editors   # redraw only
+
+Writes ``<out>.md`` (table) and ``<out>.png`` (chart); the per-record reports (JSON) go to
+``results/<out name>/`` so the table and chart can be redrawn without recomputing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+import interp_edit as ie
+from interp_edit.evaluation import EvalReport, load_probes
+from interp_edit.plotting.style import TEXT_WIDTH, new_figure, save_figure, style
+
+ROOT = Path(__file__).resolve().parents[1]
+VAL = ROOT.parent / "shared" / "data" / "counterfact-val.json"
+DEFAULT_VARIANTS = ("no edit=none", "FT=ft", "FT-L=ft-l", "IKE, no demos=ike:demos=0",
+                    "IKE=ike", "ROME=rome", "MEND=mend")
+# (column, which records it is measured on, heading)
+COLUMNS = (("efficacy", "val", "efficacy"), ("paraphrase", "val", "paraphrase"),
+           ("neighborhood", "val", "neighbourhood"), ("unchanged_top1", "val", "unchanged top-1"),
+           ("reverse", "probes", "reverse"), ("portability", "probes", "portability"),
+           ("fluency", "probes", "fluency"))
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the table: a label, a registered method and its hparams."""
+
+    label: str
+    method: str
+    hparams: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, spec: str) -> "Variant":
+        """``"LABEL=method"`` or ``"LABEL=method:key=value;key=value"`` (values as Python
+        literals, else strings), e.g. ``"IKE 8=ike:demos=8;mix=(4,4,8)"``."""
+        label, sep, rest = spec.partition("=")
+        if not sep or not rest:
+            raise SystemExit(f"bad --variant {spec!r}: use LABEL=method[:key=value;...]")
+        method, _, args = rest.partition(":")
+        hp = {}
+        for item in filter(None, args.split(";")):
+            key, _, value = item.partition("=")
+            try:
+                hp[key.strip()] = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                hp[key.strip()] = value
+        return cls(label.strip(), method.strip(), hp)
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^a-z0-9]+", "-", self.label.lower()).strip("-")
+
+
+@dataclass(frozen=True)
+class Result:
+    variant: Variant
+    val: EvalReport
+    probes: EvalReport | None
+
+    def summary(self, column: str, where: str):
+        report = self.val if where == "val" else self.probes
+        return report.summary(column) if report is not None else None
+
+
+# ---- running -------------------------------------------------------------------------------
+def run_variant(model, variant: Variant, val, probes, args) -> Result:
+    kw = dict(method=variant.method, seed=args.seed, progress=not args.quiet, **variant.hparams)
+    t0 = time.perf_counter()
+    val_report = ie.evaluate(model, val, n=args.n, **kw)
+    probe_report = (ie.evaluate(model, probes, n=args.probes, fluency=args.fluency, **kw)
+                    if args.probes != 0 else None)
+    print(f"{variant.label}: {val_report.headline()} ({time.perf_counter() - t0:.0f} s)",
+          flush=True)
+    return Result(variant, val_report, probe_report)
+
+
+def mend_available(model, editor: str | None) -> tuple[bool, str]:
+    if editor:
+        return Path(editor).is_file(), editor
+    try:
+        from interp_edit.editing.mend import default_editor_path
+    except ImportError as exc:
+        return False, f"MEND is not available ({exc})"
+    path = default_editor_path(model)
+    return path.is_file(), str(path)
+
+
+def save_reports(results: Sequence[Result], folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, r in enumerate(results):
+        r.val.save(folder / f"{i:02d}-{r.variant.slug}-val.json")
+        if r.probes is not None:
+            r.probes.save(folder / f"{i:02d}-{r.variant.slug}-probes.json")
+    index = [{"label": r.variant.label, "method": r.variant.method,
+              "hparams": r.variant.hparams} for r in results]
+    (folder / "variants.json").write_text(json.dumps(index, indent=1, default=str))
+
+
+def load_reports(folder: Path) -> list[Result]:
+    index = json.loads((folder / "variants.json").read_text())
+    out = []
+    for i, v in enumerate(index):
+        variant = Variant(v["label"], v["method"], v["hparams"])
+        probes = folder / f"{i:02d}-{variant.slug}-probes.json"
+        out.append(Result(variant, EvalReport.load(folder / f"{i:02d}-{variant.slug}-val.json"),
+                          EvalReport.load(probes) if probes.exists() else None))
+    return out
+
+
+# ---- the table and the chart ---------------------------------------------------------------
+def table(results: Sequence[Result], notes: Sequence[str] = ()) -> str:
+    """Markdown: one row per variant, each metric as mean [95% CI], and seconds per edit."""
+    cols = [c for c in COLUMNS if any(r.summary(c[0], c[1]) for r in results)]
+    head = ["method", "hparams", "val n", *[h for _, _, h in cols], "s / edit"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for r in results:
+        hp = ", ".join(f"{k}={v}" for k, v in r.variant.hparams.items())
+        cells = [r.variant.label, hp or "defaults", str(r.val.n)]
+        for col, where, _ in cols:
+            s = r.summary(col, where)
+            cells.append("" if s is None else f"{s.mean:.2f} [{s.lo:.2f}, {s.hi:.2f}]")
+        sec = r.val.summary("seconds")
+        cells.append(f"{sec.mean:.2f}" if sec and r.variant.method != "none" else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    first = results[0]
+    probes_n = first.probes.n if first.probes is not None else 0
+    lines += ["", f"Model: {first.val.model_name}. Efficacy, paraphrase, neighbourhood and "
+              f"unchanged top-1 on {first.val.n} CounterFact-val facts the model knows "
+              f"(same facts for every method; skipped: {first.val.skip_reasons()}); reverse, "
+              f"portability and fluency on {probes_n} hand-written probe facts. 95% bootstrap "
+              "CIs over facts. Reverse and portability are teacher-forced token accuracies; "
+              "fluency is ROME's n-gram entropy of greedy generations; s / edit is the time "
+              "to compute and apply one edit (not the evaluation)."]
+    lines += [f"{n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def chart(results: Sequence[Result]):
+    """Grouped bars of the [0, 1] metrics with 95% CIs, and seconds per edit (log scale)."""
+    cols = [c for c in COLUMNS if c[0] != "fluency" and any(r.summary(c[0], c[1])
+                                                             for r in results)]
+    with style():
+        fig = new_figure(TEXT_WIDTH, 2.4)
+        ax, ax_t = fig.subplots(1, 2, width_ratios=[4.2, 1])
+        width = 0.8 / len(results)
+        colors = [f"C{i}" for i in range(len(results))]
+        for i, r in enumerate(results):
+            xs, means, errs = [], [], [[], []]
+            for j, (col, where, _) in enumerate(cols):
+                s = r.summary(col, where)
+                if s is None:
+                    continue
+                xs.append(j + (i - (len(results) - 1) / 2) * width)
+                means.append(s.mean)
+                errs[0].append(s.mean - s.lo)
+                errs[1].append(s.hi - s.mean)
+            ax.bar(xs, means, width, yerr=np.array(errs), color=colors[i], label=r.variant.label,
+                   error_kw={"elinewidth": 0.6, "capsize": 1.2})
+        ax.set_xticks(range(len(cols)), [h for _, _, h in cols])
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("score (mean, 95% CI)")
+        ax.legend(ncol=min(4, len(results)), loc="upper center", bbox_to_anchor=(0.5, 1.25))
+        timed = [(i, r) for i, r in enumerate(results)
+                 if r.variant.method != "none" and r.val.summary("seconds")]
+        for k, (i, r) in enumerate(timed):
+            ax_t.barh(k, r.val.summary("seconds").mean, color=colors[i])
+        ax_t.set_yticks(range(len(timed)), [r.variant.label for _, r in timed])
+        ax_t.set_xscale("log")
+        ax_t.invert_yaxis()
+        ax_t.set_xlabel("seconds per edit")
+    return fig
+
+
+# ---- main ----------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=200, help="CounterFact-val facts per method")
+    p.add_argument("--probes", type=int, default=None,
+                   help="probe facts per method (default: all; 0: skip the probe set)")
+    p.add_argument("--data", default=str(VAL), help="CounterFact file of held-out facts")
+    p.add_argument("--mend-editor", default=None, help="a trained MEND editor file")
+    p.add_argument("--variant", action="append", default=None,
+                   help="LABEL=method[:key=value;...] (repeat; default: every editor)")
+    p.add_argument("--no-fluency", dest="fluency", action="store_false",
+                   help="skip fluency (greedy generation is the slowest metric)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(ROOT / "figures" / "compare_editors"),
+                   help="output stem: writes <out>.md and <out>.png")
+    p.add_argument("--from-reports", default=None, help="redraw from saved reports only")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    notes: list[str] = []
+
+    if args.from_reports:
+        results = load_reports(Path(args.from_reports))
+    else:
+        model = ie.load_model()
+        variants = [Variant.parse(s) for s in (args.variant or DEFAULT_VARIANTS)]
+        if any(v.method == "mend" for v in variants):
+            ok, where = mend_available(model, args.mend_editor)
+            if ok and args.mend_editor:
+                variants = [Variant(v.label, v.method, {"editor": args.mend_editor})
+                            if v.method == "mend" else v for v in variants]
+            elif not ok:
+                variants = [v for v in variants if v.method != "mend"]
+                notes.append(f"MEND: no trained editor at {where}; train one "
+                             "(analyses/train_mend.py) or pass --mend-editor.")
+        val = ie.load_counterfact(args.data)
+        probes = load_probes()
+        results = [run_variant(model, v, val, probes, args) for v in variants]
+        save_reports(results, ROOT / "results" / out.name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = table(results, notes)
+    out.with_suffix(".md").write_text(text)
+    save_figure(chart(results), out, formats=("png",))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

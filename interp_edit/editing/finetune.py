@@ -1,0 +1,109 @@
+"""Fine-tuning baselines: FT and FT-L (constrained fine-tuning, Zhu et al. 2020; ROME's FT+L).
+
+Both take gradient steps (Adam) on the new fact alone, on one weight: the MLP down projection
+of ``layer`` (the matrix ROME edits). The loss is the mean negative log-probability per target
+token of ``target_new`` after each request's prompt (``Model.target_logprobs``).
+
+- **FT** is unconstrained: it reaches the new fact, and with it overfits, so unrelated prompts
+  start answering the new target too (the forgetting that motivates located editors).
+- **FT-L** clamps the weight change to ``[-norm_constraint, norm_constraint]`` element-wise
+  after every step (an L-infinity ball around the original weights), as ROME's ``ft_main``.
+
+The weight is trained in place, then restored, and the change is applied through
+``AppliedEdit.from_deltas`` so that ``undo()`` is bit-exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from interp_edit.editing.base import AppliedEdit, EditRequest, parameter_name, register_editor
+from interp_edit.errors import InterpEditError
+from interp_edit.models import Model
+
+
+@dataclass(frozen=True)
+class FTHparams:
+    """``layer``: whose MLP down projection is trained. ``steps``/``lr``: Adam steps and rate;
+    training stops early once the loss is below ``stop_loss``. ``norm_constraint``: L-infinity
+    bound on the weight change (``None``: unconstrained).
+
+    Defaults measured on SmolLM2-135M (README "Comparing editors"): layer 4 is where MLP
+    causal effects peak; 20 steps at 1e-3 reach the new fact on CounterFact-val.
+    """
+
+    layer: int = 4
+    steps: int = 20
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    stop_loss: float = 1e-2
+    norm_constraint: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or not self.lr > 0:
+            raise InterpEditError(f"steps must be >= 1 and lr > 0 (got steps={self.steps}, "
+                                  f"lr={self.lr})")
+        if self.norm_constraint is not None and not self.norm_constraint > 0:
+            raise InterpEditError(f"norm_constraint must be positive or None, "
+                                  f"not {self.norm_constraint}")
+
+
+@dataclass(frozen=True)
+class FTLHparams(FTHparams):
+    """FT with an L-infinity constraint on the weight change (ROME's FT+L)."""
+
+    norm_constraint: float | None = 5e-4
+
+
+def _finetune(
+    model: Model, requests: Sequence[EditRequest], hp: FTHparams, method: str
+) -> AppliedEdit:
+    eps = hp.norm_constraint
+    weight = model.mlp_out_proj(hp.layer).weight  # [d_model, d_mlp]
+    name = parameter_name(model, model.mlp_out_proj(hp.layer))
+    prompts = [r.text for r in requests]
+    targets = [r.target_new for r in requests]
+    n_tokens = torch.tensor([len(model.target_ids(t)) for t in targets], dtype=torch.float32,
+                            device=weight.device)
+    original = weight.detach().clone()
+    losses: list[float] = []
+    opt = torch.optim.Adam([weight], lr=hp.lr, weight_decay=hp.weight_decay)
+    weight.requires_grad_(True)
+    try:
+        for _ in range(hp.steps):
+            logp = model.target_logprobs(prompts, targets, grad=True)  # [batch]
+            loss = (-logp / n_tokens).mean()
+            losses.append(loss.item())
+            if losses[-1] < hp.stop_loss:
+                break
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if eps is not None:
+                with torch.no_grad():
+                    weight.copy_(original + (weight - original).clamp(-eps, eps))
+        with torch.no_grad():
+            delta = weight.detach() - original
+            if eps is not None:
+                delta = delta.clamp(-eps, eps)
+    finally:
+        weight.requires_grad_(False)
+        weight.grad = None
+        with torch.no_grad():
+            weight.copy_(original)
+    info = {"layer": hp.layer, "losses": [round(x, 4) for x in losses],
+            "steps_run": len(losses), "delta_max_abs": float(delta.abs().max())}
+    return AppliedEdit.from_deltas(model, method, requests, hp, {name: delta}, info)
+
+
+@register_editor("ft", FTHparams)
+def apply_ft(model: Model, requests: Sequence[EditRequest], hp: FTHparams) -> AppliedEdit:
+    return _finetune(model, requests, hp, "ft")
+
+
+@register_editor("ft-l", FTLHparams)
+def apply_ft_l(model: Model, requests: Sequence[EditRequest], hp: FTLHparams) -> AppliedEdit:
+    return _finetune(model, requests, hp, "ft-l")
