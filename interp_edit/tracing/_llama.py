@@ -1,0 +1,174 @@
+"""A layer stepper for Hugging Face Llama-family decoders: runs one decoder layer at a time on
+a slice of positions ``start .. start+P-1``, reading the keys/values of earlier positions from
+a cache, and lets the caller replace the attention output, MLP output or block output at the
+slice's first position. The fast tracing engine is built on it.
+
+It calls the model's own RMSNorm and rotary modules and its own weights (through
+``torch.nn.functional``), so the numbers match a plain forward pass up to float rounding.
+Hooks on the TransformerBridge are *not* run here; the engine falls back to the hook-based
+path when a bridge hook is installed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from interp_edit.models import Model
+
+SITES = ("attn", "mlp", "resid")
+
+
+def _orig(module: torch.nn.Module) -> torch.nn.Module:
+    """The Hugging Face module inside (possibly nested) TransformerBridge wrappers."""
+    while hasattr(module, "original_component"):
+        module = module.original_component
+    return module
+
+
+class Patch(NamedTuple):
+    """Replace an activation at the slice's first position on the rows where ``mask`` holds."""
+
+    mask: Bool[Tensor, "batch"]
+    value: Float[Tensor, "batch d_model"]
+
+
+class LayerOut(NamedTuple):
+    out: Float[Tensor, "batch pos d_model"]  # block output (the next layer's input)
+    attn: Float[Tensor, "batch pos d_model"]
+    mlp: Float[Tensor, "batch pos d_model"]
+    k: Float[Tensor, "batch kv_head pos d_head"]  # after rotary
+    v: Float[Tensor, "batch kv_head pos d_head"]
+
+
+@dataclass(frozen=True)
+class RunCache:
+    """Every layer's input, sublayer outputs and keys/values of one full run."""
+
+    x: list[Tensor]  # x[j]: input of layer j, [batch, pos, d_model]; x[L]: last block output
+    attn: list[Tensor]
+    mlp: list[Tensor]
+    k: list[Tensor]
+    v: list[Tensor]
+    probs: Float[Tensor, "batch"]  # p(target) at the last position
+
+
+def _apply(act: Tensor, patch: Patch | None) -> Tensor:
+    if patch is not None:
+        act[:, 0] = torch.where(patch.mask[:, None], patch.value, act[:, 0])
+    return act
+
+
+class LlamaStepper:
+    """Step through a Llama-family model layer by layer (see the module docstring)."""
+
+    @staticmethod
+    def supports(model: Model) -> bool:
+        hf = model.hf_model
+        cfg = hf.config
+        return (
+            type(hf).__name__ == "LlamaForCausalLM"
+            and getattr(cfg, "sliding_window", None) is None
+            and getattr(cfg, "pretraining_tp", 1) == 1
+            and hasattr(_orig(hf.model), "rotary_emb")
+        )
+
+    def __init__(self, model: Model, n_tokens: int):
+        hf = _orig(model.hf_model)
+        inner = _orig(hf.model)
+        self.layers = [_orig(layer) for layer in inner.layers]
+        self.attns = [_orig(layer.self_attn) for layer in self.layers]
+        self.mlps = [_orig(layer.mlp) for layer in self.layers]
+        self.embed = _orig(inner.embed_tokens)
+        self.norm = _orig(inner.norm)
+        self.lm_head = _orig(hf.lm_head)
+        self.n_heads = hf.config.num_attention_heads
+        self.n_kv = hf.config.num_key_value_heads
+        positions = torch.arange(n_tokens, device=model.device)[None]
+        probe = self.embed.weight[:1][None]  # dtype/device carrier for the rotary module
+        cos, sin = _orig(inner.rotary_emb)(probe, positions)
+        self.cos, self.sin = cos[0], sin[0]  # [pos, d_head]
+
+    # ---- pieces --------------------------------------------------------------------------
+    def _rope(self, x: Float[Tensor, "b h p d"], start: int) -> Float[Tensor, "b h p d"]:
+        p = x.shape[2]
+        cos, sin = self.cos[start : start + p], self.sin[start : start + p]
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return (x * cos) + (rotated * sin)
+
+    def _heads(self, proj: torch.nn.Module, x: Tensor, n: int) -> Tensor:
+        lin = _orig(proj)
+        return rearrange(F.linear(x, lin.weight, lin.bias), "b p (h d) -> b h p d", h=n)
+
+    def _mlp(self, j: int, x: Float[Tensor, "b p d"]) -> Float[Tensor, "b p d"]:
+        mlp = self.mlps[j]
+        gate, up, down = _orig(mlp.gate_proj), _orig(mlp.up_proj), _orig(mlp.down_proj)
+        hidden = mlp.act_fn(F.linear(x, gate.weight, gate.bias)) * F.linear(x, up.weight, up.bias)
+        return F.linear(hidden, down.weight, down.bias)
+
+    def layer(
+        self,
+        j: int,
+        x: Float[Tensor, "batch pos d_model"],
+        start: int,
+        past: tuple[Tensor, Tensor] | None = None,
+        patches: dict[str, Patch] | None = None,
+        last_only: bool = False,
+    ) -> LayerOut:
+        """Layer ``j`` on positions ``start .. start+P-1`` of ``x``; ``past`` holds the keys and
+        values ``[batch, kv_head, start, d_head]`` of the earlier positions. ``last_only``
+        computes the output of the last position only (all that the last layer needs)."""
+        layer, attn, patches = self.layers[j], self.attns[j], patches or {}
+        h = _orig(layer.input_layernorm)(x)
+        q = self._rope(self._heads(attn.q_proj, h[:, -1:] if last_only else h, self.n_heads),
+                       start + x.shape[1] - 1 if last_only else start)  # fmt: skip
+        k = self._rope(self._heads(attn.k_proj, h, self.n_kv), start)
+        v = self._heads(attn.v_proj, h, self.n_kv)
+        keys, values = (k, v) if past is None else (torch.cat((past[0], k), 2), torch.cat((past[1], v), 2))
+        mask = None
+        if q.shape[2] > 1:  # query i (position start+i) sees keys 0 .. start+i
+            mask = torch.ones(q.shape[2], keys.shape[2], dtype=torch.bool, device=x.device)
+            mask = mask.tril(diagonal=start)
+        z = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=self.n_kv != self.n_heads
+        )
+        o = _orig(attn.o_proj)
+        a = _apply(F.linear(rearrange(z, "b h p d -> b p (h d)"), o.weight, o.bias), patches.get("attn"))
+        mid = (x[:, -1:] if last_only else x) + a
+        m = _apply(self._mlp(j, _orig(layer.post_attention_layernorm)(mid)), patches.get("mlp"))
+        return LayerOut(_apply(mid + m, patches.get("resid")), a, m, k, v)
+
+    def target_probs(self, h: Float[Tensor, "batch d_model"], target_id: int) -> Float[Tensor, "batch"]:
+        """p(target) from final-layer hidden states (final norm, unembedding, softmax)."""
+        logits = F.linear(self.norm(h), self.lm_head.weight, self.lm_head.bias)
+        return logits.softmax(-1)[:, target_id]
+
+    @torch.no_grad()
+    def full_run(
+        self,
+        ids: Int[Tensor, "batch pos"],
+        target_id: int,
+        noise: Float[Tensor, "batch n_subject d_model"] | None = None,
+        subject: tuple[int, int] = (0, 0),
+    ) -> RunCache:
+        """A whole forward pass (noise added to the subject embeddings), caching everything."""
+        x = self.embed(ids)
+        if noise is not None:
+            x = x.clone()
+            x[:, subject[0] : subject[1]] += noise.to(x)
+        cache = RunCache([x], [], [], [], [], torch.empty(0))
+        for j in range(len(self.layers)):
+            out = self.layer(j, x, 0)
+            for name in ("attn", "mlp", "k", "v"):
+                getattr(cache, name).append(getattr(out, name))
+            x = out.out
+            cache.x.append(x)
+        return RunCache(cache.x, cache.attn, cache.mlp, cache.k, cache.v,
+                        self.target_probs(x[:, -1], target_id))  # fmt: skip

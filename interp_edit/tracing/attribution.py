@@ -1,0 +1,67 @@
+"""``method="attribution"``: attribution patching (Nanda 2023; Syed et al. 2023), a first-order
+estimate of the whole causal-tracing grid from one clean pass and one batched corrupted
+forward + backward pass.
+
+For every site (block output, MLP output, attention output) of every layer ``j`` and token
+``t``, restoring the clean value changes the score by about
+
+    (clean[j, t] - corrupted_s[j, t]) . d p_s / d act[j, t]        (mean over noise samples s)
+
+and a cell's estimate sums this over the restorations of its plan (one site for ``"resid"``,
+the window of layers for ``"mlp"``/``"attn"``). ``scores = low_score + estimate``.
+
+It is a screening tool: it ranks cells well where the score is locally linear in the
+activation, but it does not reproduce probabilities (estimates can fall outside [0, 1]), and
+it misses saturation effects: restoring a whole hidden state is a large step. Confirm what it
+finds with ``method="fast"``. The benchmark (``benchmarks/bench_trace.py``) reports its Pearson
+correlation with the exact grid.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import einsum
+
+from interp_edit import hooks as H
+from interp_edit.tracing.inputs import TraceInputs, window_layers
+from interp_edit.tracing.reference import _SITE_HOOK, all_sites
+
+
+def site_effects(inputs: TraceInputs) -> tuple[dict[str, torch.Tensor], float]:
+    """First-order effect of restoring each site: ``{site: [n_layers, n_tokens]}``, and the
+    corrupted score ``low_score``."""
+    model, names, S = inputs.model, all_sites(inputs.n_layers), inputs.samples
+    clean: dict[str, torch.Tensor] = {}
+    with torch.no_grad(), H.hooked(model, [H.capture(n, clean) for n in names]):
+        model.logits(inputs.batch(1))
+    acts: dict[str, torch.Tensor] = {}
+    noise = inputs.noise.clone().requires_grad_(True)  # puts the corrupted run on the graph
+    hooks = [H.add_noise(slice(*inputs.subject_range), noise)]
+    hooks += [H.capture(n, acts, detach=False) for n in names]
+    with torch.enable_grad(), H.hooked(model, hooks):
+        p = model.logits(inputs.batch(S))[:, -1].softmax(-1)[:, inputs.target_id]
+        grads = torch.autograd.grad(p.mean(), [acts[n] for n in names])
+    effects = {}
+    for site, hook in _SITE_HOOK.items():
+        delta = torch.stack([clean[hook(j)] - acts[hook(j)].detach() for j in range(inputs.n_layers)])
+        grad = torch.stack([grads[names.index(hook(j))] for j in range(inputs.n_layers)])
+        # the grad of the mean already carries 1/S: summing over samples gives the mean effect
+        effects[site] = einsum(delta, grad, "layer s pos d, layer s pos d -> layer pos")
+    return effects, float(p.detach().mean())
+
+
+def run(inputs: TraceInputs, kinds, *, window, sever, cells, progress):
+    effects, low = site_effects(inputs)
+    L, T = inputs.n_layers, inputs.n_tokens
+    keep = torch.zeros(T, L, dtype=torch.bool)
+    keep[tuple(torch.tensor(cells).T)] = True
+    grids = {}
+    for kind in kinds:
+        if kind == "resid":
+            estimate = effects["resid"].T
+        else:  # a window's estimate is the sum of its layers': differences of a prefix sum
+            csum = torch.cat((torch.zeros(1, T), effects[kind].cumsum(0)))
+            spans = [window_layers(layer, window, L) for layer in range(L)]
+            estimate = torch.stack([csum[w.stop] - csum[w.start] for w in spans], 1)
+        grids[kind] = torch.where(keep, low + estimate, float("nan"))
+    return grids, low
