@@ -122,7 +122,7 @@ def meta_loss(
     edit_loss = -(logprobs / len(model.target_ids(record.target_new))).mean()
     loc_loss = kl_divergence(base, after)
     loss = cfg.c_edit * edit_loss + cfg.c_loc * loc_loss
-    return loss, {"loss": float(loss), "edit_nll": float(edit_loss), "loc_kl": float(loc_loss)}
+    return loss, {k: v.item() for k, v in (("loss", loss), ("edit_nll", edit_loss), ("loc_kl", loc_loss))}
 
 
 def kl_divergence(

@@ -1,0 +1,186 @@
+"""MEND on the tiny synthetic-fact model: exact gradient factors, the identity-initialised
+network, a short meta-training run that makes edits work, bit-exact undo, checkpoints."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import interp_edit as ie
+from interp_edit.editing.mend import (
+    GradientTransform, MENDConfig, MENDEditor, RunningNorm, gradient_factors, last_layers)
+from interp_edit.editing.mend_train import TrainConfig, choose_layers, substituted, train_editor
+from interp_edit.errors import InterpEditError, ModelMismatchError
+from interp_edit.evaluation import EditRecord, evaluate
+from interp_edit.testing import RELATIONS
+
+SHORT = TrainConfig(steps=120, val_every=40, val_n=12, patience=0, lr=1e-3, lr_lr=0.05)
+
+
+def fact_records(fm, facts, per_fact: int, seed: int) -> list[EditRecord]:
+    """Counterfactual edits of the fact model's facts: a new attribute of the same relation,
+    the other templates as paraphrases, another subject's fact as the neighbour."""
+    rng = random.Random(seed)
+    out = []
+    for f in facts:
+        others = [g for g in fm.facts if g.relation == f.relation and g.subject != f.subject]
+        for new in rng.sample([a for a in RELATIONS[f.relation][1] if a != f.attribute], per_fact):
+            g = rng.choice(others)
+            out.append(EditRecord(f"{f.subject}/{f.relation}/{new}", f.template, f.subject, new,
+                                  f.attribute, paraphrases=tuple(p.format(f.subject)
+                                                                 for p in f.paraphrases),
+                                  neighborhood=((g.prompt, g.attribute),)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(fm):
+    facts = list(fm.facts)
+    return fact_records(fm, facts[:24], 4, seed=0), fact_records(fm, facts[24:], 2, seed=1)
+
+
+@pytest.fixture(scope="module")
+def trained(fm, data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("mend") / "mend.safetensors"
+    result = train_editor(fm.model, data[0], data[1], SHORT, out=out, progress=False)
+    return out, result
+
+
+def _weights(model):
+    return {k: v.detach().clone() for k, v in model.hf_model.named_parameters()}
+
+
+def test_gradient_factorisation_is_exact(fm):
+    m, facts = fm.model, fm.facts
+    prompts, targets = [facts[0].prompt, facts[3].prompt], ["Rome Paris", "pilot"]
+    layers = (1, 3)
+    factors = gradient_factors(m, layers, prompts, targets)
+    weights = [m.mlp_out_proj(layer).weight for layer in layers]
+    for w in weights:
+        w.requires_grad_(True)
+    try:
+        n = torch.tensor([len(m.target_ids(t)) for t in targets])
+        loss = -(m.target_logprobs(prompts, targets, grad=True) / n).sum()
+        grads = torch.autograd.grad(loss, weights)
+    finally:
+        for w in weights:
+            w.requires_grad_(False)
+    for layer, grad in zip(layers, grads):
+        u, delta = factors[layer]
+        assert torch.allclose(torch.einsum("no,ni->oi", delta, u), grad, atol=1e-6, rtol=1e-5)
+    # only tokens that get a gradient are kept: at the last layer, the target positions only
+    assert len(factors[3][0]) == 2 + 1
+
+
+def test_untrained_network_is_the_identity():
+    net = GradientTransform(d_in=6, d_out=4, rank=3, n_blocks=2, n_modes=2).eval()
+    u, delta = torch.randn(5, 6), torch.randn(5, 4)
+    u_hat, delta_hat = net(u, delta, mode=1)
+    assert torch.equal(u_hat, u) and torch.equal(delta_hat, delta)
+
+
+def test_running_norm_matches_batch_statistics():
+    norm, xs = RunningNorm(3).train(), [torch.randn(n, 3) * 4 + 2 for n in (1, 5, 9)]
+    for x in xs:
+        norm(x)
+    allx = torch.cat(xs)
+    assert torch.allclose(norm.mean.float(), allx.mean(0), atol=1e-5)
+    assert torch.allclose(norm.std.float(), allx.std(0), atol=1e-5)
+    out = norm.eval()(allx)
+    assert torch.allclose(out.mean(0), torch.zeros(3), atol=1e-5)
+
+
+def test_substituted_weights_match_an_in_place_edit_and_are_restored(fm):
+    m = fm.model
+    ids = m.tokenize(fm.facts[0].prompt)[None]
+    w = m.mlp_out_proj(2).weight
+    delta = 0.1 * torch.randn_like(w)
+    with substituted(m, {2: w + delta}):
+        edited = m.logits(ids)
+    assert m.mlp_out_proj(2).weight is w
+    with torch.no_grad():
+        w.add_(delta)
+        in_place = m.logits(ids)
+        w.sub_(delta)
+    assert torch.allclose(edited, in_place, atol=1e-5)
+
+
+def test_training_raises_edit_success(fm, data, trained):
+    out, result = trained
+    untrained = result.history[0]
+    assert untrained["step"] == 0
+    best = max(result.history, key=lambda r: r["score"])
+    assert best["efficacy"] >= untrained["efficacy"] + 0.5
+    # held-out facts, through the public API and the evaluation harness
+    report = evaluate(fm.model, data[1], method="mend", editor=str(out), progress=False)
+    assert report.summary("efficacy").mean >= 0.7
+    assert report.summary("neighborhood").mean >= 0.5
+
+
+def test_edit_records_layers_and_undo_is_bit_exact(fm, trained):
+    m, f = fm.model, fm.facts[30]
+    before = _weights(m)
+    edit = ie.edit(m, [ie.EditRequest(f.template, f.subject, "Oslo", f.attribute)],
+                   method="mend", editor=trained[0])
+    assert edit.info["layers"] == [1, 2, 3] and edit.info["layer_choice"] == "last"
+    assert m.next_token_probs(f.prompt, "Oslo") > 0.5
+    edit.undo()
+    assert all(torch.equal(before[k], v) for k, v in _weights(m).items())
+
+
+def test_editor_round_trip_and_model_mismatch(fm, trained, tiny, tmp_path):
+    editor = MENDEditor.load(trained[0], fm.model)
+    copy = MENDEditor.load(editor.save(tmp_path / "copy.safetensors"), fm.model)
+    assert copy.config == editor.config and copy.info == editor.info
+    a, b = editor.state_dict(), copy.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    req = ie.EditRequest(fm.facts[0].template, fm.facts[0].subject, "Rome")
+    da, db = editor.deltas(fm.model, [req]), copy.deltas(fm.model, [req])
+    assert all(torch.equal(da[k], db[k]) for k in da)
+    with pytest.raises(ModelMismatchError, match="trained for"):
+        MENDEditor.load(trained[0], tiny)
+    with pytest.raises(ModelMismatchError):
+        ie.edit(tiny, [ie.EditRequest("{} works as a", tiny.tokenizer.decode([5]), "chef")],
+                method="mend", editor=str(trained[0]))
+
+
+def test_checkpoint_resumes_exactly(fm, data, tmp_path):
+    cfg = TrainConfig(steps=12, val_every=6, val_n=2, patience=0, lr=1e-3, lr_lr=0.05)
+    straight = train_editor(fm.model, data[0], data[1], cfg, out=tmp_path / "a.safetensors",
+                            progress=False)
+    half = TrainConfig(**{**cfg.__dict__, "steps": 6})
+    train_editor(fm.model, data[0], data[1], half, out=tmp_path / "b.safetensors", progress=False)
+    resumed = train_editor(fm.model, data[0], data[1], cfg, out=tmp_path / "b.safetensors",
+                           progress=False)
+    assert [r["step"] for r in resumed.history] == [0, 6, 12]
+    a = MENDEditor.load(tmp_path / "a.safetensors.ckpt" / "editor.safetensors").state_dict()
+    b = MENDEditor.load(tmp_path / "b.safetensors.ckpt" / "editor.safetensors").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    other = TrainConfig(**{**cfg.__dict__, "rank": 8})
+    with pytest.raises(InterpEditError, match="other settings"):
+        train_editor(fm.model, data[0], data[1], other, out=tmp_path / "b.safetensors",
+                     progress=False)
+
+
+def test_layer_choice(fm, data):
+    m = fm.model
+    assert choose_layers(m, data[0], TrainConfig())[:2] == (last_layers(m), "last")
+    assert choose_layers(m, data[0], TrainConfig(layers=(0, 2)))[:2] == ((0, 2), "given")
+    layers, how, evidence = choose_layers(m, data[0], TrainConfig(layers="traced", n_layers=2,
+                                                                  trace_facts=3))
+    assert how == "traced" and len(layers) == 2 and len(evidence["mlp_effects"]) == m.n_layers
+    effects = torch.tensor(evidence["mlp_effects"])
+    assert set(layers) == set(effects.topk(2).indices.tolist())
+    cfg = MENDConfig.for_model(m, layers, how)
+    assert cfg.layer_choice == "traced" and cfg.shapes == ((64, 128),) * 2
+
+
+def test_missing_editor_says_how_to_train(fm, monkeypatch, tmp_path):
+    monkeypatch.setenv("INTERP_EDIT_CACHE", str(tmp_path))
+    req = ie.EditRequest(fm.facts[0].template, fm.facts[0].subject, "Rome")
+    with pytest.raises(InterpEditError, match="mend-train"):
+        ie.edit(fm.model, [req], method="mend")
+    with pytest.raises(InterpEditError, match="does not exist"):
+        ie.edit(fm.model, [req], method="mend", editor=str(tmp_path / "nope.safetensors"))
