@@ -1,0 +1,155 @@
+"""Keys of a fact, shared by the locate-then-edit methods (ROME now; MEND and FT can reuse it).
+
+A *key* is the input of an MLP's output projection (``mlp_key_hook(layer)``, ``d_mlp`` wide)
+at the subject's last token. ROME's k* is the mean key over the edit prompt and a few short
+*context prefixes* sampled from the model itself ("The city was ... . {}"), so the edit holds
+whatever text precedes the subject (Meng et al. 2022, §3.1).
+
+- :func:`sample_token_ids`: seeded top-k sampling from the model (prefixes, generated corpora);
+- :func:`context_templates`: ``("{}", "<prefix>. {}", ...)``, cached per model on disk;
+- :func:`encode_facts`: tokenized prompts with the subject's last token and target positions;
+- :func:`subject_keys` / :func:`key_star`: the keys at the subject's last token and their mean.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from interp_edit._cache import cache_dir
+from interp_edit.hooks import capture, hooked
+from interp_edit.models import Model, mlp_key_hook
+
+# Sentence starters for sampled text (as in MEMIT's context templates).
+STARTERS = ("The", "Therefore", "Because", "I", "You")
+_TEMPLATES: dict[tuple, tuple[str, ...]] = {}  # in-memory cache of context_templates
+
+
+@torch.no_grad()
+def sample_token_ids(
+    model: Model, n: int, length: int, *, seed: int = 0, top_k: int = 5, exact: bool = False,
+    batch_size: int = 64, starters: Sequence[str] = STARTERS, progress: bool | None = False,
+) -> list[list[int]]:
+    """``n`` token sequences sampled from the model (top-k), each opened by one of
+    ``starters`` in turn and continued by ``length`` new tokens (``exact``: never stop at the
+    end-of-text token; otherwise a sequence ends there). Seeded; the global RNG state is
+    left untouched."""
+    from tqdm.auto import tqdm
+    from transformers import GenerationConfig
+
+    cfg = GenerationConfig(do_sample=True, top_k=top_k, max_new_tokens=length,
+                           min_new_tokens=length if exact else 0,
+                           pad_token_id=model.tokenizer.pad_token_id)
+    devices = [model.device] if model.device.type == "cuda" else []
+    eos = model.tokenizer.eos_token_id
+    jobs = []  # (starter index, rows): starters take turns, at most batch_size rows a call
+    for i in range(len(starters)):
+        count = n // len(starters) + (i < n % len(starters))
+        jobs += [(i, min(batch_size, count - lo)) for lo in range(0, count, batch_size)]
+    out: list[list[int]] = []
+    for j, (i, rows) in enumerate(tqdm(jobs, desc="sampling text", disable=not progress)):
+        ids = model.tokenize(starters[i])[None].repeat(rows, 1).to(model.device)
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed * 100_003 + j)
+            gen = model.hf_model.generate(ids, attention_mask=torch.ones_like(ids),
+                                          generation_config=cfg)
+        for row in gen.tolist():
+            out.append(row if exact or eos not in row else row[: row.index(eos)])
+    return out
+
+
+def context_templates(
+    model: Model, n: int = 10, length: int = 10, *, seed: int = 0
+) -> tuple[str, ...]:
+    """``"{}"`` followed by ``n`` templates ``"<sampled prefix>. {}"`` of about ``length``
+    tokens each. Seeded and cached per model (in memory and under the cache directory)."""
+    key = (model.fingerprint, n, length, seed)
+    if key in _TEMPLATES:
+        return _TEMPLATES[key]
+    path = cache_dir("prefixes", model.fingerprint) / f"n{n}-len{length}-seed{seed}.json"
+    if path.exists():
+        prefixes = json.loads(path.read_text())["prefixes"]
+    else:
+        texts = [model.tokenizer.decode(ids) for ids in
+                 sample_token_ids(model, n, length, seed=seed)] if n else []
+        prefixes = [" ".join(t.replace("{", " ").replace("}", " ").split()) for t in texts]
+        path.write_text(json.dumps({"model": model.name, "prefixes": prefixes}, indent=1))
+    _TEMPLATES[key] = ("{}", *(f"{p}. {{}}" for p in prefixes))
+    return _TEMPLATES[key]
+
+
+@dataclass(frozen=True)
+class FactBatch:
+    """Right-padded prompts, each containing the subject, optionally followed by a target."""
+
+    ids: Int[Tensor, "batch pos"]
+    subject_last: Int[Tensor, "batch"]  # index of the subject's last token in each row
+    target_labels: Int[Tensor, "batch pos"]  # token that the logits at each position should
+    target_mask: Bool[Tensor, "batch pos"]  # predict, where target_mask (teacher forcing)
+
+    def at_subject_last(self) -> Bool[Tensor, "batch pos"]:
+        """Mask of the subject's last token in each row."""
+        pos = torch.arange(self.ids.shape[1], device=self.ids.device)
+        return pos[None, :] == self.subject_last[:, None]
+
+
+def encode_facts(
+    model: Model,
+    templates: Sequence[str],
+    subject: str,
+    targets: str | None | Sequence[str | None] = None,
+) -> FactBatch:
+    """Fill ``subject`` into each template (one ``{}`` each, e.g. a context template applied
+    to the request's prompt) and append all but the last token of the row's target, so that
+    the logits at the masked positions predict every target token. ``targets``: one for all
+    rows, or one per row (``None``: the prompt alone)."""
+    if targets is None or isinstance(targets, str):
+        targets = [targets] * len(templates)
+    seqs, subj_last, spans = [], [], []
+    for tpl, target in zip(templates, targets, strict=True):
+        text = tpl.format(subject)
+        # the subject occurrence that replaces "{}" (a prefix may mention the subject too)
+        occurrence = _count_occurrences(text[: tpl.index("{}")], subject)
+        ids = model.tokenize(text).tolist()
+        tgt = model.target_ids(target) if target is not None else []
+        subj_last.append(model.subject_range(text, subject, occurrence)[1] - 1)
+        spans.append((len(ids) - 1, tgt))
+        seqs.append(ids + tgt[:-1])
+    ids, _ = model.batch_ids(seqs)
+    labels = torch.zeros_like(ids)
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    for row, (start, tgt) in enumerate(spans):
+        labels[row, start : start + len(tgt)] = torch.as_tensor(tgt, dtype=torch.long)
+        mask[row, start : start + len(tgt)] = True
+    return FactBatch(ids, torch.tensor(subj_last, device=ids.device), labels, mask)
+
+
+def _count_occurrences(text: str, sub: str) -> int:
+    count, at = 0, text.find(sub)
+    while at >= 0:
+        count, at = count + 1, text.find(sub, at + 1)
+    return count
+
+
+@torch.no_grad()
+def subject_keys(model: Model, layer: int, batch: FactBatch) -> Float[Tensor, "batch d_mlp"]:
+    """The MLP keys at ``layer`` at each row's subject-last token (the forward stops there)."""
+    model._check_layer(layer)
+    store: dict[str, Tensor] = {}
+    with hooked(model, [capture(mlp_key_hook(layer), store)]):
+        model.bridge(batch.ids, return_type=None, stop_at_layer=layer + 1)
+    keys = store[mlp_key_hook(layer)]  # [batch, pos, d_mlp]
+    return keys[torch.arange(len(batch.ids), device=keys.device), batch.subject_last]
+
+
+def key_star(
+    model: Model, layer: int, template: str, subject: str, contexts: Sequence[str]
+) -> Float[Tensor, "d_mlp"]:
+    """k*: the mean key at the subject's last token over ``template`` in every context."""
+    batch = encode_facts(model, [c.format(template) for c in contexts], subject)
+    return subject_keys(model, layer, batch).mean(0)

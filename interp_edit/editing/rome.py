@@ -1,0 +1,242 @@
+"""ROME: Rank-One Model Editing (Meng et al. 2022), with consistent keys.
+
+An MLP output projection W (``model.mlp_out_proj(layer)``, ``[d_model, d_mlp]``) is read as a
+linear associative memory: the key k at the subject's last token maps to a value W k that
+carries the subject's attributes. One edit:
+
+1. **locate**: ``layer="auto"`` runs the MLP causal trace of the request and takes the layer
+   with the largest indirect effect at the subject's last token (``layer=int`` overrides);
+2. **k\\***: the mean key at the subject's last token over the prompt and sampled context
+   prefixes (:mod:`interp_edit.editing.keys`);
+3. **v\\***: W k* + δ, with δ optimised through the hook layer (added to the MLP output at the
+   subject's last token of every prompt) to make the new target likely after every prefix,
+   with a KL term keeping "{subject} is a" unchanged, weight decay and a norm clamp;
+4. **update**: ΔW = (v* − W k*)(C⁻¹k*)ᵀ / (k*ᵀC⁻¹k*), so W' k* = v* exactly and keys
+   typical of ordinary text (C, :mod:`interp_edit.editing.stats`) move as little as possible.
+
+The *same* k* enters every term of the update. The original implementation used the prefixed
+mean in C⁻¹k* but the unprefixed key in the residual, which breaks W' k* = v* and makes
+sequential edits collapse the model (kmeng01/rome PR #44; Gupta et al. 2024, "Rebuilding
+ROME"). Several requests in one call are applied one after another (each with its own layer,
+k* and v*) and returned as one :class:`AppliedEdit`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from interp_edit.editing.base import AppliedEdit, EditRequest, parameter_name, register_editor
+from interp_edit.editing.keys import FactBatch, context_templates, encode_facts, key_star
+from interp_edit.editing.stats import GENERATED, second_moment
+from interp_edit.errors import InterpEditError
+from interp_edit.hooks import add_delta, hooked
+from interp_edit.models import Model, mlp_out_hook
+
+KL_TEMPLATE = "{} is a"  # the essence prompt whose next-token distribution must not change
+
+
+@dataclass(frozen=True)
+class ROMEHparams:
+    """ROME's settings. The defaults work on the default model (SmolLM2-135M)."""
+
+    layer: int | str = "auto"  # "auto": the layer of the largest MLP effect; or an index
+    auto_layers: tuple[int, int] | None = None  # "auto" searches layers [lo, hi); None: all
+    trace_method: str = "fast"  # "fast" (exact) | "attribution" (gradient estimate)
+    trace_samples: int = 3  # noise samples of the locating trace
+    trace_window: int = 5  # MLP layers restored together in the locating trace
+    n_prefixes: int = 10  # context prefixes sampled from the model for k* and v*
+    prefix_len: int = 10  # tokens per prefix
+    seed: int = 0  # seeds the prefixes and the generated corpus
+    v_lr: float = 0.5  # Adam learning rate of δ
+    v_steps: int = 20  # at most this many steps ...
+    v_loss_stop: float = 0.05  # ... or until the loss falls below this
+    v_weight_decay: float = 0.5  # × ‖δ‖ / ‖W k*‖²
+    kl_factor: float = 0.0625  # × KL(edited ‖ original) on "{subject} is a"
+    clamp_norm_factor: float = 4.0  # ‖δ‖ ≤ this × ‖W k*‖
+    corpus: str = GENERATED  # key statistics: a text file, "generated", or a HF dataset name
+    stats_tokens: int = 100_000  # tokens of the corpus used for C
+    mom2_ridge: float = 1e-4  # C + ridge · mean(diag C) · I, for a well-posed C⁻¹k*
+
+    def __post_init__(self) -> None:
+        if not (self.layer == "auto" or (isinstance(self.layer, int) and self.layer >= 0)):
+            raise InterpEditError(f"layer must be 'auto' or a layer index, not {self.layer!r}")
+        if self.trace_method not in ("fast", "reference", "attribution"):
+            raise InterpEditError(f"trace_method {self.trace_method!r}: use 'fast' or "
+                                  "'attribution'")
+        for name in ("v_lr", "v_steps", "stats_tokens", "trace_samples", "trace_window"):
+            if not getattr(self, name) > 0:
+                raise InterpEditError(f"ROME hparam {name} must be positive")
+        for name in ("n_prefixes", "v_weight_decay", "kl_factor", "mom2_ridge", "v_loss_stop"):
+            if getattr(self, name) < 0:
+                raise InterpEditError(f"ROME hparam {name} must be >= 0")
+        if self.auto_layers is not None:
+            object.__setattr__(self, "auto_layers", tuple(self.auto_layers))
+            lo, hi = self.auto_layers
+            if not 0 <= lo < hi:
+                raise InterpEditError(f"auto_layers {self.auto_layers} is not a range lo < hi")
+
+
+@register_editor("rome", ROMEHparams)
+def apply_rome(model: Model, requests: Sequence[EditRequest], hp: ROMEHparams) -> AppliedEdit:
+    """Apply ``requests`` one after another; the returned edit holds their summed deltas."""
+    contexts = context_templates(model, hp.n_prefixes, hp.prefix_len, seed=hp.seed)
+    originals: dict[str, Tensor] = {}
+    total: dict[str, Tensor] = {}
+    edits = []
+    try:
+        for req in requests:
+            info = rome_step(model, req, hp, contexts)
+            name, delta = info.pop("parameter"), info.pop("delta")
+            weight = model.mlp_out_proj(info["layer"]).weight
+            originals.setdefault(name, weight.detach().clone())
+            with torch.no_grad():
+                weight.add_(delta.to(weight))  # the next request sees this one
+            total[name] = total[name] + delta if name in total else delta
+            edits.append(info)
+    finally:
+        with torch.no_grad():
+            for name, orig in originals.items():
+                dict(model.hf_model.named_parameters())[name].copy_(orig)
+    timings = {k: round(sum(e["seconds"][k] for e in edits), 3) for k in edits[0]["seconds"]}
+    summary = {"layer": edits[0]["layer"] if len(edits) == 1 else [e["layer"] for e in edits],
+               "why": edits[0]["why"] if len(edits) == 1 else [e["why"] for e in edits],
+               "timings": timings, "edits": edits}
+    return AppliedEdit.from_deltas(model, "rome", requests, hp, total, info=summary)
+
+
+def rome_step(model: Model, req: EditRequest, hp: ROMEHparams, contexts: Sequence[str]) -> dict:
+    """One request on the current weights: the layer, k*, v*, and ΔW (not applied)."""
+    clock = _Clock()
+    layer, why, trace = choose_layer(model, req, hp)
+    clock("locate")
+    proj = model.mlp_out_proj(layer)
+    mom2 = second_moment(model, layer, hp.corpus, hp.stats_tokens, seed=hp.seed)
+    clock("stats")
+    k = key_star(model, layer, req.template, req.subject, contexts)
+    clock("k")
+    w = proj.weight.detach()
+    v, losses = compute_v(model, layer, req, w @ k, contexts, hp)
+    clock("v")
+    delta = rank_one_update(w, k, v, mom2, ridge=hp.mom2_ridge)
+    clock("update")
+    return {"layer": layer, "why": why, "trace": trace, "parameter": parameter_name(model, proj),
+            "delta": delta, "v": losses, "seconds": clock.laps}
+
+
+def choose_layer(model: Model, req: EditRequest, hp: ROMEHparams) -> tuple[int, str, dict | None]:
+    """The edit layer, the reason in words, and the per-layer effects that decided it."""
+    if hp.layer != "auto":
+        model._check_layer(hp.layer)
+        return hp.layer, f"given (layer={hp.layer})", None
+    from interp_edit.tracing import trace
+
+    lo, hi = hp.auto_layers or (0, model.n_layers)
+    hi = min(hi, model.n_layers)
+    if lo >= hi:
+        raise InterpEditError(f"auto_layers {hp.auto_layers} is empty on a {model.n_layers}-layer model")
+    last = model.subject_range(req.text, req.subject)[1] - 1
+    r = trace(model, req.text, req.subject, target=req.target_true, kind="mlp",
+              window=hp.trace_window, samples=hp.trace_samples, method=hp.trace_method,
+              seed=hp.seed + 1, positions=[last], layers=list(range(lo, hi)), progress=False)
+    effects = r.indirect_effect[last]
+    layer = lo + int(torch.nan_to_num(effects[lo:hi], nan=-float("inf")).argmax())
+    why = (f"largest MLP indirect effect at the last subject token {r.tokens[last]!r}: "
+           f"{float(effects[layer]):.3f} at layer {layer} ({hp.trace_method} trace, window "
+           f"{hp.trace_window}, {hp.trace_samples} samples, layers {lo}..{hi - 1})")
+    info = {"target": r.target, "method": r.method, "window": r.window, "samples": r.samples,
+            "low_score": r.low_score, "high_score": r.high_score, "token": last,
+            "effects": [None if e != e else round(float(e), 5) for e in effects.tolist()]}
+    return layer, why, info
+
+
+def compute_v(
+    model: Model,
+    layer: int,
+    req: EditRequest,
+    v0: Float[Tensor, "d_model"],
+    contexts: Sequence[str],
+    hp: ROMEHparams,
+) -> tuple[Float[Tensor, "d_model"], dict]:
+    """v* = v0 + δ, with δ added to the MLP output at the subject's last token, optimised for
+    the new target after every context (NLL) while "{subject} is a" keeps its distribution
+    (KL), under weight decay and the norm clamp ‖δ‖ ≤ clamp_norm_factor · ‖v0‖."""
+    templates = [c.format(req.template) for c in contexts]
+    batch = encode_facts(model, [*templates, KL_TEMPLATE], req.subject,
+                         [req.target_new] * len(templates) + [None])
+    kl_row = len(templates)
+    kl_pos = batch.subject_last[kl_row]
+    delta = torch.zeros_like(v0, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=hp.v_lr)
+    max_norm = hp.clamp_norm_factor * v0.norm()
+    n_target = batch.target_mask.sum(1)[:kl_row]
+    kl_init, curve = None, []
+    for step in range(hp.v_steps):
+        logp_target, logp_kl = _edited_logprobs(model, layer, batch, delta, kl_row, kl_pos)
+        if kl_init is None:
+            kl_init = logp_kl.detach()
+        nll = -(logp_target.sum(1)[:kl_row] / n_target).mean()
+        kl = torch.nn.functional.kl_div(kl_init, logp_kl, log_target=True, reduction="sum")
+        decay = hp.v_weight_decay * delta.norm() / v0.norm() ** 2
+        loss = nll + hp.kl_factor * kl + decay
+        curve.append((loss.item(), nll.item(), kl.item()))
+        if loss.item() < hp.v_loss_stop or step == hp.v_steps - 1:
+            break
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():  # project back into the ball ‖δ‖ ≤ max_norm
+            if delta.norm() > max_norm:
+                delta.mul_(max_norm / delta.norm())
+    losses = {"steps": len(curve), "loss": [round(c[0], 4) for c in curve],
+              "nll": [round(curve[0][1], 4), round(curve[-1][1], 4)], "kl": round(curve[-1][2], 5),
+              "delta_norm_ratio": round(float(delta.norm() / v0.norm()), 4)}
+    return (v0 + delta).detach(), losses
+
+
+def _edited_logprobs(model: Model, layer: int, batch: FactBatch, delta: Tensor, kl_row: int,
+                     kl_pos: Tensor) -> tuple[Tensor, Tensor]:
+    """Log-probabilities of the target tokens (``[batch, pos]``, zero off the mask) and the
+    next-token log-distribution of the KL row, with δ added at each subject's last token."""
+    bump = batch.at_subject_last()[..., None] * delta  # [batch, pos, d_model]
+    with hooked(model, [add_delta(mlp_out_hook(layer), slice(None), bump)]):
+        logits = model.logits(batch.ids)
+    logp = logits.log_softmax(-1)
+    target = logp.gather(-1, batch.target_labels[..., None])[..., 0] * batch.target_mask
+    return target, logp[kl_row, kl_pos]
+
+
+def rank_one_update(
+    w: Float[Tensor, "d_model d_mlp"],
+    k: Float[Tensor, "d_mlp"],
+    v: Float[Tensor, "d_model"],
+    mom2: Float[Tensor, "d_mlp d_mlp"],
+    *,
+    ridge: float = 0.0,
+) -> Float[Tensor, "d_model d_mlp"]:
+    """ΔW = (v − W k)(C⁻¹k)ᵀ / (kᵀC⁻¹k), computed in float64; then (W + ΔW) k = v."""
+    c = mom2.double()
+    if ridge:
+        c = c + ridge * c.diagonal().mean() * torch.eye(len(c), dtype=c.dtype, device=c.device)
+    k64 = k.double()
+    c_inv_k = torch.linalg.solve(c, k64)
+    resid = v.double() - w.double() @ k64
+    return (torch.outer(resid, c_inv_k) / (k64 @ c_inv_k)).to(w.dtype)
+
+
+class _Clock:
+    """Lap timer: ``clock("phase")`` records the seconds since the previous lap."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(now - self._t, 3)
+        self._t = now

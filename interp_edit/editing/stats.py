@@ -1,0 +1,220 @@
+"""Key statistics: the uncentred second moment C = E[k kᵀ] of the MLP keys at a layer.
+
+ROME spreads its rank-one update along C⁻¹k*, so keys the edit should not touch (those that
+are typical of ordinary text) change as little as possible. C is estimated from a corpus:
+
+- a text file (``corpus="path/to/text.txt"``), read only as far as ``n_tokens`` needs;
+- ``corpus="generated"``: text sampled from the model itself (seeded), so a fresh offline
+  machine needs no data; the sampled tokens are cached too;
+- a Hugging Face dataset name, ``"name"`` or ``"name:config"`` (needs the network).
+
+The text is cut into fixed-length chunks (no padding), the forward pass stops after the
+deepest requested layer, and every requested layer is captured in the same pass. Results are
+cached as safetensors plus a JSON sidecar, keyed by the model fingerprint, layer, corpus
+identity (a file's content digest), token count and chunk length.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from einops import rearrange
+from jaxtyping import Float
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from interp_edit._cache import cache_dir, file_digest
+from interp_edit.editing.keys import sample_token_ids
+from interp_edit.errors import InterpEditError
+from interp_edit.hooks import capture, hooked
+from interp_edit.models import Model, mlp_key_hook
+
+log = logging.getLogger(__name__)
+
+GENERATED = "generated"
+_LOADED: dict[Path, Tensor] = {}  # in-memory cache of files read this session
+_TEXT_SUFFIXES = (".txt", ".text", ".md", ".raw", ".tokens")
+
+
+def second_moment(
+    model: Model, layer: int, corpus: str | os.PathLike = GENERATED, n_tokens: int = 100_000,
+    **kwargs,
+) -> Float[Tensor, "d_mlp d_mlp"]:
+    """C = E[k kᵀ] of the keys entering ``model.mlp_out_proj(layer)``; see :func:`second_moments`."""
+    return second_moments(model, [layer], corpus, n_tokens, **kwargs)[layer]
+
+
+def second_moments(
+    model: Model,
+    layers: Sequence[int],
+    corpus: str | os.PathLike = GENERATED,
+    n_tokens: int = 100_000,
+    *,
+    seq_len: int = 128,
+    batch_size: int = 32,
+    seed: int = 0,
+    refresh: bool = False,
+    progress: bool | None = None,
+) -> dict[int, Float[Tensor, "d_mlp d_mlp"]]:
+    """Second moments of the MLP keys at ``layers``, from the cache or from one pass over
+    ``n_tokens`` tokens of ``corpus`` (chunks of ``seq_len`` tokens, ``batch_size`` chunks a
+    forward pass). ``refresh`` rebuilds cached entries; ``progress`` shows a bar (``None``:
+    on a terminal). Returns float32 matrices on the model's device."""
+    if n_tokens < seq_len:
+        raise InterpEditError(f"n_tokens={n_tokens} is less than one chunk of {seq_len} tokens")
+    for layer in layers:
+        model._check_layer(layer)
+    ident = _corpus_identity(corpus, seed)
+    paths = {l: _cache_path(model, l, ident, n_tokens, seq_len) for l in sorted(set(layers))}
+    missing = [l for l, p in paths.items() if refresh or not p.exists()]
+    if missing:
+        t0 = time.perf_counter()
+        chunks = _chunks(model, corpus, n_tokens, seq_len, seed, progress)
+        moments, count = _accumulate(model, missing, chunks, batch_size, progress)
+        seconds = time.perf_counter() - t0
+        if count <= n_tokens - seq_len:
+            log.warning("corpus %s has only %d tokens (asked for %d)", ident, count, n_tokens)
+        for layer in missing:
+            meta = {"model": model.name, "fingerprint": model.fingerprint, "layer": layer,
+                    "corpus": ident, "n_tokens_requested": n_tokens, "n_tokens": count,
+                    "seq_len": seq_len, "seconds": round(seconds, 2)}
+            save_file({"mom2": moments[layer].contiguous()}, str(paths[layer]))
+            paths[layer].with_suffix(".json").write_text(json.dumps(meta, indent=1))
+            _LOADED[paths[layer]] = moments[layer]
+    out = {}
+    for layer, path in paths.items():
+        if path not in _LOADED:
+            _LOADED[path] = load_file(str(path))["mom2"]
+        out[layer] = _LOADED[path].to(model.device)
+    return out
+
+
+def stats_info(model: Model, layer: int, corpus: str | os.PathLike = GENERATED,
+               n_tokens: int = 100_000, *, seq_len: int = 128, seed: int = 0) -> dict | None:
+    """The JSON metadata of a cached entry (tokens used, build seconds), or None."""
+    path = _cache_path(model, layer, _corpus_identity(corpus, seed), n_tokens, seq_len)
+    meta = path.with_suffix(".json")
+    return json.loads(meta.read_text()) if meta.exists() else None
+
+
+def _cache_path(model: Model, layer: int, ident: str, n_tokens: int, seq_len: int) -> Path:
+    return cache_dir("stats", model.fingerprint) / f"{ident}-n{n_tokens}-len{seq_len}-L{layer}.safetensors"
+
+
+# ---- corpora -----------------------------------------------------------------------------
+def _corpus_identity(corpus: str | os.PathLike, seed: int) -> str:
+    """A file-name-safe identity: the content digest for a file, the name for the rest."""
+    if str(corpus) == GENERATED:
+        return f"generated-s{seed}"
+    path = Path(os.fspath(corpus)).expanduser()
+    if path.is_file():
+        return f"file-{path.stem[:40]}-{file_digest(path)}"
+    raw = str(corpus)
+    if path.suffix in _TEXT_SUFFIXES or raw.startswith((".", "/", "~")) or path.is_dir():
+        raise InterpEditError(
+            f"corpus {raw!r} is not a text file: pass an existing text file, "
+            f"corpus='{GENERATED}' (text sampled from the model), or a Hugging Face dataset name"
+        )
+    return "hf-" + raw.replace("/", "--").replace(":", "-")
+
+
+def _chunks(model: Model, corpus, n_tokens: int, seq_len: int, seed: int,
+            progress: bool | None) -> Tensor:
+    """``[n_chunks, seq_len]`` token ids: the corpus token stream cut into chunks."""
+    if str(corpus) == GENERATED:
+        return _generated(model, -(-n_tokens // seq_len), seq_len, seed, progress)
+    path = Path(os.fspath(corpus)).expanduser()
+    texts = _read_file(path) if path.is_file() else _read_hf_dataset(str(corpus))
+    stream: list[int] = []
+    for text in texts:
+        stream += model.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(stream) >= n_tokens:
+            break
+    n = min(len(stream), n_tokens) // seq_len
+    if n == 0:
+        raise InterpEditError(f"corpus {str(corpus)!r} has fewer than {seq_len} tokens")
+    return rearrange(torch.tensor(stream[: n * seq_len]), "(n t) -> n t", t=seq_len)
+
+
+def _generated(model: Model, n: int, seq_len: int, seed: int, progress: bool | None) -> Tensor:
+    """``n`` sequences of ``seq_len`` tokens sampled from the model, cached per model."""
+    path = cache_dir("corpora", model.fingerprint) / f"generated-s{seed}-{n}x{seq_len}.safetensors"
+    if path.exists():
+        return load_file(str(path))["ids"]
+    log.warning("sampling %d tokens from %s for key statistics (once; cached)", n * seq_len,
+                model.name)
+    rows = sample_token_ids(model, n, seq_len - 1, seed=seed, exact=True,
+                            progress=_show(progress))
+    ids = torch.tensor([r[:seq_len] for r in rows], dtype=torch.long)
+    save_file({"ids": ids}, str(path))
+    return ids
+
+
+def _read_file(path: Path, block: int = 1 << 20) -> Iterator[str]:
+    """The file in blocks of whole lines (about ``block`` characters each)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        while lines := f.readlines(block):
+            yield "".join(lines)
+
+
+def _read_hf_dataset(name: str) -> Iterator[str]:
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    why = "HF_HUB_OFFLINE is set" if offline else None
+    if not offline:
+        try:
+            socket.create_connection(("huggingface.co", 443), timeout=3).close()
+        except OSError as exc:
+            why = f"no network: {exc}"
+    if why:
+        raise InterpEditError(
+            f"corpus {name!r} is not a local file, so it was taken as a Hugging Face dataset, "
+            f"which needs the network ({why}). Pass a text file (e.g. WikiText) or "
+            f"corpus='{GENERATED}' to sample text from the model itself."
+        )
+    try:
+        import datasets
+    except ImportError:
+        raise InterpEditError("Hugging Face datasets need `pip install datasets`") from None
+    ds_name, _, config = name.partition(":")
+    ds = datasets.load_dataset(ds_name, config or None, split="train", streaming=True)
+    for row in ds:
+        if row.get("text"):
+            yield row["text"]
+
+
+# ---- the pass ------------------------------------------------------------------------------
+@torch.no_grad()
+def _accumulate(model: Model, layers: list[int], chunks: Tensor, batch_size: int,
+                progress: bool | None) -> tuple[dict[int, Tensor], int]:
+    """Mean of k kᵀ over every token of ``chunks``, for each layer, in one pass."""
+    from tqdm.auto import tqdm
+
+    store: dict[str, Tensor] = {}
+    hooks = [capture(mlp_key_hook(l), store) for l in layers]
+    sums: dict[int, Tensor] = {}
+    count = 0
+    bar = tqdm(total=chunks.numel(), desc="key statistics", unit="tok", disable=not _show(progress))
+    with hooked(model, hooks), bar:
+        for batch in chunks.split(batch_size):
+            model.bridge(batch.to(model.device), return_type=None, stop_at_layer=max(layers) + 1)
+            for l in layers:
+                k = rearrange(store[mlp_key_hook(l)], "b p d -> (b p) d")
+                kk = (k.T @ k).double()  # float32 products, float64 running sum
+                sums[l] = sums[l] + kk if l in sums else kk
+            count += batch.numel()
+            bar.update(batch.numel())
+    return {l: (s / count).float() for l, s in sums.items()}, count
+
+
+def _show(progress: bool | None) -> bool | None:
+    """tqdm's ``disable``-compatible flag: None shows the bar on a terminal only."""
+    import sys
+
+    return sys.stderr.isatty() if progress is None else progress
