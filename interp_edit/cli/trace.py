@@ -1,0 +1,62 @@
+"""``interp-edit trace``: causal trace of one fact; writes the figure and the result file and
+prints the cells whose restoration brings the answer back the most.
+
+    interp-edit trace --prompt "The Eiffel Tower is located in the city of" \\
+        --subject "The Eiffel Tower" --kind all --out eiffel.pdf
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser("trace", help="causal trace of one fact (heatmap + .npz result)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--subject", required=True, help="the subject's text, as it appears in the prompt")
+    p.add_argument("--target", default=None, help="answer to score (default: the model's top-1)")
+    p.add_argument("--kind", default="resid", choices=["resid", "mlp", "attn", "all"])
+    p.add_argument("--samples", type=int, default=10, help="noise samples (default 10)")
+    p.add_argument("--noise", default="s3", help="'sK' (K x subject-embedding std) or a float std")
+    p.add_argument("--window", type=int, default=10, help="layers per mlp/attn window (default 10)")
+    p.add_argument("--method", default="fast", choices=["fast", "reference", "attribution"])
+    p.add_argument("--sever", default=None, choices=["mlp", "attn"], help="severed paths (resid)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--top", type=int, default=5, help="how many top cells to print (default 5)")
+    p.add_argument("--out", default="trace.pdf", help="figure path; the result goes next to it (.npz)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from interp_edit.models import load_model
+    from interp_edit.tracing import TraceSet, trace
+
+    model = load_model(args.model)
+    noise = args.noise if args.noise.startswith("s") else float(args.noise)
+    result = trace(
+        model, args.prompt, args.subject, target=args.target, kind=args.kind,
+        samples=args.samples, noise=noise, window=args.window, method=args.method,
+        sever=args.sever, seed=args.seed, progress=True,
+    )  # fmt: skip
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    npz = out.with_suffix(".npz")
+    result.save(npz)
+    traces = list(result) if isinstance(result, TraceSet) else [result]
+    first = traces[0]
+    print(f"{model.name}: {args.prompt!r} -> {first.target!r}  subject tokens "
+          f"{first.subject_range}  p(clean)={first.high_score:.4f}  "
+          f"p(corrupted)={first.low_score:.4f}  ({first.method})")  # fmt: skip
+    for r in traces:
+        print(f"  top {r.kind} cells (token, layer, score):")
+        for t, layer, score in r.top_cells(args.top):
+            print(f"    {t:3d} {r.tokens[t]!r:>14}  layer {layer:3d}  {score:.4f}")
+    print(f"result: {npz}")
+    try:
+        fig = result.plot()
+    except ImportError as exc:  # plotting not installed/written yet: the .npz is still there
+        print(f"figure not written ({exc}); plot later with TraceResult.load({str(npz)!r}).plot()")
+        return 0
+    fig.savefig(out, bbox_inches="tight")
+    print(f"figure: {out}")
+    return 0

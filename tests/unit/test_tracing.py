@@ -1,0 +1,197 @@
+"""Causal tracing on the tiny fact model: the fast engine equals the reference cell by cell,
+severed paths equal a direct PyTorch-hook implementation, and the scores behave."""
+
+import pytest
+import torch
+
+import interp_edit as ie
+from interp_edit.tracing import engine
+from interp_edit.tracing._llama import _orig
+
+KINDS = ("resid", "mlp", "attn")
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def fact(fm):
+    return fm.facts[0]
+
+
+@pytest.fixture(scope="module")
+def ref_set(fm, fact):
+    return ie.trace_all(fm.model, fact.prompt, fact.subject, window=3, samples=4,
+                        method="reference")
+
+
+def test_fast_equals_reference_every_kind(fm, fact, ref_set):
+    fast = ie.trace_all(fm.model, fact.prompt, fact.subject, window=3, samples=4)
+    for kind in KINDS:
+        assert fast[kind].kind == kind and fast[kind].method == "fast"
+        assert (fast[kind].scores - ref_set[kind].scores).abs().max() <= ATOL, kind
+        assert abs(fast[kind].low_score - ref_set[kind].low_score) <= ATOL
+        assert fast[kind].high_score == ref_set[kind].high_score
+
+
+def test_the_scores_move(ref_set):
+    r = ref_set.resid
+    assert r.high_score > 0.9 and r.low_score < r.high_score - 0.2, "the corruption must bite"
+    assert r.indirect_effect.max() > 0.2
+
+
+@pytest.mark.parametrize("sever", ["mlp", "attn"])
+def test_severed_fast_equals_reference(fm, fact, sever):
+    kw = dict(samples=3, sever=sever)
+    fast = ie.trace(fm.model, fact.prompt, fact.subject, **kw)
+    ref = ie.trace(fm.model, fact.prompt, fact.subject, method="reference", **kw)
+    assert fast.sever == sever
+    assert (fast.scores - ref.scores).abs().max() <= ATOL
+
+
+def _direct_severed(model, ids, subject, noise, t, layer, sever, target_id):
+    """ROME's trace_with_repatch, written with plain PyTorch forward hooks on the HF modules:
+    pass 1 records the corrupted sublayer outputs, pass 2 restores block ``layer`` at ``t``
+    and freezes the sublayer outputs of later layers at ``t``."""
+    inner = _orig(model.hf_model.model)
+    blocks = [_orig(b) for b in inner.layers]
+    subs = [getattr(b, "mlp" if sever == "mlp" else "self_attn") for b in blocks]
+    n = noise.shape[0]
+    batch = ids[None].expand(n, -1)
+
+    def first(out):
+        return out[0] if isinstance(out, tuple) else out
+
+    def swap(out, value):
+        new = first(out).clone()
+        new[:, t] = value
+        return (new, *out[1:]) if isinstance(out, tuple) else new
+
+    def add_noise(mod, args, out):
+        out = out.clone()
+        out[:, subject[0] : subject[1]] += noise
+        return out
+
+    with torch.no_grad():
+        clean = model.hf_model(ids[None], output_hidden_states=True).hidden_states[layer + 1]
+        frozen, handles = {}, [inner.embed_tokens.register_forward_hook(add_noise)]
+        for j, sub in enumerate(subs):
+            handles.append(sub.register_forward_hook(
+                lambda m, a, o, j=j: frozen.__setitem__(j, first(o)[:, t].clone())))
+        model.hf_model(batch)
+        for h in handles:
+            h.remove()
+        handles = [inner.embed_tokens.register_forward_hook(add_noise),
+                   blocks[layer].register_forward_hook(lambda m, a, o: swap(o, clean[0, t]))]
+        for j in range(layer + 1, len(blocks)):
+            handles.append(subs[j].register_forward_hook(lambda m, a, o, j=j: swap(o, frozen[j])))
+        try:
+            logits = model.hf_model(batch).logits
+        finally:
+            for h in handles:
+                h.remove()
+    return float(logits[:, -1].softmax(-1)[:, target_id].mean())
+
+
+@pytest.mark.parametrize("sever", ["mlp", "attn"])
+def test_severed_matches_direct_implementation(fm, fact, sever):
+    m = fm.model
+    noise = torch.randn(3, 2, m.d_model, generator=torch.Generator().manual_seed(0)) * 0.5
+    r = ie.trace(m, fact.prompt, fact.subject, samples=3, noise=noise, sever=sever)
+    ids = m.tokenize(fact.prompt)
+    assert r.subject_range == (0, 2)
+    for t, layer in [(0, 0), (1, 1), (1, 2), (2, 0), (r.n_tokens - 1, 1)]:
+        want = _direct_severed(m, ids, r.subject_range, noise, t, layer, sever, r.target_id)
+        assert abs(r.scores[t, layer].item() - want) <= ATOL, (t, layer)
+
+
+def test_generic_fallback_equals_reference(fm, fact, ref_set, monkeypatch):
+    monkeypatch.setattr(engine.LlamaStepper, "supports", staticmethod(lambda model: False))
+    fast = ie.trace_all(fm.model, fact.prompt, fact.subject, window=3, samples=4)
+    for kind in KINDS:
+        assert (fast[kind].scores - ref_set[kind].scores).abs().max() <= ATOL
+
+
+def test_seeded_runs_are_byte_identical(fm, fact):
+    a, b = (ie.trace(fm.model, fact.prompt, fact.subject, samples=3, seed=7) for _ in range(2))
+    assert a.scores.numpy().tobytes() == b.scores.numpy().tobytes()
+    assert a.low_score == b.low_score
+    c = ie.trace(fm.model, fact.prompt, fact.subject, samples=3, seed=8)
+    assert not torch.equal(a.scores, c.scores)
+
+
+def test_high_score_is_the_plain_forward_probability(fm, fact, ref_set):
+    r = ref_set.resid
+    assert r.target.strip() == fact.attribute  # target=None: the model's own top-1
+    assert r.high_score == pytest.approx(float(fm.model.next_token_probs(fact.prompt, r.target)), abs=1e-7)
+
+
+@pytest.mark.parametrize("method", ["fast", "reference"])
+def test_restoring_the_whole_state_recovers_the_clean_probability(fm, fact, method):
+    m = fm.model
+    r = ie.trace(m, fact.prompt, fact.subject, samples=3, method=method)
+    # the last token's final hidden state is all that the score reads
+    assert r.scores[-1, -1].item() == pytest.approx(r.high_score, abs=ATOL)
+    # with no corruption, every restoration gives the clean probability
+    clean = ie.trace(m, fact.prompt, fact.subject, samples=2, noise=0.0, method=method, kind="all")
+    for kind in KINDS:
+        assert (clean[kind].scores - r.high_score).abs().max() <= ATOL
+        assert clean[kind].low_score == pytest.approx(r.high_score, abs=ATOL)
+
+
+def test_tokens_before_the_subject_score_low(fm):
+    m = fm.model
+    fact = fm.facts[0]
+    prompt = next(p for p in fact.paraphrases if not p.startswith("{}")).format(fact.subject)
+    r = ie.trace(m, prompt, fact.subject, samples=3, kind="all")
+    start = r.resid.subject_range[0]
+    assert start > 0
+    for kind in KINDS:
+        assert (r[kind].scores[:start] == r[kind].low_score).all()
+    ref = ie.trace(m, prompt, fact.subject, samples=3, method="reference", positions=[0, start])
+    assert (ref.scores[[0, start]] - r.resid.scores[[0, start]]).abs().max() <= ATOL
+
+
+def test_positions_and_layers_select_cells(fm, fact, ref_set):
+    r = ie.trace(fm.model, fact.prompt, fact.subject, window=3, samples=4, kind="mlp",
+                 positions=[1, -1], layers=[2])
+    chosen = torch.zeros_like(r.scores, dtype=torch.bool)
+    chosen[[1, r.n_tokens - 1], 2] = True
+    assert r.scores[~chosen].isnan().all()
+    assert (r.scores[chosen] - ref_set.mlp.scores[chosen]).abs().max() <= ATOL
+
+
+def test_given_noise_tensor_is_used_as_given(fm, fact):
+    noise = torch.randn(2, 2, fm.model.d_model)
+    a = ie.trace(fm.model, fact.prompt, fact.subject, samples=2, noise=noise, seed=1)
+    b = ie.trace(fm.model, fact.prompt, fact.subject, samples=2, noise=noise, seed=2)
+    assert torch.equal(a.scores, b.scores) and a.noise_source == "given tensor"
+    s = ie.trace(fm.model, fact.prompt, fact.subject, samples=2, noise="s3")
+    assert "built-in reference subjects" in s.noise_source and s.noise_std > 0
+    f = ie.trace(fm.model, fact.prompt, fact.subject, samples=2, noise=0.25)
+    assert f.noise_std == 0.25 and f.noise_source == "fixed std"
+
+
+def test_attribution_correlates_with_exact(fm, fact, ref_set):
+    approx = ie.trace_all(fm.model, fact.prompt, fact.subject, window=3, samples=4,
+                          method="attribution")
+    for kind in KINDS:
+        a, e = approx[kind].scores.flatten(), ref_set[kind].scores.flatten()
+        assert approx[kind].low_score == pytest.approx(ref_set[kind].low_score, abs=ATOL)
+        r = torch.corrcoef(torch.stack([a, e]))[0, 1]
+        assert r > 0.3, (kind, float(r))
+    with pytest.raises(ie.InterpEditError, match="sever"):
+        ie.trace(fm.model, fact.prompt, fact.subject, method="attribution", sever="mlp")
+
+
+def test_save_load_round_trip(tmp_path, ref_set):
+    r = ref_set.attn
+    r.save(tmp_path / "one.npz")
+    back = ie.TraceResult.load(tmp_path / "one.npz")
+    assert torch.equal(back.scores, r.scores)
+    for name in ("low_score", "high_score", "tokens", "token_ids", "subject_range", "target",
+                 "target_id", "kind", "window", "noise_std", "noise_source", "samples", "seed",
+                 "model_name", "method", "sever", "prompt", "subject"):
+        assert getattr(back, name) == getattr(r, name), name
+    ref_set.save(tmp_path / "set")  # .npz added, as numpy does
+    both = ie.tracing.TraceSet.load(tmp_path / "set.npz")
+    assert all(torch.equal(both[k].scores, ref_set[k].scores) for k in KINDS)
+    assert both.mlp.kind == "mlp"
