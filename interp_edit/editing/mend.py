@@ -38,7 +38,7 @@ from typing import Any, Sequence
 
 import torch
 from einops import einsum, rearrange
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from interp_edit._cache import cache_dir
 from interp_edit.editing.base import AppliedEdit, EditRequest, parameter_name, register_editor
 from interp_edit.errors import InterpEditError, ModelMismatchError
-from interp_edit.hooks import add_delta, capture, hooked
+from interp_edit.hooks import Hook, add_delta, capture, hooked
 from interp_edit.models import Model, mlp_key_hook, mlp_out_hook
 
 FORMAT = "interp_edit.MENDEditor/1"
@@ -251,6 +251,39 @@ def _shape_key(shape: tuple[int, int]) -> str:
 
 
 # ---- gradient factors ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class TargetBatch:
+    """Right-padded rows of prompt + target tokens (teacher forcing, as
+    ``Model.target_logprobs``); row i's target tokens are predicted at ``positions(i)``."""
+
+    ids: Int[Tensor, "batch pos"]
+    spans: tuple[tuple[int, int], ...]  # (index of the first target token, number of tokens)
+
+    @classmethod
+    def build(cls, model: Model, prompts: Sequence[str], targets: Sequence[str]) -> "TargetBatch":
+        seqs, spans = [], []
+        for prompt, target in zip(prompts, targets, strict=True):
+            pid, tid = model.tokenize(prompt).tolist(), model.target_ids(target)
+            seqs.append(pid + tid)
+            spans.append((len(pid), len(tid)))
+        return cls(model.batch_ids(seqs)[0], tuple(spans))
+
+    def positions(self, row: int) -> Int[Tensor, "n"]:
+        start, n = self.spans[row]
+        return torch.arange(start - 1, start - 1 + n, device=self.ids.device)
+
+    def mean_logprobs(
+        self, logits: Float[Tensor, "batch pos d_vocab"], rows: Sequence[int]
+    ) -> Float[Tensor, "rows"]:
+        """Mean log-probability per target token of each of ``rows``."""
+        out = []
+        for row in rows:
+            pos = self.positions(row)
+            logp = logits[row, pos].log_softmax(-1)  # [n, d_vocab]
+            out.append(logp.gather(-1, self.ids[row, pos + 1, None]).mean())
+        return torch.stack(out)
+
+
 def gradient_factors(
     model: Model, layers: Sequence[int], prompts: Sequence[str], targets: Sequence[str]
 ) -> dict[int, Factors]:
@@ -260,17 +293,28 @@ def gradient_factors(
     ``Σ_t δ_t u_tᵀ`` is exactly that loss's gradient with respect to the projection's weight.
     The model's weights get no gradient: δ is read from zero tensors added to the MLP outputs.
     """
-    n_target = [len(model.target_ids(t)) for t in targets]
-    width = max(len(model.tokenize(p)) + n for p, n in zip(prompts, n_target, strict=True))
+    batch = TargetBatch.build(model, prompts, targets)
+    return batch_factors(model, layers, batch, range(len(prompts)))[0]
+
+
+def batch_factors(
+    model: Model,
+    layers: Sequence[int],
+    batch: TargetBatch,
+    rows: Sequence[int],
+    extra_hooks: Sequence[Hook] = (),
+) -> tuple[dict[int, Factors], Float[Tensor, "batch pos d_vocab"]]:
+    """:func:`gradient_factors` of the loss on ``rows`` of ``batch``, from one pass over every
+    row (with ``extra_hooks`` installed too); also returns that pass's logits (detached)."""
     w = model.mlp_out_proj(layers[0]).weight
     store: dict[str, Tensor] = {}
-    bumps = {layer: torch.zeros(len(prompts), width, model.d_model, dtype=w.dtype,
-                                device=w.device, requires_grad=True) for layer in layers}
+    bumps = {layer: torch.zeros(*batch.ids.shape, model.d_model, dtype=w.dtype, device=w.device,
+                                requires_grad=True) for layer in layers}
     hooks = [capture(mlp_key_hook(layer), store) for layer in layers]
     hooks += [add_delta(mlp_out_hook(layer), slice(None), bumps[layer]) for layer in layers]
-    with torch.enable_grad(), hooked(model, hooks):
-        logprobs = model.target_logprobs(prompts, targets, grad=True)
-        loss = -(logprobs / torch.tensor(n_target, device=logprobs.device)).sum()
+    with torch.enable_grad(), hooked(model, [*hooks, *extra_hooks]):
+        logits = model.logits(batch.ids)
+        loss = -batch.mean_logprobs(logits, rows).sum()
         grads = torch.autograd.grad(loss, [bumps[layer] for layer in layers])
     out = {}
     for layer, grad in zip(layers, grads):
@@ -278,7 +322,7 @@ def gradient_factors(
         delta = rearrange(grad, "batch pos d_out -> (batch pos) d_out")
         keep = delta.abs().amax(-1) > 0  # tokens after the last target position: no gradient
         out[layer] = (u[keep], delta[keep])
-    return out
+    return out, logits.detach()
 
 
 # ---- the registered editor -------------------------------------------------------------------

@@ -32,16 +32,19 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
-from jaxtyping import Float
+import torch.nn.functional as F
+from jaxtyping import Float, Int
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from interp_edit.editing.mend import (
-    MENDConfig, MENDEditor, gradient_factors, last_layers)
+    MENDConfig, MENDEditor, TargetBatch, batch_factors, last_layers)
 from interp_edit.errors import InterpEditError
 from interp_edit.evaluation.records import EditRecord
-from interp_edit.models import Model
+from interp_edit.hooks import capture
+from interp_edit.models import EMBED_HOOK, Model, resid_hook
+from interp_edit.tracing._llama import LlamaStepper
 
 STATE_FORMAT = "interp_edit.MENDCheckpoint/1"
 
@@ -107,28 +110,47 @@ def meta_loss(
     model: Model, editor: MENDEditor, record: EditRecord, cfg: TrainConfig
 ) -> tuple[Tensor, dict[str, float]]:
     """The meta-training loss of one record (see the module docstring)."""
-    layers = editor.config.layers
-    steps = editor(gradient_factors(model, layers, [record.text], [record.target_new]))
-    edited = {layer: model.mlp_out_proj(layer).weight + steps[layer] for layer in layers}
+    layers, first = editor.config.layers, min(editor.config.layers)
     prompts = [record.text, *record.paraphrases[: int(cfg.rephrase)]]
     loc_prompt, loc_answer = record.neighborhood[0]
-    loc = torch.tensor([model.tokenize(loc_prompt).tolist() + model.target_ids(loc_answer)],
-                       device=model.device)
-    with torch.no_grad():
-        base = model.logits(loc).log_softmax(-1)  # [1, pos, d_vocab]
+    batch = TargetBatch.build(model, [*prompts, loc_prompt],
+                              [record.target_new] * len(prompts) + [loc_answer])
+    loc, edit_rows = len(prompts), list(range(len(prompts)))
+    loc_pos = torch.arange(sum(batch.spans[loc]) - 1, device=batch.ids.device)
+    store: dict[str, Tensor] = {}
+    entry = resid_hook(first - 1) if first > 0 else EMBED_HOOK  # the input of layer `first`
+    factors, logits = batch_factors(model, layers, batch, [0], [capture(entry, store)])
+    steps = editor(factors)
+    edited = {layer: model.mlp_out_proj(layer).weight + steps[layer] for layer in layers}
     with substituted(model, edited):
-        logprobs = model.target_logprobs(prompts, [record.target_new] * len(prompts), grad=True)
-        after = model.logits(loc).log_softmax(-1)
-    edit_loss = -(logprobs / len(model.target_ids(record.target_new))).mean()
-    loc_loss = kl_divergence(base, after)
+        after = _edited_logits(model, batch.ids, store[entry], first)
+    edit_loss = -batch.mean_logprobs(after, edit_rows).mean()
+    loc_loss = kl_divergence(logits[loc, loc_pos].log_softmax(-1),
+                             after[loc, loc_pos].log_softmax(-1))
     loss = cfg.c_edit * edit_loss + cfg.c_loc * loc_loss
-    return loss, {k: v.item() for k, v in (("loss", loss), ("edit_nll", edit_loss), ("loc_kl", loc_loss))}
+    parts = {"loss": loss, "edit_nll": edit_loss, "loc_kl": loc_loss}
+    return loss, {k: v.item() for k, v in parts.items()}
+
+
+def _edited_logits(
+    model: Model, ids: Int[Tensor, "batch pos"], entry: Float[Tensor, "batch pos d_model"],
+    first: int,
+) -> Float[Tensor, "batch pos d_vocab"]:
+    """Logits of the (substituted) model. Layers before ``first`` are unchanged, so on
+    Llama-family models only layers ``first..`` run again, from their cached input ``entry``."""
+    if not LlamaStepper.supports(model):
+        return model.logits(ids)
+    stepper = LlamaStepper(model, ids.shape[1])
+    x = entry
+    for layer in range(first, model.n_layers):
+        x = stepper.layer(layer, x, 0).out
+    return F.linear(stepper.norm(x), stepper.lm_head.weight, stepper.lm_head.bias)
 
 
 def kl_divergence(
-    base: Float[Tensor, "batch pos d_vocab"], edited: Float[Tensor, "batch pos d_vocab"]
+    base: Float[Tensor, "... d_vocab"], edited: Float[Tensor, "... d_vocab"]
 ) -> Float[Tensor, ""]:
-    """KL(base ‖ edited) of log-distributions, summed over the vocabulary, mean over positions."""
+    """KL(base ‖ edited) of log-distributions, summed over the vocabulary, mean over the rest."""
     return (base.exp() * (base - edited)).sum(-1).mean()
 
 

@@ -10,10 +10,14 @@ import torch
 
 import interp_edit as ie
 from interp_edit.editing.mend import (
-    GradientTransform, MENDConfig, MENDEditor, RunningNorm, gradient_factors, last_layers)
-from interp_edit.editing.mend_train import TrainConfig, choose_layers, substituted, train_editor
+    GradientTransform, MENDConfig, MENDEditor, RunningNorm, TargetBatch, gradient_factors,
+    last_layers)
+from interp_edit.editing.mend_train import (
+    TrainConfig, _edited_logits, choose_layers, substituted, train_editor)
 from interp_edit.errors import InterpEditError, ModelMismatchError
 from interp_edit.evaluation import EditRecord, evaluate
+from interp_edit.hooks import capture, hooked
+from interp_edit.models import resid_hook
 from interp_edit.testing import RELATIONS
 
 SHORT = TrainConfig(steps=120, val_every=40, val_n=12, patience=0, lr=1e-3, lr_lr=0.05)
@@ -92,19 +96,24 @@ def test_running_norm_matches_batch_statistics():
     assert torch.allclose(out.mean(0), torch.zeros(3), atol=1e-5)
 
 
-def test_substituted_weights_match_an_in_place_edit_and_are_restored(fm):
+def test_edited_pass_matches_an_in_place_edit_and_restores_weights(fm):
     m = fm.model
-    ids = m.tokenize(fm.facts[0].prompt)[None]
+    batch = TargetBatch.build(m, [fm.facts[0].prompt, fm.facts[5].paraphrases[0]],
+                              ["Rome Paris", "chef"])
+    store = {}
+    with hooked(m, [capture(resid_hook(1), store)]):
+        m.logits(batch.ids)
     w = m.mlp_out_proj(2).weight
     delta = 0.1 * torch.randn_like(w)
     with substituted(m, {2: w + delta}):
-        edited = m.logits(ids)
+        full = m.logits(batch.ids)
+        tail = _edited_logits(m, batch.ids, store[resid_hook(1)], first=2)  # layers 2.. only
     assert m.mlp_out_proj(2).weight is w
     with torch.no_grad():
         w.add_(delta)
-        in_place = m.logits(ids)
+        in_place = m.logits(batch.ids)
         w.sub_(delta)
-    assert torch.allclose(edited, in_place, atol=1e-5)
+    assert torch.allclose(full, in_place, atol=1e-5) and torch.allclose(tail, in_place, atol=1e-5)
 
 
 def test_training_raises_edit_success(fm, data, trained):
