@@ -300,17 +300,24 @@ def fact_file(prompt: str, subject: str, target: str, condition: Condition) -> s
 
 
 def peak_table(avg: AverageTrace) -> str:
-    """A markdown table: for each traced kind, where the mean AIE peaks overall, at the last
-    subject token and at the last token, with 95% CIs and the number of facts."""
-    rows = ["| kind | where | peak token group | peak layer | AIE | 95% CI | n |",
-            "|---|---|---|---|---|---|---|"]
-    for kind in KINDS:
-        for sever in (None, "mlp", "attn"):
-            if not avg.has(kind, sever):
-                continue
-            name = kind + (f", {sever} severed" if sever else "")
-            for where in (None, "last subject token", "last token"):
-                p = avg.peak(kind, where, sever)
-                rows.append(f"| {name} | {where or 'anywhere'} | {p.group} | {p.layer} | "
-                            f"{p.aie:.3f} | [{p.lo:.3f}, {p.hi:.3f}] | {p.n} |")
+    """A markdown table, one row per traced condition: where the mean AIE peaks overall, and
+    its peak at the last subject token and at the last token, each with a 95% CI."""
+
+    def cell(p: Peak) -> str:
+        return f"{p.aie:.3f} [{p.lo:.3f}, {p.hi:.3f}]"
+
+    rows = ["| restored | n | peak: token group, layer | AIE [95% CI] | last subject token: "
+            "layer | AIE [95% CI] | last token: layer | AIE [95% CI] |",
+            "|---|---|---|---|---|---|---|---|"]
+    for c in avg.conditions:
+        name = c.kind + (f", {c.sever} severed" if c.sever else "") + (
+            "" if c.exact else " (attribution)")
+        top = avg.peak(c.kind, None, c.sever, c.method)
+        subj = avg.peak(c.kind, "last subject token", c.sever, c.method)
+        if c.sever:  # severed traces exist at the last subject token only
+            rows.append(f"| {name} | {subj.n} | | | {subj.layer} | {cell(subj)} | | |")
+            continue
+        last = avg.peak(c.kind, "last token", c.sever, c.method)
+        rows.append(f"| {name} | {top.n} | {top.group}, {top.layer} | {cell(top)} | "
+                    f"{subj.layer} | {cell(subj)} | {last.layer} | {cell(last)} |")
     return "\n".join(rows) + "\n"

@@ -85,7 +85,8 @@ def trace_dataset(
     """Trace the facts the model knows and average their indirect effects per token group.
 
     ``kinds``: any of ``"resid"``, ``"mlp"``, ``"attn"`` (or ``"all"``). ``sever=True`` adds
-    the hidden-state traces with the MLP and with the attention path severed (ROME Fig. 3).
+    the hidden-state traces with the MLP and with the attention path severed (ROME Fig. 3),
+    computed at the last subject token only (other groups are NaN for those conditions).
     ``limit`` keeps the first ``limit`` facts. Other arguments are passed to :func:`trace`.
     """
     facts = list(facts)
@@ -130,9 +131,11 @@ def trace_dataset(
         for i, c in todo:
             f = kept[i]
             bar.set_postfix_str(f"{c.slug}: {f.subject[:24]}", refresh=False)
+            # a severed trace is only read at the last subject token (ROME Fig. 3)
+            last_subject = [model.subject_range(f.prompt, f.subject)[1] - 1] if c.sever else None
             r = trace(model, f.prompt, f.subject, target=f.attribute, kind=c.kind,
                       window=window, samples=samples, noise=std, seed=seed, method=c.method,
-                      sever=c.sever, progress=False)
+                      sever=c.sever, positions=last_subject, progress=False)
             _save_atomic(r, path_of(i, c))
             bar.update()
 

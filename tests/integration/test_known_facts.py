@@ -54,5 +54,5 @@ def test_trace_dataset_cli(shared_data, tmp_path, capsys):
     avg = ie.AverageTrace.load(out / "average.npz")
     assert (avg.n_candidates, avg.n_facts) == (8, 2)
     assert (out / "aie.png").stat().st_size > 10_000 and (out / "aie.pdf").exists()
-    assert "| resid | anywhere |" in (out / "peaks.md").read_text()
+    assert "| resid | 2 | " in (out / "peaks.md").read_text()
     assert "2 of 8 facts" in capsys.readouterr().out

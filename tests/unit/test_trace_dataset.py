@@ -14,6 +14,7 @@ from interp_edit.tracing.average import (
     AverageTrace,
     Condition,
     group_effects,
+    peak_table,
     summarize,
     token_groups,
 )
@@ -88,6 +89,8 @@ def test_peak_and_total_effect():
     assert avg.total_effect == pytest.approx(0.8)
     with pytest.raises(InterpEditError, match="no trace for kind='attn'"):
         avg.stats("attn")
+    table = peak_table(avg)
+    assert "| mlp | 3 | last subject token, 2 | 0.600 [" in table
 
 
 def test_average_trace_save_load_roundtrip(tmp_path):
@@ -130,6 +133,10 @@ def test_trace_dataset_keeps_predicted_facts(fm, tmp_path):
         "resid-fast", "mlp-fast", "resid-sever-mlp-fast", "resid-sever-attn-fast"]
     assert avg.effects[0].shape == (3, len(GROUPS), fm.model.n_layers)
     assert (avg.high_scores > 0.5).all()
+    # severed traces are computed at the last subject token only
+    severed = avg.fact_effects("resid", "mlp")
+    g = GROUPS.index("last subject token")
+    assert not severed[:, g].isnan().any() and severed[:, GROUPS.index("last token")].isnan().all()
     # the noise is 3 x the embedding std of the set's subjects
     from interp_edit.tracing.noise import embedding_std
 
@@ -190,3 +197,17 @@ def test_bad_inputs_explain_themselves(fm, tmp_path):
         _run(fm, fm.facts[:1], tmp_path, noise="x3")
     with pytest.raises(InterpEditError, match="predicts none"):
         _run(fm, _facts(fm)[-1:], tmp_path)
+
+
+def test_attribution_screen_with_an_exact_sample(fm, tmp_path):
+    facts = list(fm.facts[:4])
+    avg = _run(fm, facts, tmp_path, kinds=("resid",), method="attribution", exact_sample=2)
+    assert [c.slug for c in avg.conditions] == ["resid-attribution", "resid-fast"]
+    assert avg.condition("resid").method == "fast"  # exact preferred when both exist
+    screened = avg.fact_effects("resid", method="attribution")
+    exact = avg.fact_effects("resid")
+    assert not screened[:, -1].isnan().any()  # every fact screened
+    assert exact[:, -1, 0].isnan().sum() == 2  # two facts traced exactly
+    assert avg.stats("resid").n[-1] == 2 and avg.stats("resid", method="attribution").n[-1] == 4
+    with pytest.raises(InterpEditError, match="exact_sample"):
+        _run(fm, facts, tmp_path, exact_sample=2)
