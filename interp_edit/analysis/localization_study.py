@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
@@ -52,9 +53,11 @@ class LocalizationStudy:
     success: Float[Tensor, "metric fact layer"]
     auto_layer: Int[Tensor, "fact"]  # the layer ROME's layer="auto" chose
     auto_success: Float[Tensor, "metric fact"]
+    seconds: Float[Tensor, "fact"]  # tracing + editing time per fact
     model_name: str
     window: int
     samples: int
+    rome: dict[str, Any]  # ROME settings other than the layer
 
     @property
     def n_facts(self) -> int:
@@ -112,6 +115,7 @@ def fact_row(model: Model, record, layers: Sequence[int], *, window: int, sample
     import interp_edit as ie
     from interp_edit.evaluation.metrics import measure
 
+    t0 = time.perf_counter()
     last = model.subject_range(record.text, record.subject)[1] - 1
     tr = ie.trace(model, record.text, record.subject, target=record.target_true, kind="mlp",
                   window=window, samples=samples, seed=seed, positions=[last], progress=False)
@@ -129,6 +133,7 @@ def fact_row(model: Model, record, layers: Sequence[int], *, window: int, sample
         "success": [success(layer) for layer in layers], "auto": auto,
         "config": {"layers": list(layers), "window": window, "samples": samples, "seed": seed,
                    "rome": rome or {}, "model": model.name},
+        "seconds": round(time.perf_counter() - t0, 1),
     }
 
 
@@ -151,7 +156,7 @@ def run_study(
     for layer in layers:
         model._check_layer(layer)
     records = list(records)
-    done = _read_cache(cache)
+    done = read_rows(cache)
     rows = []
     for i, rec in enumerate(records):
         row = done.get(str(rec.case_id))
@@ -167,31 +172,37 @@ def run_study(
             best = max(range(len(layers)), key=lambda j: row["success"][j]["efficacy_gap"])
             progress(f"[{i + 1}/{len(records)}] {rec.subject!r}: auto layer {row['auto']['layer']}, "
                      f"best efficacy at layer {layers[best]}")
-    return study_from_rows(rows, layers, window=window, samples=samples, model_name=model.name)
+    return study_from_rows(rows)
 
 
-def study_from_rows(rows: Sequence[dict], layers: Sequence[int], *, window: int, samples: int,
-                    model_name: str) -> LocalizationStudy:
+def study_from_rows(rows: Sequence[dict]) -> LocalizationStudy:
+    """The study of rows written by :func:`fact_row` (all with the same settings)."""
     if not rows:
         raise InterpEditError("no facts were studied: pass at least two records")
+    cfg = rows[0]["config"]
+    if any(r["config"] != cfg for r in rows):
+        raise InterpEditError("these rows were computed with different settings; study one kind")
     metrics = tuple(SUCCESS)
     return LocalizationStudy(
         case_ids=tuple(r["case_id"] for r in rows),
         subjects=tuple(r["subject"] for r in rows),
-        layers=tuple(layers),
+        layers=tuple(cfg["layers"]),
         metrics=metrics,
         effect=torch.tensor([r["effect"] for r in rows], dtype=torch.float32),
         clean=torch.tensor([r["clean"] for r in rows], dtype=torch.float32),
         success=torch.tensor([[[s[m] for s in r["success"]] for r in rows] for m in metrics]),
         auto_layer=torch.tensor([r["auto"]["layer"] for r in rows]),
         auto_success=torch.tensor([[r["auto"][m] for r in rows] for m in metrics]),
-        model_name=model_name,
-        window=window,
-        samples=samples,
+        seconds=torch.tensor([r.get("seconds", float("nan")) for r in rows]),
+        model_name=cfg["model"],
+        window=cfg["window"],
+        samples=cfg["samples"],
+        rome=cfg["rome"],
     )
 
 
-def _read_cache(cache) -> dict[str, dict]:
+def read_rows(cache) -> dict[str, dict]:
+    """The rows of a cache file by case id (the last one of each id wins)."""
     if cache is None or not os.path.exists(cache):
         return {}
     with open(cache) as f:
