@@ -10,7 +10,8 @@ For each record, in order, until ``n`` records have been evaluated:
 3. edit it alone with ``interp_edit.editing.edit(model, [record.request], method, **hparams)``
    (``torch.manual_seed(seed + i)`` first, so stochastic editors are reproducible), time it;
 4. measure it after the edit, through ``edit.wrap`` (so in-context editors are measured by the
-   same functions), plus the unchanged top-1 rate on unrelated prompts;
+   same functions), plus the unchanged top-1 rate on unrelated prompts; the editor's scalar
+   ``info`` (e.g. the chosen layer) goes into the row as ``info_<key>`` columns;
 5. undo the edit (also on error).
 
 ``method="none"`` is the no-edit baseline: the same table with the model left as it is.
@@ -106,7 +107,7 @@ def evaluate(
         rows.append({
             "case_id": rec.case_id, "subject": rec.subject, "target_true": rec.target_true,
             "target_new": rec.target_new, "source": rec.source, "seconds": seconds,
-            **{"pre_" + k: v for k, v in pre.items()}, **post,
+            **{"pre_" + k: v for k, v in pre.items()}, **post, **_scalar_info(applied),
         })
         bar.update(1)
     bar.close()
@@ -140,6 +141,14 @@ def _measure_after(
     if gen and applied is not None:
         out["fluency"] = metrics.fluency(model, gen, applied, fluency_tokens)
     return out
+
+
+def _scalar_info(applied: AppliedEdit | None) -> dict[str, Any]:
+    """The editor's scalar details (e.g. ROME's chosen layer) as ``info_<key>`` columns."""
+    if applied is None:
+        return {}
+    ok = (bool, int, float, str)
+    return {f"info_{k}": v for k, v in applied.info.items() if isinstance(v, ok)}
 
 
 def _skip_reason(model: Model, rec: EditRecord) -> tuple[str, str] | None:

@@ -144,6 +144,7 @@ def test_evaluate_weight_editor_and_undo(fm):
         assert row["pre_efficacy"] == 0.0 and row["efficacy"] == 1.0
         assert row["efficacy_gap"] > 0 > row["pre_efficacy_gap"]
         assert row["seconds"] >= 0 and 0 <= row["unchanged_top1"] <= 1
+        assert isinstance(row["info_seconds"], float)
     agg = rep.aggregate()
     assert agg["efficacy"].mean == 1.0 and agg["efficacy"].lo == agg["efficacy"].hi == 1.0
     assert agg["efficacy"].n == 4 and "pre_paraphrase" in agg
