@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--path", type=Path, default=ROOT.parent / "shared" / "data" / "known_1000.json")
     p.add_argument("--limit", type=int, default=None, help="trace only the first N facts")
     p.add_argument("--samples", type=int, default=10, help="noise samples per trace (ROME: 10)")

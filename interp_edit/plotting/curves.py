@@ -83,7 +83,8 @@ def plot_severed(
             s = avg.stats("resid", sever)
             _band(ax, s, g, st.SEVER_COLOR[sever], st.SEVER_NAME[sever], emphasis=True)
         model = avg.model_name.rsplit("/", 1)[-1]
-        default = f"Restoring the hidden state at the {group}\n{model}, n = {avg.n_facts} facts, 95% CI"
+        default = (f"Restoring the hidden state at the {group}\n"
+                   f"{model}, n = {avg.n_facts} facts, 95% CI")
         _finish(ax, title if title is not None else default,
                 "layer of the restored hidden state", "average indirect effect")
         ax.legend(loc="best")

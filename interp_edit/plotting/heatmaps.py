@@ -48,11 +48,13 @@ def plot_trace(
             fig = st.new_figure(width, figure_height(result.n_tokens))
             ax = fig.add_subplot()
         if title is None:
-            title = f"{st.restored_title(result.kind, result.window, result.sever, result.method)}\n{score_line(result)}"
+            restored = st.restored_title(result.kind, result.window, result.sever, result.method)
+            title = f"{restored}\n{score_line(result)}"
+        tokens = subject_marked_tokens(result.tokens, result.subject_range)
         draw_grid(
             ax,
             _numpy(result.scores),
-            row_labels=subject_marked_tokens(result.tokens, result.subject_range) if show_tokens else None,
+            row_labels=tokens if show_tokens else None,
             cmap=st.KIND_CMAP[result.kind],
             vmin=float(result.low_score),
             vmax=vmax,

@@ -161,8 +161,8 @@ class AverageTrace:
     groups: tuple[str, ...] = field(default=GROUPS)
 
     def __post_init__(self):
-        if len(self.conditions) != len(self.effects) or len(self.effects) != len(self.low_scores):
-            raise InterpEditError("AverageTrace needs one effects and low_scores entry per condition")
+        if not len(self.conditions) == len(self.effects) == len(self.low_scores):
+            raise InterpEditError("AverageTrace needs effects and low_scores for every condition")
 
     # ---- looking things up -------------------------------------------------------------
     @property
@@ -173,10 +173,15 @@ class AverageTrace:
     def n_layers(self) -> int:
         return self.effects[0].shape[-1]
 
-    def condition(self, kind: str = "resid", sever: str | None = None, method: str | None = None) -> Condition:
-        """The traced condition matching ``kind``/``sever``; ``method=None`` prefers an exact one."""
-        found = [c for c in self.conditions if c.kind == kind and c.sever == sever
-                 and (method is None or c.method == method)]
+    def _matching(self, kind: str, sever: str | None, method: str | None) -> list[Condition]:
+        return [c for c in self.conditions if (c.kind, c.sever) == (kind, sever)
+                and method in (None, c.method)]
+
+    def condition(
+        self, kind: str = "resid", sever: str | None = None, method: str | None = None
+    ) -> Condition:
+        """The traced condition matching ``kind``/``sever``; ``method=None`` prefers exact."""
+        found = self._matching(kind, sever, method)
         if not found:
             have = ", ".join(c.slug for c in self.conditions)
             raise InterpEditError(
@@ -186,8 +191,7 @@ class AverageTrace:
         return sorted(found, key=lambda c: not c.exact)[0]
 
     def has(self, kind: str, sever: str | None = None, method: str | None = None) -> bool:
-        return any(c.kind == kind and c.sever == sever and (method is None or c.method == method)
-                   for c in self.conditions)
+        return bool(self._matching(kind, sever, method))
 
     def fact_effects(self, kind: str = "resid", sever: str | None = None,
                      method: str | None = None) -> Float[Tensor, "fact group layer"]:
@@ -205,7 +209,8 @@ class AverageTrace:
     @property
     def total_effect(self) -> float:
         """Average total effect: mean over facts of clean minus corrupted p(target)."""
-        return float(self.high_scores.double().mean()) - self.mean_low_score(self.conditions[0].kind)
+        clean = float(self.high_scores.double().mean())
+        return clean - self.mean_low_score(self.conditions[0].kind)
 
     def peak(self, kind: str = "resid", group: str | None = None, sever: str | None = None,
              method: str | None = None) -> Peak:
@@ -258,12 +263,12 @@ class AverageTrace:
             if meta.pop("format", None) != _FORMAT:
                 raise InterpEditError(f"{path} is not a saved AverageTrace")
             conds = tuple(Condition(**c) for c in meta.pop("conditions"))
-            tensor = lambda k: torch.from_numpy(z[k].copy())  # noqa: E731
+            arrays = {k: torch.from_numpy(z[k].copy()) for k in z.files if k != "meta"}
             return cls(
                 conditions=conds,
-                effects=tuple(tensor(f"effects_{i}") for i in range(len(conds))),
-                low_scores=tuple(tensor(f"low_scores_{i}") for i in range(len(conds))),
-                high_scores=tensor("high_scores"),
+                effects=tuple(arrays[f"effects_{i}"] for i in range(len(conds))),
+                low_scores=tuple(arrays[f"low_scores_{i}"] for i in range(len(conds))),
+                high_scores=arrays["high_scores"],
                 **{k: tuple(v) if isinstance(v, list) else v for k, v in meta.items()},
             )
 

@@ -109,7 +109,8 @@ def trace_dataset(
     settings = dict(model=model.fingerprint, noise_std=repr(std), samples=samples,
                     window=window, seed=seed)
     root = Path(cache_dir) if cache_dir is not None else _cache.cache_dir("traces")
-    trace_dir = root / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', model.name)}-{_cache.stable_hash(settings)}"
+    model_slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model.name)
+    trace_dir = root / f"{model_slug}-{_cache.stable_hash(settings)}"
     trace_dir.mkdir(parents=True, exist_ok=True)
 
     conditions = _conditions(kinds, sever, method)

@@ -128,7 +128,8 @@ def test_aie_curves_one_panel_per_kind_with_bands():
     avg = make_average()
     fig = avg.plot()
     axes = fig.axes
-    assert [a.get_title() for a in axes] == ["Hidden states", "MLP, window 10", "Attention, window 10"]
+    titles = ["Hidden states", "MLP, window 10", "Attention, window 10"]
+    assert [a.get_title() for a in axes] == titles
     assert axes[0].get_ylabel() == "average indirect effect"
     for ax, kind in zip(axes, ("resid", "mlp", "attn")):
         assert len(ax.lines) == len(GROUPS) + 1  # six groups and the zero line
