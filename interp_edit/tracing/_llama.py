@@ -163,12 +163,12 @@ class LlamaStepper:
         if noise is not None:
             x = x.clone()
             x[:, subject[0] : subject[1]] += noise.to(x)
-        cache = RunCache([x], [], [], [], [], torch.empty(0))
+        xs, attn, mlp, ks, vs = [x], [], [], [], []
         for j in range(len(self.layers)):
-            out = self.layer(j, x, 0)
-            for name in ("attn", "mlp", "k", "v"):
-                getattr(cache, name).append(getattr(out, name))
-            x = out.out
-            cache.x.append(x)
-        return RunCache(cache.x, cache.attn, cache.mlp, cache.k, cache.v,
-                        self.target_probs(x[:, -1], target_id))  # fmt: skip
+            out = self.layer(j, xs[-1], 0)
+            xs.append(out.out)
+            attn.append(out.attn)
+            mlp.append(out.mlp)
+            ks.append(out.k)
+            vs.append(out.v)
+        return RunCache(xs, attn, mlp, ks, vs, self.target_probs(xs[-1][:, -1], target_id))

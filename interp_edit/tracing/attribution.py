@@ -24,7 +24,7 @@ from einops import einsum
 
 from interp_edit import hooks as H
 from interp_edit.tracing.inputs import TraceInputs, window_layers
-from interp_edit.tracing.reference import _SITE_HOOK, all_sites
+from interp_edit.tracing.reference import SITE_HOOKS, all_sites
 
 
 def site_effects(inputs: TraceInputs) -> tuple[dict[str, torch.Tensor], float]:
@@ -42,11 +42,11 @@ def site_effects(inputs: TraceInputs) -> tuple[dict[str, torch.Tensor], float]:
         p = model.logits(inputs.batch(S))[:, -1].softmax(-1)[:, inputs.target_id]
         grads = torch.autograd.grad(p.mean(), [acts[n] for n in names])
     effects = {}
-    for site, hook in _SITE_HOOK.items():
+    for site, hook in SITE_HOOKS.items():
         delta = torch.stack([clean[hook(j)] - acts[hook(j)].detach() for j in range(inputs.n_layers)])
         grad = torch.stack([grads[names.index(hook(j))] for j in range(inputs.n_layers)])
         # the grad of the mean already carries 1/S: summing over samples gives the mean effect
-        effects[site] = einsum(delta, grad, "layer s pos d, layer s pos d -> layer pos")
+        effects[site] = einsum(delta, grad, "layer s pos d, layer s pos d -> layer pos").float().cpu()
     return effects, float(p.detach().mean())
 
 

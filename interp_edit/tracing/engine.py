@@ -71,7 +71,7 @@ def _fast_grid(
         if t >= inputs.subject_range[0]:
             sweep = _Sweep(stepper, clean, corrupted, t, tid)
             plans = [jobs[i][1] for i in idx]
-            scores[idx] = sweep.scores(plans)
+            scores[idx] = sweep.scores(plans).float().cpu()
         bar.update(len(idx))
     bar.close()
     return scores, low

@@ -20,11 +20,12 @@ from interp_edit import hooks as H
 from interp_edit.models import attn_out_hook, mlp_out_hook, resid_hook
 from interp_edit.tracing.inputs import Plan, TraceInputs, plan, progress_bar
 
-_SITE_HOOK = {"resid": resid_hook, "mlp": mlp_out_hook, "attn": attn_out_hook}
+# a plan step's site -> the bridge hook point that holds that activation
+SITE_HOOKS = {"resid": resid_hook, "mlp": mlp_out_hook, "attn": attn_out_hook}
 
 
 def all_sites(n_layers: int) -> list[str]:
-    return [_SITE_HOOK[site](j) for j in range(n_layers) for site in _SITE_HOOK]
+    return [SITE_HOOKS[site](j) for j in range(n_layers) for site in SITE_HOOKS]
 
 
 @torch.no_grad()
@@ -48,7 +49,7 @@ def restore_hooks(
     """One patch per restoration of a cell (token ``t``), on batch rows ``rows``."""
     hooks = []
     for step in cell_plan:
-        name = _SITE_HOOK[step.site](step.layer)
+        name = SITE_HOOKS[step.site](step.layer)
         value = clean[name][0, t] if step.source == "clean" else corrupted[name][:, t]
         hooks.append(H.patch(name, t, value, rows=rows))
     return hooks
