@@ -31,9 +31,15 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from interp_edit.editing.base import AppliedEdit, EditRequest, parameter_name, register_editor
+from interp_edit.editing.base import (
+    AppliedEdit,
+    EditRequest,
+    get_parameter,
+    parameter_name,
+    register_editor,
+)
 from interp_edit.editing.keys import FactBatch, context_templates, encode_facts, key_star
-from interp_edit.editing.stats import GENERATED, second_moment
+from interp_edit.editing.stats import GENERATED, autocast, second_moment, solve_mom2
 from interp_edit.errors import InterpEditError
 from interp_edit.hooks import add_delta, hooked
 from interp_edit.models import Model, mlp_out_hook
@@ -55,13 +61,14 @@ class ROMEHparams:
     seed: int = 0  # seeds the prefixes and the generated corpus
     v_lr: float = 0.5  # Adam learning rate of δ
     v_steps: int = 20  # at most this many steps ...
-    v_loss_stop: float = 0.05  # ... or until the loss falls below this
+    v_nll_stop: float = 0.05  # ... or until the mean NLL of the new target falls below this
     v_weight_decay: float = 0.5  # × ‖δ‖ / ‖W k*‖²
     kl_factor: float = 0.0625  # × KL(edited ‖ original) on "{subject} is a"
     clamp_norm_factor: float = 4.0  # ‖δ‖ ≤ this × ‖W k*‖
     corpus: str = GENERATED  # key statistics: a text file, "generated", or a HF dataset name
     stats_tokens: int = 100_000  # tokens of the corpus used for C
     mom2_ridge: float = 1e-4  # C + ridge · mean(diag C) · I, for a well-posed C⁻¹k*
+    precision: str = "bf16"  # "bf16": autocast the v* passes and the statistics pass; "fp32"
 
     def __post_init__(self) -> None:
         if not (self.layer == "auto" or (isinstance(self.layer, int) and self.layer >= 0)):
@@ -72,14 +79,28 @@ class ROMEHparams:
         for name in ("v_lr", "v_steps", "stats_tokens", "trace_samples", "trace_window"):
             if not getattr(self, name) > 0:
                 raise InterpEditError(f"ROME hparam {name} must be positive")
-        for name in ("n_prefixes", "v_weight_decay", "kl_factor", "mom2_ridge", "v_loss_stop"):
+        for name in ("n_prefixes", "v_weight_decay", "kl_factor", "mom2_ridge", "v_nll_stop"):
             if getattr(self, name) < 0:
                 raise InterpEditError(f"ROME hparam {name} must be >= 0")
+        if self.precision not in ("bf16", "fp32"):
+            raise InterpEditError(f"precision must be 'bf16' or 'fp32', not {self.precision!r}")
         if self.auto_layers is not None:
             object.__setattr__(self, "auto_layers", tuple(self.auto_layers))
             lo, hi = self.auto_layers
             if not 0 <= lo < hi:
                 raise InterpEditError(f"auto_layers {self.auto_layers} is not a range lo < hi")
+
+
+@dataclass(frozen=True)
+class RomeStep:
+    """One request's edit, computed on the current weights (not applied)."""
+
+    layer: int
+    parameter: str  # hf_model parameter name of the edited weight
+    k: Float[Tensor, "d_mlp"]  # k*: mean key at the subject's last token
+    v: Float[Tensor, "d_model"]  # v*: the value W' k* must produce
+    delta: Float[Tensor, "d_model d_mlp"]  # ΔW, rank one
+    info: dict  # why this layer, the locating trace, the v* losses, seconds per phase
 
 
 @register_editor("rome", ROMEHparams)
@@ -88,35 +109,39 @@ def apply_rome(model: Model, requests: Sequence[EditRequest], hp: ROMEHparams) -
     contexts = context_templates(model, hp.n_prefixes, hp.prefix_len, seed=hp.seed)
     originals: dict[str, Tensor] = {}
     total: dict[str, Tensor] = {}
-    edits = []
+    infos = []
     try:
         for req in requests:
-            info = rome_step(model, req, hp, contexts)
-            name, delta = info.pop("parameter"), info.pop("delta")
-            weight = model.mlp_out_proj(info["layer"]).weight
-            originals.setdefault(name, weight.detach().clone())
+            step = rome_step(model, req, hp, contexts)
+            weight = model.mlp_out_proj(step.layer).weight
+            originals.setdefault(step.parameter, weight.detach().clone())
             with torch.no_grad():
-                weight.add_(delta.to(weight))  # the next request sees this one
-            total[name] = total[name] + delta if name in total else delta
-            edits.append(info)
+                weight.add_(step.delta)  # the next request sees this one
+            prev = total.get(step.parameter)
+            total[step.parameter] = step.delta if prev is None else prev + step.delta
+            infos.append(step.info)
     finally:
         with torch.no_grad():
             for name, orig in originals.items():
-                dict(model.hf_model.named_parameters())[name].copy_(orig)
-    timings = {k: round(sum(e["seconds"][k] for e in edits), 3) for k in edits[0]["seconds"]}
-    summary = {"layer": edits[0]["layer"] if len(edits) == 1 else [e["layer"] for e in edits],
-               "why": edits[0]["why"] if len(edits) == 1 else [e["why"] for e in edits],
-               "timings": timings, "edits": edits}
+                get_parameter(model, name).copy_(orig)
+    one = len(infos) == 1
+    summary = {
+        "layer": infos[0]["layer"] if one else [i["layer"] for i in infos],
+        "why": infos[0]["why"] if one else [i["why"] for i in infos],
+        "timings": {k: round(sum(i["seconds"][k] for i in infos), 3) for k in infos[0]["seconds"]},
+        "edits": infos,
+    }
     return AppliedEdit.from_deltas(model, "rome", requests, hp, total, info=summary)
 
 
-def rome_step(model: Model, req: EditRequest, hp: ROMEHparams, contexts: Sequence[str]) -> dict:
-    """One request on the current weights: the layer, k*, v*, and ΔW (not applied)."""
+def rome_step(model: Model, req: EditRequest, hp: ROMEHparams, contexts: Sequence[str]) -> RomeStep:
+    """One request on the current weights: the layer, k*, v* and ΔW."""
     clock = _Clock()
     layer, why, trace = choose_layer(model, req, hp)
     clock("locate")
     proj = model.mlp_out_proj(layer)
-    mom2 = second_moment(model, layer, hp.corpus, hp.stats_tokens, seed=hp.seed)
+    mom2 = second_moment(model, layer, hp.corpus, hp.stats_tokens, seed=hp.seed,
+                         precision=hp.precision)
     clock("stats")
     k = key_star(model, layer, req.template, req.subject, contexts)
     clock("k")
@@ -125,8 +150,8 @@ def rome_step(model: Model, req: EditRequest, hp: ROMEHparams, contexts: Sequenc
     clock("v")
     delta = rank_one_update(w, k, v, mom2, ridge=hp.mom2_ridge)
     clock("update")
-    return {"layer": layer, "why": why, "trace": trace, "parameter": parameter_name(model, proj),
-            "delta": delta, "v": losses, "seconds": clock.laps}
+    info = {"layer": layer, "why": why, "trace": trace, "v": losses, "seconds": clock.laps}
+    return RomeStep(layer, parameter_name(model, proj), k, v, delta, info)
 
 
 def choose_layer(model: Model, req: EditRequest, hp: ROMEHparams) -> tuple[int, str, dict | None]:
@@ -177,7 +202,8 @@ def compute_v(
     n_target = batch.target_mask.sum(1)[:kl_row]
     kl_init, curve = None, []
     for step in range(hp.v_steps):
-        logp_target, logp_kl = _edited_logprobs(model, layer, batch, delta, kl_row, kl_pos)
+        with autocast(model, hp.precision):
+            logp_target, logp_kl = _edited_logprobs(model, layer, batch, delta, kl_row, kl_pos)
         if kl_init is None:
             kl_init = logp_kl.detach()
         nll = -(logp_target.sum(1)[:kl_row] / n_target).mean()
@@ -185,7 +211,7 @@ def compute_v(
         decay = hp.v_weight_decay * delta.norm() / v0.norm() ** 2
         loss = nll + hp.kl_factor * kl + decay
         curve.append((loss.item(), nll.item(), kl.item()))
-        if loss.item() < hp.v_loss_stop or step == hp.v_steps - 1:
+        if nll.item() < hp.v_nll_stop or step == hp.v_steps - 1:
             break
         opt.zero_grad()
         loss.backward()
@@ -206,7 +232,7 @@ def _edited_logprobs(model: Model, layer: int, batch: FactBatch, delta: Tensor, 
     bump = batch.at_subject_last()[..., None] * delta  # [batch, pos, d_model]
     with hooked(model, [add_delta(mlp_out_hook(layer), slice(None), bump)]):
         logits = model.logits(batch.ids)
-    logp = logits.log_softmax(-1)
+    logp = logits.float().log_softmax(-1)
     target = logp.gather(-1, batch.target_labels[..., None])[..., 0] * batch.target_mask
     return target, logp[kl_row, kl_pos]
 
@@ -219,12 +245,10 @@ def rank_one_update(
     *,
     ridge: float = 0.0,
 ) -> Float[Tensor, "d_model d_mlp"]:
-    """ΔW = (v − W k)(C⁻¹k)ᵀ / (kᵀC⁻¹k), computed in float64; then (W + ΔW) k = v."""
-    c = mom2.double()
-    if ridge:
-        c = c + ridge * c.diagonal().mean() * torch.eye(len(c), dtype=c.dtype, device=c.device)
+    """ΔW = (v − W k)(C⁻¹k)ᵀ / (kᵀC⁻¹k), computed in float64; then (W + ΔW) k = v.
+    ``ridge`` regularises C (see :func:`~interp_edit.editing.stats.solve_mom2`)."""
     k64 = k.double()
-    c_inv_k = torch.linalg.solve(c, k64)
+    c_inv_k = solve_mom2(mom2, k, ridge)
     resid = v.double() - w.double() @ k64
     return (torch.outer(resid, c_inv_k) / (k64 @ c_inv_k)).to(w.dtype)
 

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 GENERATED = "generated"
 _LOADED: dict[Path, Tensor] = {}  # in-memory cache of files read this session
+_FACTORS: dict[tuple[int, float], tuple[Tensor, Tensor]] = {}  # (C, Cholesky factor of C)
 _TEXT_SUFFIXES = (".txt", ".text", ".md", ".raw", ".tokens")
 
 
@@ -60,31 +61,37 @@ def second_moments(
     seq_len: int = 128,
     batch_size: int = 32,
     seed: int = 0,
+    precision: str = "bf16",
     refresh: bool = False,
     progress: bool | None = None,
 ) -> dict[int, Float[Tensor, "d_mlp d_mlp"]]:
     """Second moments of the MLP keys at ``layers``, from the cache or from one pass over
     ``n_tokens`` tokens of ``corpus`` (chunks of ``seq_len`` tokens, ``batch_size`` chunks a
-    forward pass). ``refresh`` rebuilds cached entries; ``progress`` shows a bar (``None``:
-    on a terminal). Returns float32 matrices on the model's device."""
+    forward pass). ``precision="bf16"`` runs the forward pass under bfloat16 autocast (about
+    2x faster on CPUs with bf16 units; the products k kᵀ are summed in float32/float64),
+    ``"fp32"`` runs it in float32. ``refresh`` rebuilds cached entries; ``progress`` shows a
+    bar (``None``: on a terminal). Returns float32 matrices on the model's device."""
+    autocast(model, precision)  # checks the name
     if n_tokens < seq_len:
         raise InterpEditError(f"n_tokens={n_tokens} is less than one chunk of {seq_len} tokens")
     for layer in layers:
         model._check_layer(layer)
     ident = _corpus_identity(corpus, seed)
-    paths = {l: _cache_path(model, l, ident, n_tokens, seq_len) for l in sorted(set(layers))}
+    paths = {l: _cache_path(model, l, ident, n_tokens, seq_len, precision)
+             for l in sorted(set(layers))}
     missing = [l for l, p in paths.items() if refresh or not p.exists()]
     if missing:
         t0 = time.perf_counter()
         chunks = _chunks(model, corpus, n_tokens, seq_len, seed, progress)
-        moments, count = _accumulate(model, missing, chunks, batch_size, progress)
+        with autocast(model, precision):
+            moments, count = _accumulate(model, missing, chunks, batch_size, progress)
         seconds = time.perf_counter() - t0
         if count <= n_tokens - seq_len:
             log.warning("corpus %s has only %d tokens (asked for %d)", ident, count, n_tokens)
         for layer in missing:
             meta = {"model": model.name, "fingerprint": model.fingerprint, "layer": layer,
                     "corpus": ident, "n_tokens_requested": n_tokens, "n_tokens": count,
-                    "seq_len": seq_len, "seconds": round(seconds, 2)}
+                    "seq_len": seq_len, "precision": precision, "seconds": round(seconds, 2)}
             save_file({"mom2": moments[layer].contiguous()}, str(paths[layer]))
             paths[layer].with_suffix(".json").write_text(json.dumps(meta, indent=1))
             _LOADED[paths[layer]] = moments[layer]
@@ -96,16 +103,46 @@ def second_moments(
     return out
 
 
+def solve_mom2(
+    mom2: Float[Tensor, "d_mlp d_mlp"], k: Float[Tensor, "d_mlp"], ridge: float = 0.0
+) -> Float[Tensor, "d_mlp"]:
+    """C⁻¹k in float64, with C = mom2 + ridge · mean(diag mom2) · I. The Cholesky factor of
+    each matrix is kept in memory, so repeated edits at a layer solve in milliseconds."""
+    key = (id(mom2), float(ridge))
+    hit = _FACTORS.get(key)
+    if hit is None or hit[0] is not mom2:
+        c = mom2.double()
+        c = c + ridge * c.diagonal().mean() * torch.eye(len(c), dtype=c.dtype, device=c.device)
+        factor, info = torch.linalg.cholesky_ex(c)
+        if info:
+            raise InterpEditError(
+                "the key second moment is singular (too few tokens for d_mlp dimensions?): "
+                "use more stats tokens or a ridge > 0")
+        _FACTORS[key] = hit = (mom2, factor)
+    return torch.cholesky_solve(k.double()[:, None], hit[1])[:, 0]
+
+
 def stats_info(model: Model, layer: int, corpus: str | os.PathLike = GENERATED,
-               n_tokens: int = 100_000, *, seq_len: int = 128, seed: int = 0) -> dict | None:
+               n_tokens: int = 100_000, *, seq_len: int = 128, seed: int = 0,
+               precision: str = "bf16") -> dict | None:
     """The JSON metadata of a cached entry (tokens used, build seconds), or None."""
-    path = _cache_path(model, layer, _corpus_identity(corpus, seed), n_tokens, seq_len)
+    path = _cache_path(model, layer, _corpus_identity(corpus, seed), n_tokens, seq_len,
+                       precision)
     meta = path.with_suffix(".json")
     return json.loads(meta.read_text()) if meta.exists() else None
 
 
-def _cache_path(model: Model, layer: int, ident: str, n_tokens: int, seq_len: int) -> Path:
-    return cache_dir("stats", model.fingerprint) / f"{ident}-n{n_tokens}-len{seq_len}-L{layer}.safetensors"
+def _cache_path(model: Model, layer: int, ident: str, n_tokens: int, seq_len: int,
+                precision: str) -> Path:
+    name = f"{ident}-n{n_tokens}-len{seq_len}-{precision}-L{layer}.safetensors"
+    return cache_dir("stats", model.fingerprint) / name
+
+
+def autocast(model: Model, precision: str):
+    """A bfloat16 autocast context for ``precision="bf16"``, a no-op for ``"fp32"``."""
+    if precision not in ("bf16", "fp32"):
+        raise InterpEditError(f"precision must be 'bf16' or 'fp32', not {precision!r}")
+    return torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 # ---- corpora -----------------------------------------------------------------------------
@@ -205,8 +242,9 @@ def _accumulate(model: Model, layers: list[int], chunks: Tensor, batch_size: int
         for batch in chunks.split(batch_size):
             model.bridge(batch.to(model.device), return_type=None, stop_at_layer=max(layers) + 1)
             for l in layers:
-                k = rearrange(store[mlp_key_hook(l)], "b p d -> (b p) d")
-                kk = (k.T @ k).double()  # float32 products, float64 running sum
+                k = rearrange(store[mlp_key_hook(l)], "b p d -> (b p) d").float()
+                with torch.autocast(k.device.type, enabled=False):
+                    kk = (k.T @ k).double()  # float32 products, float64 running sum
                 sums[l] = sums[l] + kk if l in sums else kk
             count += batch.numel()
             bar.update(batch.numel())
