@@ -27,6 +27,7 @@ from interp_edit.evaluation.records import EditRecord
 from interp_edit.plotting.edits import plot_trace_before_after
 
 ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
 # A landmark fact the default model knows (p(Paris) ~ 0.7), with CounterFact-style probes.
 FACT = EditRecord(
     case_id="eiffel",
@@ -81,6 +82,8 @@ def main() -> None:
     ap.add_argument("--second", default=None, choices=["mend", "ft", "ft-l", "ike"],
                     help="the second editor (default: mend if trained, else ft)")
     ap.add_argument("--rome-layer", default="auto", help='"auto" or a layer index')
+    ap.add_argument("--corpus", default=str(DATA / "wikitext-2" / "valid.txt"),
+                    help="text for ROME's key statistics")
     ap.add_argument("--samples", type=int, default=10, help="noise samples of the causal traces")
     ap.add_argument("--no-trace", dest="trace", action="store_false", help="skip the trace figures")
     ap.add_argument("--out", type=Path, default=ROOT / "figures")
@@ -89,7 +92,8 @@ def main() -> None:
     model = ie.load_model(args.model)
     print(model, "|", FACT.text, model.top_k(FACT.text, 3))
     layer = args.rome_layer if args.rome_layer == "auto" else int(args.rome_layer)
-    figures_for(model, "rome", args.out, trace=args.trace, samples=args.samples, layer=layer)
+    figures_for(model, "rome", args.out, trace=args.trace, samples=args.samples, layer=layer,
+                corpus=args.corpus)
     figures_for(model, args.second or second_method(model), args.out, trace=args.trace,
                 samples=args.samples)
 

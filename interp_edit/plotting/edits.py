@@ -91,18 +91,18 @@ def plot_change_heatmap(
     with st.style():
         fig = st.new_figure(width, figure_height(n_rows) + 0.35)
         axes = np.atleast_1d(fig.subplots(1, len(kinds)))
-        for j, (ax, kind) in enumerate(zip(axes, kinds)):
+        for ax, kind in zip(axes, kinds):
             i = diff.index(kind)
-            n = len(diff.tokens[i])
+            labels = subject_marked_tokens(diff.tokens[i], diff.subject_ranges[i])
+            pad = n_rows - len(labels)  # blank rows below short prompts: equal row heights
             draw_grid(
-                ax, rel[i, :n],
-                row_labels=subject_marked_tokens(diff.tokens[i], diff.subject_ranges[i]),
-                cmap="Purples", vmin=0.0, vmax=vmax, xlabel="layer",
-                title=KIND_LABEL.get(kind, kind),
-                colorbar_label="\u2016\u0394h\u2016 / \u2016h before\u2016" if j == len(kinds) - 1 else None,
+                ax, rel[i, :n_rows], row_labels=labels + [""] * pad, cmap="Purples", vmin=0.0,
+                vmax=vmax, xlabel="layer", title=KIND_LABEL.get(kind, kind), colorbar_label=None,
             )
             for layer in diff.edit_layers:
                 ax.axvline(layer, color="k", lw=0.6, ls=":")
+        cb = fig.colorbar(axes[0].images[0], ax=list(axes), fraction=0.02, pad=0.01, aspect=30)
+        cb.set_label("\u2016\u0394h\u2016 / \u2016h before\u2016")
         fig.suptitle(edit_title(diff) + "\nchange of the residual stream at each token and layer")
     return fig
 
