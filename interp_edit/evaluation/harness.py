@@ -17,11 +17,14 @@ For each record, in order, until ``n`` records have been evaluated:
 ``method="none"`` is the no-edit baseline: the same table with the model left as it is.
 Unrelated prompts are the edit prompts of ``n_unrelated`` records drawn (seeded) from all
 records, minus those about the record's own subject; their top-1 tokens are taken once up front.
+Ctrl-C (KeyboardInterrupt) stops early and returns the records evaluated so far
+(``report.info["interrupted"]``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import random
 import time
 from typing import Any, Iterable
@@ -37,6 +40,7 @@ from interp_edit.evaluation.report import EvalReport
 from interp_edit.models import Model
 
 BASELINE = "none"
+log = logging.getLogger(__name__)
 
 
 def evaluate(
@@ -72,45 +76,25 @@ def evaluate(
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
     bar = tqdm(total=n or len(records), desc=f"evaluate {method}", disable=not progress)
-    t_start = time.perf_counter()
-    for i, rec in enumerate(records):
-        if n is not None and len(rows) >= n:
-            break
-        why = _skip_reason(model, rec)
-        if why is None:
-            pre = metrics.measure(model, rec)
-            if pre["efficacy"] > 0:
-                why = ("unknown", "the model does not prefer target_true to target_new")
-        if why is not None:
-            skipped.append({"case_id": rec.case_id, "kind": why[0], "reason": why[1]})
-            bar.set_postfix(skipped=len(skipped))
-            continue
-        gen = rec.generation_prompts or (rec.text, *rec.paraphrases[:1])
-        if fluency:
-            pre["fluency"] = metrics.fluency(model, gen, None, fluency_tokens)
-        unrelated = [(p, t) for (s, p), t in zip(pool, pool_top1) if s != rec.subject]
-
-        torch.manual_seed(seed + i)
-        t0 = time.perf_counter()
-        try:
-            applied = None if method == BASELINE else edit(model, [rec.request], method, **hparams)
-        except InterpEditError as exc:
-            skipped.append({"case_id": rec.case_id, "kind": "edit failed", "reason": str(exc)})
-            continue
-        seconds = time.perf_counter() - t0
-        try:
-            post = _measure_after(model, rec, pre, applied, unrelated, gen if fluency else (),
-                                  fluency_tokens)
-        finally:
-            if applied is not None and applied.applied:
-                applied.undo()
-        rows.append({
-            "case_id": rec.case_id, "subject": rec.subject, "target_true": rec.target_true,
-            "target_new": rec.target_new, "source": rec.source, "seconds": seconds,
-            **{"pre_" + k: v for k, v in pre.items()}, **post, **_scalar_info(applied),
-        })
-        bar.update(1)
-    bar.close()
+    t_start, interrupted = time.perf_counter(), False
+    try:
+        for i, rec in enumerate(records):
+            if n is not None and len(rows) >= n:
+                break
+            torch.manual_seed(seed + i)
+            out = _evaluate_one(model, rec, method, hparams, pool, pool_top1,
+                                fluency_tokens if fluency else 0)
+            if "kind" in out:
+                skipped.append(out)
+                bar.set_postfix(skipped=len(skipped))
+            else:
+                rows.append(out)
+                bar.update(1)
+    except KeyboardInterrupt:  # keep what was measured; the record in flight was undone
+        interrupted = True
+        log.warning("evaluate interrupted: returning the %d records evaluated so far", len(rows))
+    finally:
+        bar.close()
     return EvalReport(
         method=method,
         model_name=model.name,
@@ -119,9 +103,50 @@ def evaluate(
         skipped=tuple(skipped),
         seed=seed,
         info={"seconds_total": time.perf_counter() - t_start, "n_requested": n,
+              "interrupted": interrupted,
               "n_records": len(records), "fluency_tokens": fluency_tokens if fluency else None,
               "unrelated_prompts": [p for _, p in pool]},
     )
+
+
+def _evaluate_one(
+    model: Model,
+    rec: EditRecord,
+    method: str,
+    hparams: dict[str, Any],
+    pool: list[tuple[str, str]],
+    pool_top1: list[int],
+    fluency_tokens: int,
+) -> dict[str, Any]:
+    """The row of one record, or ``{"case_id", "kind", "reason"}`` if it is skipped."""
+    why = _skip_reason(model, rec)
+    if why is None:
+        pre = metrics.measure(model, rec)
+        if pre["efficacy"] > 0:
+            why = ("unknown", "the model does not prefer target_true to target_new")
+    if why is not None:
+        return {"case_id": rec.case_id, "kind": why[0], "reason": why[1]}
+    gen = (rec.generation_prompts or (rec.text, *rec.paraphrases[:1])) if fluency_tokens else ()
+    if gen:
+        pre["fluency"] = metrics.fluency(model, gen, None, fluency_tokens)
+    unrelated = [(p, t) for (s, p), t in zip(pool, pool_top1) if s != rec.subject]
+
+    t0 = time.perf_counter()
+    try:
+        applied = None if method == BASELINE else edit(model, [rec.request], method, **hparams)
+    except InterpEditError as exc:
+        return {"case_id": rec.case_id, "kind": "edit failed", "reason": str(exc)}
+    seconds = time.perf_counter() - t0
+    try:
+        post = _measure_after(model, rec, pre, applied, unrelated, gen, fluency_tokens)
+    finally:
+        if applied is not None and applied.applied:
+            applied.undo()
+    return {
+        "case_id": rec.case_id, "subject": rec.subject, "target_true": rec.target_true,
+        "target_new": rec.target_new, "source": rec.source, "seconds": seconds,
+        **{"pre_" + k: v for k, v in pre.items()}, **post, **_scalar_info(applied),
+    }
 
 
 def _measure_after(

@@ -176,6 +176,32 @@ def test_in_context_edit_is_measured_through_wrap(fm):
     assert row["efficacy_gap"] != pytest.approx(row["pre_efficacy_gap"], abs=1e-6)
 
 
+@dataclass(frozen=True)
+class _InterruptHparams:
+    after: int = 1
+
+
+_CALLS = []
+
+
+@register_editor("toy-interrupt", _InterruptHparams)
+def _toy_interrupt(model, requests, hp):
+    """Behaves like toy-swap, then acts as if the user pressed Ctrl-C."""
+    _CALLS.append(requests[0].subject)
+    if len(_CALLS) > hp.after:
+        raise KeyboardInterrupt
+    return _toy_swap(model, requests, _SwapHparams())
+
+
+def test_interrupt_returns_the_records_so_far(fm):
+    m, recs = fm.model, _records(fm)[:3]
+    before = _weights(m)
+    _CALLS.clear()
+    rep = evaluate(m, recs, method="toy-interrupt", progress=False)
+    assert rep.n == 1 and rep.info["interrupted"] and rep.rows[0]["efficacy"] == 1.0
+    assert all(torch.equal(before[k], v) for k, v in _weights(m).items())
+
+
 def test_evaluate_rejects_bad_arguments_before_editing(fm):
     recs = _records(fm)[:1]
     with pytest.raises(InterpEditError, match="unknown edit method"):
