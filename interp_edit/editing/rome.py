@@ -221,7 +221,7 @@ def compute_v(
                 delta.mul_(max_norm / delta.norm())
     losses = {"steps": len(curve), "loss": [round(c[0], 4) for c in curve],
               "nll": [round(curve[0][1], 4), round(curve[-1][1], 4)], "kl": round(curve[-1][2], 5),
-              "delta_norm_ratio": round(float(delta.norm() / v0.norm()), 4)}
+              "delta_norm_ratio": round(float(delta.detach().norm() / v0.norm()), 4)}
     return (v0 + delta).detach(), losses
 
 

@@ -82,7 +82,7 @@ def second_moments(
     missing = [l for l, p in paths.items() if refresh or not p.exists()]
     if missing:
         t0 = time.perf_counter()
-        chunks = _chunks(model, corpus, n_tokens, seq_len, seed, progress)
+        chunks = _chunks(model, corpus, n_tokens, seq_len, seed, precision, progress)
         with autocast(model, precision):
             moments, count = _accumulate(model, missing, chunks, batch_size, progress)
         seconds = time.perf_counter() - t0
@@ -162,11 +162,11 @@ def _corpus_identity(corpus: str | os.PathLike, seed: int) -> str:
     return "hf-" + raw.replace("/", "--").replace(":", "-")
 
 
-def _chunks(model: Model, corpus, n_tokens: int, seq_len: int, seed: int,
+def _chunks(model: Model, corpus, n_tokens: int, seq_len: int, seed: int, precision: str,
             progress: bool | None) -> Tensor:
     """``[n_chunks, seq_len]`` token ids: the corpus token stream cut into chunks."""
     if str(corpus) == GENERATED:
-        return _generated(model, -(-n_tokens // seq_len), seq_len, seed, progress)
+        return _generated(model, -(-n_tokens // seq_len), seq_len, seed, precision, progress)
     path = Path(os.fspath(corpus)).expanduser()
     texts = _read_file(path) if path.is_file() else _read_hf_dataset(str(corpus))
     stream: list[int] = []
@@ -180,15 +180,18 @@ def _chunks(model: Model, corpus, n_tokens: int, seq_len: int, seed: int,
     return rearrange(torch.tensor(stream[: n * seq_len]), "(n t) -> n t", t=seq_len)
 
 
-def _generated(model: Model, n: int, seq_len: int, seed: int, progress: bool | None) -> Tensor:
+def _generated(model: Model, n: int, seq_len: int, seed: int, precision: str,
+               progress: bool | None) -> Tensor:
     """``n`` sequences of ``seq_len`` tokens sampled from the model, cached per model."""
-    path = cache_dir("corpora", model.fingerprint) / f"generated-s{seed}-{n}x{seq_len}.safetensors"
+    name = f"generated-s{seed}-{precision}-{n}x{seq_len}.safetensors"
+    path = cache_dir("corpora", model.fingerprint) / name
     if path.exists():
         return load_file(str(path))["ids"]
     log.warning("sampling %d tokens from %s for key statistics (once; cached)", n * seq_len,
                 model.name)
-    rows = sample_token_ids(model, n, seq_len - 1, seed=seed, exact=True,
-                            progress=_show(progress))
+    with autocast(model, precision):
+        rows = sample_token_ids(model, n, seq_len - 1, seed=seed, exact=True, batch_size=128,
+                                progress=_show(progress))
     ids = torch.tensor([r[:seq_len] for r in rows], dtype=torch.long)
     save_file({"ids": ids}, str(path))
     return ids
