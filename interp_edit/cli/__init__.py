@@ -9,7 +9,7 @@ import os
 import sys
 
 # one line per subcommand module
-_COMMANDS = ["predict", "evaluate", "trace", "trace_dataset"]
+_COMMANDS = ["predict", "evaluate", "trace", "trace_dataset", "edit"]
 
 
 def build_parser() -> argparse.ArgumentParser:
