@@ -4,8 +4,8 @@
 
 1. One fact (10-token prompt, 10 noise samples), kinds resid/mlp/attn: wall time of the
    reference (one forward pass per cell), the hook-batched fallback (clean run once, 16 cells
-   per pass; kind resid only), the fast engine (per kind, and all three kinds sharing runs) and attribution
-   patching; speed-ups; the max abs difference from the reference.
+   per pass; kind resid only), the fast engine (per kind, and all three kinds sharing runs)
+   and attribution patching; speed-ups; the max abs difference from the reference.
 2. Attribution vs exact: Pearson r per kind between the attribution estimate and the exact
    (fast) grid, over the first ``--facts`` known facts (Meng et al. 2022) that the model
    predicts (top-1 = the known attribute's first token); only cells at or after the subject's
@@ -50,9 +50,12 @@ def speed_table(model, samples: int) -> list[str]:
     kw = dict(samples=samples, progress=False)
     rows, totals = [], {"reference": 0.0, "fast": 0.0, "attribution": 0.0}
     for kind in KINDS:
-        ref, t_ref = timed(lambda: ie.trace(model, PROMPT, SUBJECT, kind=kind, method="reference", **kw))
-        fast, t_fast = timed(lambda: ie.trace(model, PROMPT, SUBJECT, kind=kind, **kw))
-        _, t_att = timed(lambda: ie.trace(model, PROMPT, SUBJECT, kind=kind, method="attribution", **kw))
+        def run(method):
+            return timed(lambda: ie.trace(model, PROMPT, SUBJECT, kind=kind, method=method, **kw))
+
+        ref, t_ref = run("reference")
+        fast, t_fast = run("fast")
+        _, t_att = run("attribution")
         diff = float((fast.scores - ref.scores).abs().max())
         batched = "–"
         if kind == "resid":  # one kind shows what batching cells through hooks buys

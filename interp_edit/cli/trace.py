@@ -13,7 +13,7 @@ from pathlib import Path
 def register(sub) -> None:
     p = sub.add_parser("trace", help="causal trace of one fact (heatmap + .npz result)")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--subject", required=True, help="the subject's text, as it appears in the prompt")
+    p.add_argument("--subject", required=True, help="the subject, as written in the prompt")
     p.add_argument("--target", default=None, help="answer to score (default: the model's top-1)")
     p.add_argument("--kind", default="resid", choices=["resid", "mlp", "attn", "all"])
     p.add_argument("--samples", type=int, default=10, help="noise samples (default 10)")
@@ -23,7 +23,7 @@ def register(sub) -> None:
     p.add_argument("--sever", default=None, choices=["mlp", "attn"], help="severed paths (resid)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--top", type=int, default=5, help="how many top cells to print (default 5)")
-    p.add_argument("--out", default="trace.pdf", help="figure path; the result goes next to it (.npz)")
+    p.add_argument("--out", default="trace.pdf", help="figure path; the .npz result goes beside it")
     p.set_defaults(func=run)
 
 

@@ -19,7 +19,7 @@ from interp_edit.tracing.results import TraceResult, TraceSet
 
 __all__ = ["AverageTrace", "TraceResult", "TraceSet", "trace", "trace_all", "trace_dataset"]
 
-_LAZY = {"AverageTrace": "interp_edit.tracing.dataset", "trace_dataset": "interp_edit.tracing.dataset"}
+_LAZY = {name: "interp_edit.tracing.dataset" for name in ("AverageTrace", "trace_dataset")}
 
 
 def __getattr__(name: str):

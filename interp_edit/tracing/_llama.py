@@ -79,6 +79,14 @@ class LlamaStepper:
             and hasattr(_orig(hf.model), "rotary_emb")
         )
 
+    @staticmethod
+    def usable(model: Model) -> bool:
+        """Supported, and no hook is installed on the bridge (the stepper would not run it)."""
+        hook_points = model.bridge.hook_dict.values()
+        return LlamaStepper.supports(model) and not any(
+            hp.fwd_hooks or hp.bwd_hooks for hp in hook_points
+        )
+
     def __init__(self, model: Model, n_tokens: int):
         hf = _orig(model.hf_model)
         inner = _orig(hf.model)
@@ -127,30 +135,35 @@ class LlamaStepper:
         computes the output of the last position only (all that the last layer needs)."""
         layer, attn, patches = self.layers[j], self.attns[j], patches or {}
         h = _orig(layer.input_layernorm)(x)
-        q = self._rope(self._heads(attn.q_proj, h[:, -1:] if last_only else h, self.n_heads),
-                       start + x.shape[1] - 1 if last_only else start)  # fmt: skip
+        q_in, q_start = (h[:, -1:], start + x.shape[1] - 1) if last_only else (h, start)
+        q = self._rope(self._heads(attn.q_proj, q_in, self.n_heads), q_start)
         k = self._rope(self._heads(attn.k_proj, h, self.n_kv), start)
         v = self._heads(attn.v_proj, h, self.n_kv)
-        keys, values = (k, v) if past is None else (torch.cat((past[0], k), 2), torch.cat((past[1], v), 2))
+        keys, values = k, v
+        if past is not None:
+            keys, values = torch.cat((past[0], k), 2), torch.cat((past[1], v), 2)
         mask = None
         if q.shape[2] > 1:  # query i (position start+i) sees keys 0 .. start+i
             mask = torch.ones(q.shape[2], keys.shape[2], dtype=torch.bool, device=x.device)
             mask = mask.tril(diagonal=start)
         z = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=self.n_kv != self.n_heads
+            q, keys, values, attn_mask=mask, scale=attn.scaling,
+            enable_gqa=self.n_kv != self.n_heads,
         )
         o = _orig(attn.o_proj)
-        a = _apply(F.linear(rearrange(z, "b h p d -> b p (h d)"), o.weight, o.bias), patches.get("attn"))
+        a = F.linear(rearrange(z, "b h p d -> b p (h d)"), o.weight, o.bias)
+        a = _apply(a, patches.get("attn"))
         mid = (x[:, -1:] if last_only else x) + a
         m = _apply(self._mlp(j, _orig(layer.post_attention_layernorm)(mid)), patches.get("mlp"))
         return LayerOut(_apply(mid + m, patches.get("resid")), a, m, k, v)
 
-    def target_probs(self, h: Float[Tensor, "batch d_model"], target_id: int) -> Float[Tensor, "batch"]:
+    def target_probs(
+        self, h: Float[Tensor, "batch d_model"], target_id: int
+    ) -> Float[Tensor, "batch"]:
         """p(target) from final-layer hidden states (final norm, unembedding, softmax)."""
         logits = F.linear(self.norm(h), self.lm_head.weight, self.lm_head.bias)
         return logits.softmax(-1)[:, target_id]
 
-    @torch.no_grad()
     def full_run(
         self,
         ids: Int[Tensor, "batch pos"],
@@ -158,7 +171,8 @@ class LlamaStepper:
         noise: Float[Tensor, "batch n_subject d_model"] | None = None,
         subject: tuple[int, int] = (0, 0),
     ) -> RunCache:
-        """A whole forward pass (noise added to the subject embeddings), caching everything."""
+        """A whole forward pass (noise added to the subject embeddings), caching everything.
+        Differentiable: call it under ``torch.no_grad()`` unless gradients are wanted."""
         x = self.embed(ids)
         if noise is not None:
             x = x.clone()

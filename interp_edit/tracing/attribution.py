@@ -21,33 +21,65 @@ from __future__ import annotations
 
 import torch
 from einops import einsum
+from jaxtyping import Float
+from torch import Tensor
 
 from interp_edit import hooks as H
+from interp_edit.tracing._llama import LlamaStepper
 from interp_edit.tracing.inputs import TraceInputs, window_layers
 from interp_edit.tracing.reference import SITE_HOOKS, all_sites
 
+Acts = dict[str, list[Tensor]]  # site -> one tensor [batch, pos, d_model] per layer
 
-def site_effects(inputs: TraceInputs) -> tuple[dict[str, torch.Tensor], float]:
-    """First-order effect of restoring each site: ``{site: [n_layers, n_tokens]}``, and the
+
+def site_effects(
+    inputs: TraceInputs,
+) -> tuple[dict[str, Float[Tensor, "n_layers n_tokens"]], float]:
+    """First-order effect of restoring each site, ``{site: [n_layers, n_tokens]}``, and the
     corrupted score ``low_score``."""
-    model, names, S = inputs.model, all_sites(inputs.n_layers), inputs.samples
-    clean: dict[str, torch.Tensor] = {}
+    noise = inputs.noise.clone().requires_grad_(True)  # puts the corrupted run on the graph
+    runs = _stepper_runs if LlamaStepper.usable(inputs.model) else _hooked_runs
+    with torch.enable_grad():
+        clean, corrupted, probs = runs(inputs, noise)
+        flat = [a for site in SITE_HOOKS for a in corrupted[site]]
+        grads = iter(torch.autograd.grad(probs.mean(), flat))
+    effects = {}
+    for site in SITE_HOOKS:
+        delta = torch.stack([c - a.detach() for c, a in zip(clean[site], corrupted[site])])
+        grad = torch.stack([next(grads) for _ in corrupted[site]])
+        # the grad of the mean already carries 1/S: summing over samples gives the mean effect
+        effects[site] = einsum(delta, grad, "layer s pos d, layer s pos d -> layer pos")
+    return {k: v.float().cpu() for k, v in effects.items()}, float(probs.detach().mean())
+
+
+def _stepper_runs(inputs: TraceInputs, noise: Tensor) -> tuple[Acts, Acts, Tensor]:
+    """Clean and corrupted activations from the Llama layer stepper (logits at the last
+    position only); the corrupted ones are on the autograd graph."""
+    stepper, tid = LlamaStepper(inputs.model, inputs.n_tokens), inputs.target_id
+    with torch.no_grad():
+        clean = stepper.full_run(inputs.batch(1), tid)
+    cor = stepper.full_run(inputs.batch(inputs.samples), tid, noise, inputs.subject_range)
+    sites = [{"resid": run.x[1:], "mlp": run.mlp, "attn": run.attn} for run in (clean, cor)]
+    return sites[0], sites[1], cor.probs
+
+
+def _hooked_runs(inputs: TraceInputs, noise: Tensor) -> tuple[Acts, Acts, Tensor]:
+    """The same through the hook layer, for any model."""
+    model, names = inputs.model, all_sites(inputs.n_layers)
+    clean: dict[str, Tensor] = {}
     with torch.no_grad(), H.hooked(model, [H.capture(n, clean) for n in names]):
         model.logits(inputs.batch(1))
-    acts: dict[str, torch.Tensor] = {}
-    noise = inputs.noise.clone().requires_grad_(True)  # puts the corrupted run on the graph
+    acts: dict[str, Tensor] = {}
     hooks = [H.add_noise(slice(*inputs.subject_range), noise)]
     hooks += [H.capture(n, acts, detach=False) for n in names]
-    with torch.enable_grad(), H.hooked(model, hooks):
-        p = model.logits(inputs.batch(S))[:, -1].softmax(-1)[:, inputs.target_id]
-        grads = torch.autograd.grad(p.mean(), [acts[n] for n in names])
-    effects = {}
-    for site, hook in SITE_HOOKS.items():
-        delta = torch.stack([clean[hook(j)] - acts[hook(j)].detach() for j in range(inputs.n_layers)])
-        grad = torch.stack([grads[names.index(hook(j))] for j in range(inputs.n_layers)])
-        # the grad of the mean already carries 1/S: summing over samples gives the mean effect
-        effects[site] = einsum(delta, grad, "layer s pos d, layer s pos d -> layer pos").float().cpu()
-    return effects, float(p.detach().mean())
+    with H.hooked(model, hooks):
+        probs = model.logits(inputs.batch(inputs.samples))[:, -1].softmax(-1)[:, inputs.target_id]
+    layers = range(inputs.n_layers)
+    by_site = [
+        {site: [run[hook(j)] for j in layers] for site, hook in SITE_HOOKS.items()}
+        for run in (clean, acts)
+    ]
+    return by_site[0], by_site[1], probs
 
 
 def run(inputs: TraceInputs, kinds, *, window, sever, cells, progress):

@@ -40,17 +40,14 @@ _MAX_ROWS = 4096  # (states x samples x positions) per layer call; bounds peak m
 
 
 def run(inputs: TraceInputs, kinds, *, window, sever, cells, progress):
-    model = inputs.model
-    if not LlamaStepper.supports(model) or _bridge_has_hooks(model):
-        return reference.run(inputs, kinds, window=window, sever=sever, cells=cells,
-                             progress=progress, cells_per_pass=_FALLBACK_CELLS_PER_PASS)  # fmt: skip
+    if not LlamaStepper.usable(inputs.model):
+        return reference.run(
+            inputs, kinds, window=window, sever=sever, cells=cells, progress=progress,
+            cells_per_pass=_FALLBACK_CELLS_PER_PASS,
+        )
     jobs = reference.grid_jobs(inputs, kinds, window, sever, cells)
     scores, low = _fast_grid(inputs, [(t, p) for _, t, _, p in jobs], progress)
     return reference.fill_grids(inputs, kinds, jobs, scores), low
-
-
-def _bridge_has_hooks(model) -> bool:
-    return any(hp.fwd_hooks or hp.bwd_hooks for hp in model.bridge.hook_dict.values())
 
 
 @torch.no_grad()

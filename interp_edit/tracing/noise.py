@@ -104,7 +104,8 @@ def resolve_noise(
     elif isinstance(noise, (int, float)) and not isinstance(noise, bool):
         std, source = float(noise), "fixed std"
     else:
-        raise InterpEditError(f"noise must be 'sK', a float or a tensor, not {type(noise).__name__}")
+        kind = type(noise).__name__
+        raise InterpEditError(f"noise must be 'sK', a float or a tensor, not {kind}")
     if not std >= 0:
         raise InterpEditError(f"the noise std must be >= 0, got {std}")
     gen = torch.Generator().manual_seed(int(seed))

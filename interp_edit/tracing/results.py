@@ -86,7 +86,8 @@ class TraceResult:
 
     # ---- persistence ---------------------------------------------------------------------
     def _arrays(self, prefix: str = "") -> dict[str, np.ndarray]:
-        meta = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "scores"}
+        fields = [f.name for f in dataclasses.fields(self) if f.name != "scores"]
+        meta = {name: getattr(self, name) for name in fields}
         meta["format"] = _FORMAT
         return {
             prefix + "scores": self.scores.detach().cpu().to(torch.float32).numpy(),

@@ -121,7 +121,8 @@ def test_seeded_runs_are_byte_identical(fm, fact):
 def test_high_score_is_the_plain_forward_probability(fm, fact, ref_set):
     r = ref_set.resid
     assert r.target.strip() == fact.attribute  # target=None: the model's own top-1
-    assert r.high_score == pytest.approx(float(fm.model.next_token_probs(fact.prompt, r.target)), abs=1e-7)
+    plain = float(fm.model.next_token_probs(fact.prompt, r.target))
+    assert r.high_score == pytest.approx(plain, abs=1e-7)
 
 
 @pytest.mark.parametrize("method", ["fast", "reference"])
@@ -195,3 +196,12 @@ def test_save_load_round_trip(tmp_path, ref_set):
     both = ie.tracing.TraceSet.load(tmp_path / "set.npz")
     assert all(torch.equal(both[k].scores, ref_set[k].scores) for k in KINDS)
     assert both.mlp.kind == "mlp"
+
+
+def test_attribution_through_stepper_and_hooks_agree(fm, fact, monkeypatch):
+    kw = dict(window=3, samples=3, method="attribution")
+    stepper = ie.trace_all(fm.model, fact.prompt, fact.subject, **kw)
+    monkeypatch.setattr(engine.LlamaStepper, "supports", staticmethod(lambda model: False))
+    hooked = ie.trace_all(fm.model, fact.prompt, fact.subject, **kw)
+    for kind in KINDS:
+        assert (stepper[kind].scores - hooked[kind].scores).abs().max() <= ATOL

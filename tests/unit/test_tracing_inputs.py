@@ -78,4 +78,7 @@ def test_plans_follow_rome():
     assert list(window_layers(5, 1, 30)) == [5]
     assert plan("mlp", 1, 3, 4) == tuple(Restore(j, "mlp", "clean") for j in (0, 1, 2))
     assert plan("resid", 1, 10, 4, sever="attn") == (
-        Restore(1, "resid", "clean"), Restore(2, "attn", "corrupted"), Restore(3, "attn", "corrupted"))
+        Restore(1, "resid", "clean"),
+        Restore(2, "attn", "corrupted"),
+        Restore(3, "attn", "corrupted"),
+    )
