@@ -52,14 +52,16 @@ class ROMEHparams:
     """ROME's settings. The defaults work on the default model (SmolLM2-135M)."""
 
     layer: int | str = "auto"  # "auto": the layer of the largest MLP effect; or an index
-    auto_layers: tuple[int, int] | None = None  # "auto" searches layers [lo, hi); None: all
+    auto_layers: tuple[int, int] = (1, 10)  # "auto" searches layers [lo, hi) (clipped)
+    auto_fallback: int = 2  # "auto" takes this layer when no MLP effect reaches min_effect
+    min_effect: float = 0.02  # smallest indirect effect that counts as located
     trace_method: str = "fast"  # "fast" (exact) | "attribution" (gradient estimate)
     trace_samples: int = 3  # noise samples of the locating trace
     trace_window: int = 5  # MLP layers restored together in the locating trace
-    n_prefixes: int = 10  # context prefixes sampled from the model for k* and v*
+    n_prefixes: int = 5  # context prefixes sampled from the model for k* and v*
     prefix_len: int = 10  # tokens per prefix
     seed: int = 0  # seeds the prefixes and the generated corpus
-    v_lr: float = 0.5  # Adam learning rate of δ
+    v_lr: float = 1.0  # Adam learning rate of δ
     v_steps: int = 20  # at most this many steps ...
     v_nll_stop: float = 0.05  # ... or until the mean NLL of the new target falls below this
     v_weight_decay: float = 0.5  # × ‖δ‖ / ‖W k*‖²
@@ -84,11 +86,10 @@ class ROMEHparams:
                 raise InterpEditError(f"ROME hparam {name} must be >= 0")
         if self.precision not in ("bf16", "fp32"):
             raise InterpEditError(f"precision must be 'bf16' or 'fp32', not {self.precision!r}")
-        if self.auto_layers is not None:
-            object.__setattr__(self, "auto_layers", tuple(self.auto_layers))
-            lo, hi = self.auto_layers
-            if not 0 <= lo < hi:
-                raise InterpEditError(f"auto_layers {self.auto_layers} is not a range lo < hi")
+        object.__setattr__(self, "auto_layers", tuple(self.auto_layers))
+        lo, hi = self.auto_layers
+        if not 0 <= lo < hi:
+            raise InterpEditError(f"auto_layers {self.auto_layers} is not a range 0 <= lo < hi")
 
 
 @dataclass(frozen=True)
@@ -161,8 +162,7 @@ def choose_layer(model: Model, req: EditRequest, hp: ROMEHparams) -> tuple[int, 
         return hp.layer, f"given (layer={hp.layer})", None
     from interp_edit.tracing import trace
 
-    lo, hi = hp.auto_layers or (0, model.n_layers)
-    hi = min(hi, model.n_layers)
+    lo, hi = hp.auto_layers[0], min(hp.auto_layers[1], model.n_layers)
     if lo >= hi:
         raise InterpEditError(f"auto_layers {hp.auto_layers} is empty on a {model.n_layers}-layer model")
     last = model.subject_range(req.text, req.subject)[1] - 1
@@ -171,9 +171,18 @@ def choose_layer(model: Model, req: EditRequest, hp: ROMEHparams) -> tuple[int, 
               seed=hp.seed + 1, positions=[last], layers=list(range(lo, hi)), progress=False)
     effects = r.indirect_effect[last]
     layer = lo + int(torch.nan_to_num(effects[lo:hi], nan=-float("inf")).argmax())
-    why = (f"largest MLP indirect effect at the last subject token {r.tokens[last]!r}: "
-           f"{float(effects[layer]):.3f} at layer {layer} ({hp.trace_method} trace, window "
-           f"{hp.trace_window}, {hp.trace_samples} samples, layers {lo}..{hi - 1})")
+    best = float(effects[layer])
+    how = (f"{hp.trace_method} trace of p({r.target.strip()}), window {hp.trace_window}, "
+           f"{hp.trace_samples} samples, layers {lo}..{hi - 1}")
+    if best >= hp.min_effect:
+        why = (f"largest MLP indirect effect at the last subject token {r.tokens[last]!r}: "
+               f"{best:.3f} at layer {layer} ({how})")
+    else:
+        model._check_layer(hp.auto_fallback)
+        why = (f"no MLP indirect effect at the last subject token {r.tokens[last]!r} reaches "
+               f"{hp.min_effect} (largest {best:.3f} at layer {layer}; {how}): fallback layer "
+               f"{hp.auto_fallback}")
+        layer = hp.auto_fallback
     info = {"target": r.target, "method": r.method, "window": r.window, "samples": r.samples,
             "low_score": r.low_score, "high_score": r.high_score, "token": last,
             "effects": [None if e != e else round(float(e), 5) for e in effects.tolist()]}

@@ -121,13 +121,17 @@ def test_several_requests_apply_sequentially_as_one_edit(fm, HP):
 
 def test_auto_layer_records_the_trace(fm, HP):
     m, req = fm.model, _req(fm)
-    hp = {**HP, "layer": "auto", "auto_layers": (0, 3), "trace_samples": 2, "trace_window": 1}
+    hp = {**HP, "layer": "auto", "auto_layers": (0, 3), "trace_samples": 2, "trace_window": 1,
+          "min_effect": -1.0}
     with ie.edit(m, req, method="rome", **hp) as edit:
         info = edit.info["edits"][0]
         assert 0 <= edit.info["layer"] < 3 and "largest MLP indirect effect" in edit.info["why"]
         effects = info["trace"]["effects"]
         assert len(effects) == m.n_layers and effects[3] is None  # layer 3 not searched
         assert edit.info["layer"] == max(range(3), key=lambda l: effects[l])
+    hp["min_effect"] = 2.0  # no effect is that large: the fallback layer, and why
+    with ie.edit(m, req, method="rome", **hp, auto_fallback=1) as edit:
+        assert edit.info["layer"] == 1 and "fallback layer 1" in edit.info["why"]
 
 
 def test_save_and_load_roundtrip(fm, HP, tmp_path):
