@@ -110,13 +110,14 @@ def attribution_table(model, facts: list[dict], samples: int) -> list[str]:
         approx, dt = timed(lambda: ie.trace_all(model, rec["prompt"], rec["subject"],
                                                 method="attribution", **kw))  # fmt: skip
         t_att += dt
-        print(f"  fact {len(per_kind['resid']) + 1}/{len(facts)}: {rec['prompt']!r}", flush=True)
         start = exact.resid.subject_range[0]
         for k in KINDS:
             e, a = exact[k].indirect_effect[start:], approx[k].indirect_effect[start:]
             per_kind[k].append(pearson(a, e))
             pooled[k][0].append(a.flatten())
             pooled[k][1].append(e.flatten())
+        rs = " ".join(f"{k} {per_kind[k][-1]:.2f}" for k in KINDS)
+        print(f"  fact {len(per_kind['resid'])}/{len(facts)} {rec['prompt']!r}: r {rs}", flush=True)
     lines = [
         f"{len(facts)} known facts the model predicts, {samples} samples; exact (fast, "
         f"`trace_all`) {t_exact:.0f} s in all, attribution {t_att:.1f} s "

@@ -84,7 +84,8 @@ def resolve_noise(
         if tuple(noise.shape) != shape:
             raise InterpEditError(
                 f"the noise tensor has shape {tuple(noise.shape)}; expected "
-                f"[samples, subject_len, d_model] = {list(shape)} for this prompt"
+                f"[samples, subject_len, d_model] = {list(shape)} for this prompt and subject "
+                "(pass samples= equal to the tensor's first dimension)"
             )
         return noise.detach().float().to(model.device), float(noise.float().std()), "given tensor"
     if isinstance(noise, str):
