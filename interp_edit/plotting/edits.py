@@ -96,11 +96,13 @@ def plot_change_heatmap(
             labels = subject_marked_tokens(diff.tokens[i], diff.subject_ranges[i])
             pad = n_rows - len(labels)  # blank rows below short prompts: equal row heights
             draw_grid(
-                ax, rel[i, :n_rows], row_labels=labels + [""] * pad, cmap="Purples", vmin=0.0,
+                ax, rel[i, :n_rows], row_labels=None, cmap="Purples", vmin=0.0,
                 vmax=vmax, xlabel="layer", title=KIND_LABEL.get(kind, kind), colorbar_label=None,
             )
-            for layer in diff.edit_layers:
-                ax.axvline(layer, color="k", lw=0.6, ls=":")
+            for layer in diff.edit_layers:  # over the prompt's own rows only
+                ax.axvline(layer, ymin=pad / n_rows, color="k", lw=0.6, ls=":")
+            ax.set_yticks(range(len(labels)), labels)
+            ax.tick_params(axis="y", labelleft=True, length=st.RC["ytick.major.size"])
         cb = fig.colorbar(axes[0].images[0], ax=list(axes), fraction=0.02, pad=0.01, aspect=30)
         cb.set_label("\u2016\u0394h\u2016 / \u2016h before\u2016")
         fig.suptitle(edit_title(diff) + "\nchange of the residual stream at each token and layer")
