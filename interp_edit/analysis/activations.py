@@ -184,18 +184,14 @@ def compare_activations(
     spans = tuple(tuple(x - shift for x in model.subject_range(t, req.subject))
                   if req.subject in t else (0, 0) for t in texts)
 
+    n = max(len(ids) for ids in own)
+    last = torch.tensor([len(ids) - 1 for ids in own])
+    pad = torch.arange(n)[None, :] > last[:, None]  # [prompt, pos]: past a prompt's end
+
     def run(after: bool) -> dict[str, Tensor]:
         seqs = [(ctx if after else []) + ids for ids in own]
-        offset = len(ctx) if after else 0
-        acts = _capture_all(model, seqs)
-        n = max(len(s) for s in own)
-        out = {}
-        for site, a in acts.items():  # a: [batch, pos, layer, d_model] -> aligned, NaN padded
-            aligned = torch.full((len(own), n, *a.shape[2:]), torch.nan)
-            for i, ids in enumerate(own):
-                aligned[i, : len(ids)] = a[i, offset : offset + len(ids)].cpu()
-            out[site] = aligned
-        last = torch.tensor([len(ids) - 1 for ids in own])
+        acts = _capture_all(model, seqs, start=len(ctx) if after else 0, width=n)
+        out = {site: a.masked_fill(pad[:, :, None, None], torch.nan) for site, a in acts.items()}
         out["lens"] = target_lens(model, out["resid"][torch.arange(len(own)), last], target_ids)
         return out
 
@@ -263,14 +259,18 @@ def _own_tokens(model: Model, texts: Sequence[str], context: str) -> tuple[list[
     return [ids[bos:] for ids in own], model.tokenize(context).tolist()
 
 
-def _capture_all(model: Model, seqs: list[list[int]]) -> dict[str, Float[Tensor, "batch pos layer d_model"]]:
-    """One batched (right-padded) forward pass capturing every site of every layer."""
+def _capture_all(
+    model: Model, seqs: list[list[int]], *, start: int, width: int
+) -> dict[str, Float[Tensor, "batch width layer d_model"]]:
+    """One batched (right-padded) forward pass capturing every site of every layer at
+    positions ``start .. start + width - 1`` (rows shorter than that hold padding there)."""
     ids, _ = model.batch_ids(seqs)
     store: dict[str, Tensor] = {}
     names = {site: [fn(layer) for layer in range(model.n_layers)] for site, fn in _SITES.items()}
     with hooked(model, [capture(n, store) for ns in names.values() for n in ns]):
         model.logits(ids)
-    return {site: rearrange(torch.stack([store[n] for n in ns]), "layer b pos d -> b pos layer d")
+    return {site: rearrange(torch.stack([store[n][:, start : start + width].float().cpu() for n in ns]),
+                            "layer b pos d -> b pos layer d")
             for site, ns in names.items()}
 
 
