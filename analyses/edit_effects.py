@@ -61,7 +61,8 @@ def compute(model, method: str, data: Path, *, trace: bool, samples: int, **hpar
     t0 = time.perf_counter()
     edit = ie.edit(model, FACT.request, method=method, **hparams)
     scores = measure(model, FACT, edit, ("efficacy", "paraphrase", "neighborhood"))
-    print(f"{method}: edited in {time.perf_counter() - t0:.0f}s, layer {edit.info.get('layer', '-')}; "
+    print(f"{method}: edited in {time.perf_counter() - t0:.0f}s, "
+          f"layer {edit.info.get('layer', '-')}; "
           + ", ".join(f"{k} {v:+.3f}" for k, v in scores.items() if k.endswith("_gap")))
     prompts = probe_prompts(FACT.request, paraphrase=FACT.paraphrases[0],
                             neighborhood=FACT.neighborhood[0][0], unrelated=UNRELATED)
@@ -80,11 +81,13 @@ def draw(method: str, data: Path, out: Path) -> None:
     for what in ("curves", "heatmap", "lens"):
         _save(diff.plot(what), out / f"edit_effects_{method}_{what}.png")
     if (data / f"{method}_trace_before.npz").exists():
-        before, after = (TraceResult.load(data / f"{method}_trace_{s}.npz") for s in ("before", "after"))
+        before, after = (TraceResult.load(data / f"{method}_trace_{s}.npz")
+                         for s in ("before", "after"))
         where = f" at layer {diff.edit_layers[0]}" if len(diff.edit_layers) == 1 else ""
         title = (f"{method.upper()} edit{where}: MLP causal trace of the edited fact "
                  f"(window {before.window}, {before.samples} noise samples)")
-        _save(plot_trace_before_after(before, after, title=title), out / f"edit_effects_{method}_trace.png")
+        _save(plot_trace_before_after(before, after, title=title),
+              out / f"edit_effects_{method}_trace.png")
 
 
 def _save(fig, path: Path) -> None:
@@ -93,7 +96,8 @@ def _save(fig, path: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="ie.load_model name or path (default model)")
     ap.add_argument("--methods", nargs="+", default=None,
                     help="editors (default: rome, mend if trained else ft, ike)")
@@ -116,8 +120,8 @@ def main() -> None:
         for method in methods:
             hp = {}
             if method == "rome":
-                hp = {"corpus": args.corpus,
-                      "layer": args.rome_layer if args.rome_layer == "auto" else int(args.rome_layer)}
+                layer = args.rome_layer if args.rome_layer == "auto" else int(args.rome_layer)
+                hp = {"corpus": args.corpus, "layer": layer}
             compute(model, method, data, trace=args.trace, samples=args.samples, **hp)
     for method in methods:
         draw(method, data, args.out)

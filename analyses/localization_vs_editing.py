@@ -15,7 +15,7 @@ Writes ``figures/localization_scatter.png``, ``figures/localization_layers.png``
 (a rerun with the same settings resumes from it; ``--report-only`` redraws from it).
 
     .venv/bin/python analyses/localization_vs_editing.py --n 50 --every 1   # the full study
-    .venv/bin/python analyses/localization_vs_editing.py --n 20 --every 3 --prefixes 5
+    .venv/bin/python analyses/localization_vs_editing.py --n 12 --every 4 --prefixes 2 --v-steps 10
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ def report(study, n_boot: int) -> str:
     """The markdown result file: setup, the command, the table and the numbers in words."""
     cmd = "python analyses/localization_vs_editing.py " + " ".join(map(shlex.quote, sys.argv[1:]))
     rome = {k: v for k, v in study.rome.items() if k != "corpus"}
+    corpus = Path(study.rome.get("corpus", "ROME's default")).name
     s = study.stats("efficacy_gap", n_boot)
     lines = [
         "# Localization vs editing (Hase et al. 2023) on " + study.model_name,
@@ -63,7 +64,7 @@ def report(study, n_boot: int) -> str:
         f"- Tracing effect: MLP causal trace at the last subject token, window {study.window}, "
         f"{study.samples} noise samples (s3), indirect effect p(restored) - p(corrupted).",
         f"- Edits: ROME at layers {', '.join(map(str, study.layers))} and layer=\"auto\" (largest "
-        f"MLP effect of its own 3-sample trace); key statistics from {Path(study.rome.get('corpus', 'ROME default')).name}"
+        f"MLP effect of its own 3-sample trace); key statistics from {corpus}"
         + (f"; ROME settings {rome}" if rome else "; ROME defaults otherwise") + ".",
         "- Success: magnitudes from `interp_edit.evaluation.metrics.measure` (mean per-token "
         "probabilities): efficacy and paraphrase p(new) - p(true), neighbourhood p(true) - p(new).",
@@ -92,7 +93,8 @@ def _counts(layers: list[int]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=50, help="number of known facts")
     ap.add_argument("--every", type=int, default=1, help="edit every k-th layer (0, k, 2k, ...)")
     ap.add_argument("--model", default=None, help="ie.load_model name or path (default model)")
@@ -102,11 +104,13 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=5, help="MLP window of the trace (ROME auto's)")
     ap.add_argument("--samples", type=int, default=10, help="noise samples of the trace")
     ap.add_argument("--prefixes", type=int, default=None, help="ROME n_prefixes (default: ROME's)")
+    ap.add_argument("--v-steps", type=int, default=None, help="ROME v_steps (default: ROME's)")
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--out", type=Path, default=ROOT / "figures")
     ap.add_argument("--report-only", action="store_true", help="redraw from the rows file")
     args = ap.parse_args()
-    args.rome = {"corpus": args.corpus} | ({"n_prefixes": args.prefixes} if args.prefixes else {})
+    args.rome = {"corpus": args.corpus} | ({"n_prefixes": args.prefixes} if args.prefixes else {}) \
+        | ({"v_steps": args.v_steps} if args.v_steps else {})
     args.out.mkdir(parents=True, exist_ok=True)
     rows_path = args.out / "localization_rows.jsonl"
     if args.report_only:  # the latest settings in the rows file
@@ -117,7 +121,7 @@ def main() -> None:
         layers = list(range(0, model.n_layers, args.every))
         records = known_records(model, load_counterfact(args.data), args.n)
         hp = make_hparams("rome", **args.rome)
-        print(f"{len(records)} known facts; key statistics for all {model.n_layers} layers (cached)")
+        print(f"{len(records)} known facts; key statistics of all {model.n_layers} layers")
         second_moments(model, range(model.n_layers), hp.corpus, hp.stats_tokens, seed=hp.seed,
                        precision=hp.precision)
         study = run_study(model, records, layers, window=args.window, samples=args.samples,

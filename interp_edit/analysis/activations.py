@@ -239,7 +239,9 @@ def trace_edit(model: Model, edit: AppliedEdit, kind: str = "mlp", **trace_kw):
     return before_after(model, edit, run)
 
 
-def _labelled(prompts: Mapping[str, str] | Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def _labelled(
+    prompts: Mapping[str, str] | Sequence[str],
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
     if isinstance(prompts, str):
         prompts = [prompts]
     items = list(prompts.items()) if isinstance(prompts, Mapping) else [
@@ -249,7 +251,9 @@ def _labelled(prompts: Mapping[str, str] | Sequence[str]) -> tuple[tuple[str, ..
     return tuple(k for k, _ in items), tuple(p for _, p in items)
 
 
-def _own_tokens(model: Model, texts: Sequence[str], context: str) -> tuple[list[list[int]], list[int]]:
+def _own_tokens(
+    model: Model, texts: Sequence[str], context: str
+) -> tuple[list[list[int]], list[int]]:
     """Each prompt's token ids and the context's. With a context, a BOS token the model adds
     belongs to the context (it starts the wrapped sequence), not to the compared tokens."""
     own = [model.tokenize(t).tolist() for t in texts]
@@ -269,9 +273,12 @@ def _capture_all(
     names = {site: [fn(layer) for layer in range(model.n_layers)] for site, fn in _SITES.items()}
     with hooked(model, [capture(n, store) for ns in names.values() for n in ns]):
         model.logits(ids)
-    return {site: rearrange(torch.stack([store[n][:, start : start + width].float().cpu() for n in ns]),
-                            "layer b pos d -> b pos layer d")
-            for site, ns in names.items()}
+    window = slice(start, start + width)
+    return {
+        site: rearrange(torch.stack([store[n][:, window].float().cpu() for n in ns]),
+                        "layer b pos d -> b pos layer d")
+        for site, ns in names.items()
+    }
 
 
 def _edit_layers(edit: AppliedEdit) -> tuple[int, ...]:

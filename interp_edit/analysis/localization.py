@@ -104,7 +104,9 @@ def bootstrap(
     """``stat(*grids)`` with a percentile CI from resampling the facts (dim 0 of every grid)."""
     n = len(grids[0])
     if n < 2 or any(len(g) != n for g in grids):
-        raise InterpEditError(f"bootstrap needs >= 2 facts and equal-length inputs, got {[len(g) for g in grids]}")
+        raise InterpEditError(
+            f"bootstrap needs >= 2 facts and equal-length inputs, got {[len(g) for g in grids]}"
+        )
     g = torch.Generator().manual_seed(seed)
     draws = torch.tensor([stat(*(x[idx] for x in grids)) for idx in
                           (torch.randint(n, (n,), generator=g) for _ in range(n_boot))])

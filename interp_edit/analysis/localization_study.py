@@ -67,23 +67,25 @@ class LocalizationStudy:
         """``(effect, success)`` at the edited layers, for one metric."""
         return self.effect[:, list(self.layers)], self.success[self._m(metric)]
 
-    def stats(self, metric: str = "efficacy_gap", n_boot: int = 1000, seed: int = 0) -> LocalizationStats:
+    def stats(
+        self, metric: str = "efficacy_gap", n_boot: int = 1000, seed: int = 0
+    ) -> LocalizationStats:
         effect, success = self.grid(metric)
         return localization_stats(effect, success, self.layers, metric=metric,
                                   auto=self.auto_success[self._m(metric)], n_boot=n_boot, seed=seed)
 
     def to_markdown(self, n_boot: int = 1000) -> str:
         """One table row per success metric; 95% bootstrap CIs over facts."""
-        head = ("| edit success | r pooled | mean per-fact r | R² layer | R² tracing | "
-                "R² layer + tracing | best fixed layer (mean) | auto (mean) | auto − best fixed |")
+        head = ("| edit success | r pooled | mean per-fact r | R² layer | R² tracing | R² layer + "
+                "tracing | best fixed layer (mean) | auto (mean) | auto − best fixed |")
         rows = [head, "|" + "---|" * 9]
         for m in self.metrics:
             s = self.stats(m, n_boot)
             r2 = {k: s.r2[k] for k in R2_TERMS}
             rows.append(
                 f"| {SUCCESS.get(m, m)} | {s.pooled_r} | {s.mean_per_fact_r} | {r2['layer']} | "
-                f"{r2['tracing']} | {r2['layer + tracing']} | {s.best_layer} ({s.best_layer_success:+.3f}) | "
-                f"{s.auto_success:+.3f} | {s.auto_gain} |"
+                f"{r2['tracing']} | {r2['layer + tracing']} | {s.best_layer} "
+                f"({s.best_layer_success:+.3f}) | {s.auto_success:+.3f} | {s.auto_gain} |"
             )
         return "\n".join(rows)
 
@@ -170,8 +172,8 @@ def run_study(
         rows.append(row)
         if progress:
             best = max(range(len(layers)), key=lambda j: row["success"][j]["efficacy_gap"])
-            progress(f"[{i + 1}/{len(records)}] {rec.subject!r}: auto layer {row['auto']['layer']}, "
-                     f"best efficacy at layer {layers[best]}")
+            progress(f"[{i + 1}/{len(records)}] {rec.subject!r}: auto layer "
+                     f"{row['auto']['layer']}, best efficacy at layer {layers[best]}")
     return study_from_rows(rows)
 
 

@@ -22,7 +22,12 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from interp_edit.plotting import style as st
-from interp_edit.plotting.heatmaps import draw_grid, figure_height, plot_trace, subject_marked_tokens
+from interp_edit.plotting.heatmaps import (
+    draw_grid,
+    figure_height,
+    plot_trace,
+    subject_marked_tokens,
+)
 
 if TYPE_CHECKING:
     from interp_edit.analysis.activations import ActivationDiff
@@ -31,19 +36,23 @@ if TYPE_CHECKING:
 # prompt kinds (Okabe-Ito, colour-blind safe): moved prompts warm, controls cool/grey
 KIND_COLOR = {"edit": "#D55E00", "paraphrase": "#E69F00", "neighborhood": "#0072B2",
               "unrelated": "#999999"}
-KIND_STYLE = {"edit": "-", "paraphrase": (0, (4, 2)), "neighborhood": "-", "unrelated": (0, (1, 1.5))}
+KIND_STYLE = {"edit": "-", "paraphrase": (0, (4, 2)), "neighborhood": "-",
+              "unrelated": (0, (1, 1.5))}
 KIND_LABEL = {"edit": "edit prompt", "paraphrase": "paraphrase", "neighborhood": "neighbourhood",
               "unrelated": "unrelated"}
-SITE_TITLE = {"resid": "Residual stream (block output)", "mlp": "MLP output", "attn": "Attention output"}
+SITE_TITLE = {"resid": "Residual stream (block output)", "mlp": "MLP output",
+              "attn": "Attention output"}
 TARGET_COLOR = ("#0072B2", "#D55E00")  # (target_true, target_new)
-ALIGNED_NOTE = "IKE: 'after' has the demonstrations prepended; compared at the prompt's aligned final tokens"
+ALIGNED_NOTE = ("IKE: 'after' has the demonstrations prepended; "
+                "compared at the prompt's aligned final tokens")
 
 
 def edit_title(diff: ActivationDiff) -> str:
     """``ROME edit at layer 5: Eiffel Tower: Paris -> Rome``."""
     where = "in context" if diff.in_context else _layers_text(diff.edit_layers)
     true, new = (t.strip() for t in diff.targets)
-    title = f"{diff.method.upper()} edit{' ' + where if where else ''}: {diff.subject}: {true} \u2192 {new}"
+    where = f" {where}" if where else ""
+    title = f"{diff.method.upper()} edit{where}: {diff.subject}: {true} \u2192 {new}"
     return title + (f"\n{ALIGNED_NOTE}" if diff.in_context else "")
 
 
@@ -126,7 +135,8 @@ def plot_logit_lens(
         for ax, kind in zip(axes, kinds):
             i = diff.index(kind)
             for t, target in enumerate(diff.targets):
-                for lens, ls, state in ((diff.lens_before, "--", "before"), (diff.lens_after, "-", "after")):
+                states = ((diff.lens_before, "--", "before"), (diff.lens_after, "-", "after"))
+                for lens, ls, state in states:
                     ax.plot(layers, lens[i, :, t].numpy(), ls=ls, color=TARGET_COLOR[t],
                             label=f"{st.target_label(target)} {state}")
             _mark_edit_layers(ax, diff)
@@ -140,17 +150,24 @@ def plot_logit_lens(
 
 
 def plot_trace_before_after(
-    before: TraceResult, after: TraceResult, *, width: float = st.TEXT_WIDTH, title: str | None = None
+    before: TraceResult,
+    after: TraceResult,
+    *,
+    width: float = st.TEXT_WIDTH,
+    title: str | None = None,
 ) -> Figure:
     """The edited fact's causal trace before the edit (old answer) and after it (new answer),
     side by side: where does the new fact live?"""
     with st.style():
         fig = st.new_figure(width, figure_height(before.n_tokens) + 0.45)
         axes = fig.subplots(1, 2, sharey=True)
-        for j, (ax, r, state) in enumerate(zip(axes, (before, after), ("Before the edit", "After the edit"))):
-            head = f"{state}: {st.target_label(r.target)}, corrupted {r.low_score:.2f}, clean {r.high_score:.2f}"
+        states = ("Before the edit", "After the edit")
+        for j, (ax, r, state) in enumerate(zip(axes, (before, after), states)):
+            head = (f"{state}: {st.target_label(r.target)}, corrupted {r.low_score:.2f}, "
+                    f"clean {r.high_score:.2f}")
             plot_trace(r, ax, title=head, show_tokens=j == 0)
-        fig.suptitle(title or st.restored_title(before.kind, before.window, before.sever, before.method))
+        fig.suptitle(title or st.restored_title(before.kind, before.window, before.sever,
+                                                before.method))
     return fig
 
 
@@ -170,4 +187,6 @@ def _layers_text(layers: Sequence[int]) -> str:
     if len(layers) == 1:
         return f"at layer {layers[0]}"
     contiguous = list(layers) == list(range(layers[0], layers[-1] + 1))
-    return f"at layers {layers[0]}\u2013{layers[-1]}" if contiguous else f"at layers {', '.join(map(str, layers))}"
+    if contiguous:
+        return f"at layers {layers[0]}\u2013{layers[-1]}"
+    return f"at layers {', '.join(map(str, layers))}"

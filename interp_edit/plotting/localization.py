@@ -30,7 +30,8 @@ METRIC_AXIS = {"efficacy_gap": "p(new) \u2212 p(true), edit prompt",
 
 def _subtitle(study: LocalizationStudy) -> str:
     return (f"{study.model_name}: {study.n_facts} facts, ROME at layers {_layers(study.layers)}\n"
-            f"tracing effect: MLP window {study.window}, {study.samples} noise samples, last subject token")
+            f"tracing effect: MLP window {study.window}, {study.samples} noise samples, "
+            "last subject token")
 
 
 def plot_effect_vs_success(
@@ -56,7 +57,8 @@ def plot_effect_vs_success(
                             s=5, alpha=0.7, linewidths=0)
             s = study.stats(m, n_boot=n_boot)
             r = s.pooled_r
-            ax.set_title(f"{METRIC_SHORT.get(m, m)}\npooled r = {r.value:+.2f} [{r.lo:+.2f}, {r.hi:+.2f}]\n"
+            ax.set_title(f"{METRIC_SHORT.get(m, m)}\n"
+                         f"pooled r = {r.value:+.2f} [{r.lo:+.2f}, {r.hi:+.2f}]\n"
                          f"R² layer {s.r2['layer'].value:.2f}, layer + tracing "
                          f"{s.r2['layer + tracing'].value:.2f}")
             ax.set_xlabel("tracing effect at the edit layer")
@@ -106,7 +108,9 @@ def plot_layerwise(
     return fig
 
 
-def _band(ax, x: np.ndarray, values: np.ndarray, color, label: str, marker: str | None = None) -> None:
+def _band(
+    ax, x: np.ndarray, values: np.ndarray, color, label: str, marker: str | None = None
+) -> None:
     """Mean over facts (rows) with a mean ± 1.96 SE band."""
     mean = np.nanmean(values, axis=0)
     se = np.nanstd(values, axis=0, ddof=1) / np.sqrt(np.sum(~np.isnan(values), axis=0))
@@ -118,5 +122,6 @@ def _layers(layers: Sequence[int]) -> str:
     layers = list(layers)
     step = layers[1] - layers[0] if len(layers) > 1 else 1
     if len(layers) > 2 and layers == list(range(layers[0], layers[-1] + 1, step)):
-        return f"{layers[0]}..{layers[-1]} (every {step})" if step > 1 else f"{layers[0]}..{layers[-1]}"
+        span = f"{layers[0]}..{layers[-1]}"
+        return f"{span} (every {step})" if step > 1 else span
     return ", ".join(map(str, layers))

@@ -40,7 +40,8 @@ def test_noop_edit_changes_nothing(default_model):
 def rome_diff(default_model, shared_data):
     m = default_model
     before = {k: v.clone() for k, v in m.hf_model.state_dict().items()}
-    with ie.edit(m, REQ, method="rome", layer=4, corpus=str(shared_data / "wikitext-2" / "valid.txt")) as e:
+    corpus = str(shared_data / "wikitext-2" / "valid.txt")
+    with ie.edit(m, REQ, method="rome", layer=4, corpus=corpus) as e:
         d = compare_activations(m, e, PROMPTS)
         p_new = float(m.next_token_probs(REQ.text, "Rome"))
     assert all(torch.equal(before[k], v) for k, v in m.hf_model.state_dict().items())

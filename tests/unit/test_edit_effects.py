@@ -14,7 +14,8 @@ from interp_edit.models import resid_hook
 
 def _req(fm, i=0):
     f = fm.facts[i]
-    return ie.EditRequest(f.template, f.subject, "Rome" if f.attribute != "Rome" else "Oslo", f.attribute)
+    new = "Rome" if f.attribute != "Rome" else "Oslo"
+    return ie.EditRequest(f.template, f.subject, new, f.attribute)
 
 
 def _prompts(fm, i=0):
@@ -97,8 +98,8 @@ def test_in_context_edit_compares_aligned_final_tokens(fm):
         assert list(d.tokens[i]) == m.to_str_tokens(m.tokenize(text))
         # after: the last aligned token of context + prompt; before: the prompt alone
         ids = [m.target_ids(t)[0] for t in d.targets]
-        torch.testing.assert_close(d.lens_after[i, -1], m.last_logits([e.wrap(text)]).softmax(-1)[0, ids],
-                                   atol=1e-5, rtol=1e-4)
+        wrapped = m.last_logits([e.wrap(text)]).softmax(-1)[0, ids]
+        torch.testing.assert_close(d.lens_after[i, -1], wrapped, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(d.lens_before[i, -1], m.last_logits([text]).softmax(-1)[0, ids],
                                    atol=1e-5, rtol=1e-4)
     assert d.subject_ranges[0] == m.subject_range(req.text, req.subject)

@@ -68,7 +68,8 @@ def test_tracing_driven_success_is_explained_by_tracing():
 def _ols_r2(x, y):
     x = torch.cat([torch.ones(len(y), 1, dtype=torch.float64), x.double()], 1)
     fit = x @ torch.linalg.lstsq(x, y.double()[:, None]).solution
-    return float(1 - (y.double() - fit[:, 0]).square().sum() / (y.double() - y.double().mean()).square().sum())
+    y = y.double()
+    return float(1 - (y - fit[:, 0]).square().sum() / (y - y.mean()).square().sum())
 
 
 def test_closed_form_r2_matches_explicit_least_squares():
@@ -81,7 +82,8 @@ def test_closed_form_r2_matches_explicit_least_squares():
     y = success.flatten()
     assert r2["layer"] == pytest.approx(_ols_r2(onehot, y), abs=1e-9)
     assert r2["tracing"] == pytest.approx(_ols_r2(trace, y), abs=1e-9)
-    assert r2["layer + tracing"] == pytest.approx(_ols_r2(torch.cat([onehot, trace], 1), y), abs=1e-9)
+    both = _ols_r2(torch.cat([onehot, trace], 1), y)
+    assert r2["layer + tracing"] == pytest.approx(both, abs=1e-9)
 
 
 def test_per_fact_r_is_flat_row_nan():
