@@ -21,8 +21,6 @@ Writes ``figures/localization_scatter.png``, ``figures/localization_layers.png``
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 from pathlib import Path
 
 import interp_edit as ie
@@ -48,9 +46,21 @@ def known_records(model, records, n: int, batch: int = 32) -> list:
     return out
 
 
+def command(study) -> str:
+    """The command line that computes this study (from its recorded settings)."""
+    layers = study.layers
+    every = layers[1] - layers[0] if len(layers) > 1 else 1
+    opts = {"--n": study.n_facts, "--every": every, "--window": study.window,
+            "--samples": study.samples, "--prefixes": study.rome.get("n_prefixes"),
+            "--v-steps": study.rome.get("v_steps")}
+    defaults = {"--window": 5, "--samples": 10}
+    args = [f"{k} {v}" for k, v in opts.items() if v is not None and defaults.get(k) != v]
+    return "python analyses/localization_vs_editing.py " + " ".join(args)
+
+
 def report(study, n_boot: int) -> str:
     """The markdown result file: setup, the command, the table and the numbers in words."""
-    cmd = "python analyses/localization_vs_editing.py " + " ".join(map(shlex.quote, sys.argv[1:]))
+    cmd = command(study)
     rome = {k: v for k, v in study.rome.items() if k != "corpus"}
     corpus = Path(study.rome.get("corpus", "ROME's default")).name
     s = study.stats("efficacy_gap", n_boot)
