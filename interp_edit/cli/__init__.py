@@ -9,7 +9,7 @@ import os
 import sys
 
 # one line per subcommand module
-_COMMANDS = ["predict", "evaluate", "trace", "trace_dataset", "edit"]
+_COMMANDS = ["predict", "evaluate", "trace", "trace_dataset", "mend_train", "edit"]
 
 
 def build_parser() -> argparse.ArgumentParser:
