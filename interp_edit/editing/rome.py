@@ -208,6 +208,7 @@ def compute_v(
     delta = torch.zeros_like(v0, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=hp.v_lr)
     max_norm = hp.clamp_norm_factor * v0.norm()
+    rows = batch.target_mask.nonzero()[:, 0]  # the row of each target token
     n_target = batch.target_mask.sum(1)[:kl_row]
     kl_init, curve = None, []
     for step in range(hp.v_steps):
@@ -215,7 +216,8 @@ def compute_v(
             logp_target, logp_kl = _edited_logprobs(model, layer, batch, delta, kl_row, kl_pos)
         if kl_init is None:
             kl_init = logp_kl.detach()
-        nll = -(logp_target.sum(1)[:kl_row] / n_target).mean()
+        per_row = torch.zeros(kl_row, device=rows.device).index_add(0, rows, logp_target)
+        nll = -(per_row / n_target).mean()
         kl = torch.nn.functional.kl_div(kl_init, logp_kl, log_target=True, reduction="sum")
         decay = hp.v_weight_decay * delta.norm() / v0.norm() ** 2
         loss = nll + hp.kl_factor * kl + decay
@@ -234,16 +236,18 @@ def compute_v(
     return (v0 + delta).detach(), losses
 
 
-def _edited_logprobs(model: Model, layer: int, batch: FactBatch, delta: Tensor, kl_row: int,
-                     kl_pos: Tensor) -> tuple[Tensor, Tensor]:
-    """Log-probabilities of the target tokens (``[batch, pos]``, zero off the mask) and the
+def _edited_logprobs(
+    model: Model, layer: int, batch: FactBatch, delta: Float[Tensor, "d_model"], kl_row: int,
+    kl_pos: Tensor,
+) -> tuple[Float[Tensor, "n_target_tokens"], Float[Tensor, "d_vocab"]]:
+    """Log-probabilities of every target token (in ``target_mask`` order) and the
     next-token log-distribution of the KL row, with δ added at each subject's last token."""
     bump = batch.at_subject_last()[..., None] * delta  # [batch, pos, d_model]
     with hooked(model, [add_delta(mlp_out_hook(layer), slice(None), bump)]):
-        logits = model.logits(batch.ids)
-    logp = logits.float().log_softmax(-1)
-    target = logp.gather(-1, batch.target_labels[..., None])[..., 0] * batch.target_mask
-    return target, logp[kl_row, kl_pos]
+        logits = model.logits(batch.ids)  # [batch, pos, d_vocab]
+    target = logits[batch.target_mask].float().log_softmax(-1)  # [n_target_tokens, d_vocab]
+    labels = batch.target_labels[batch.target_mask]
+    return target.gather(-1, labels[:, None])[:, 0], logits[kl_row, kl_pos].float().log_softmax(-1)
 
 
 def rank_one_update(
