@@ -14,14 +14,16 @@ every method); reverse, portability and fluency on the hand-written probe set
         --variant "IKE 0=ike:demos=0" --variant "IKE 8=ike:demos=8" ...   # a sweep
     python analyses/compare_editors.py --from-reports results/compare_editors   # redraw only
 
-Writes ``<out>.md`` (table) and ``<out>.png`` (chart); the per-record reports (JSON) go to
-``results/<out name>/`` so the table and chart can be redrawn without recomputing.
+Writes ``<out>.md`` (table) and ``<out>.png`` (chart). Each variant's per-record reports go to
+``results/<out name>/`` as soon as it is done: a rerun with the same settings reuses them (an
+interrupted comparison resumes), and ``--from-reports`` redraws without computing.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import json
 import re
 import sys
@@ -33,6 +35,7 @@ from typing import Any, Sequence
 import numpy as np
 
 import interp_edit as ie
+from interp_edit.editing import make_hparams
 from interp_edit.evaluation import EvalReport, load_probes
 from interp_edit.plotting.style import TEXT_WIDTH, new_figure, save_figure, style
 
@@ -88,16 +91,55 @@ class Result:
         return report.summary(column) if report is not None else None
 
 
-# ---- running -------------------------------------------------------------------------------
-def run_variant(model, variant: Variant, val, probes, args) -> Result:
-    kw = dict(method=variant.method, seed=args.seed, progress=not args.quiet, **variant.hparams)
+# ---- running (each variant's reports are saved as soon as they exist) ----------------------
+def run_variant(model, variant: Variant, val, probes, args, folder: Path) -> Result:
+    """Evaluate one variant, or reload it from ``folder`` when a run with the same method,
+    hparams and sizes is already there (so an interrupted comparison resumes)."""
+    done = _load_result(folder, variant)
+    if done is not None and _matches(done, args):
+        print(f"{variant.label}: reusing {folder}/{variant.slug}-*.json", flush=True)
+        return done
+    kw = dict(method=variant.method, seed=args.seed, progress=not args.quiet,
+              n_unrelated=args.n_unrelated, **variant.hparams)
     t0 = time.perf_counter()
-    val_report = ie.evaluate(model, val, n=args.n, **kw)
-    probe_report = (ie.evaluate(model, probes, n=args.probes, fluency=args.fluency, **kw)
+    result = Result(variant, ie.evaluate(model, val, n=args.n, **kw),
+                    ie.evaluate(model, probes, n=args.probes, fluency=args.fluency, **kw)
                     if args.probes != 0 else None)
-    print(f"{variant.label}: {val_report.headline()} ({time.perf_counter() - t0:.0f} s)",
+    print(f"{variant.label}: {result.val.headline()} ({time.perf_counter() - t0:.0f} s)",
           flush=True)
-    return Result(variant, val_report, probe_report)
+    folder.mkdir(parents=True, exist_ok=True)
+    result.val.save(folder / f"{variant.slug}-val.json")
+    if result.probes is not None:
+        result.probes.save(folder / f"{variant.slug}-probes.json")
+    return result
+
+
+def _matches(done: Result, args) -> bool:
+    probes_ok = (done.probes is None) == (args.probes == 0) and (
+        done.probes is None or (done.probes.info["n_requested"] == args.probes
+                                and (done.probes.info["fluency_tokens"] is not None)
+                                == args.fluency))
+    unrelated = len(done.val.info.get("unrelated_prompts", ())) == args.n_unrelated
+    return (done.val.info["n_requested"] == args.n and done.val.seed == args.seed
+            and unrelated and probes_ok)
+
+
+def _load_result(folder: Path, variant: Variant, check: bool = True) -> Result | None:
+    val, probes = folder / f"{variant.slug}-val.json", folder / f"{variant.slug}-probes.json"
+    if not val.exists():
+        return None
+    report = EvalReport.load(val)
+    if check and (report.method != variant.method or report.hparams != _full_hparams(variant)):
+        return None
+    return Result(variant, report, EvalReport.load(probes) if probes.exists() else None)
+
+
+def _full_hparams(variant: Variant) -> dict[str, Any]:
+    """The variant's hparams with the editor's current defaults filled in, as saved in JSON."""
+    if variant.method == "none":
+        return {}
+    hp = dataclasses.asdict(make_hparams(variant.method, **variant.hparams))
+    return json.loads(json.dumps(hp, default=str))
 
 
 def mend_available(model, editor: str | None) -> tuple[bool, str]:
@@ -111,26 +153,16 @@ def mend_available(model, editor: str | None) -> tuple[bool, str]:
     return path.is_file(), str(path)
 
 
-def save_reports(results: Sequence[Result], folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, r in enumerate(results):
-        r.val.save(folder / f"{i:02d}-{r.variant.slug}-val.json")
-        if r.probes is not None:
-            r.probes.save(folder / f"{i:02d}-{r.variant.slug}-probes.json")
-    index = [{"label": r.variant.label, "method": r.variant.method,
-              "hparams": r.variant.hparams} for r in results]
+def save_index(results: Sequence[Result], folder: Path, notes: Sequence[str]) -> None:
+    index = {"variants": [{"label": r.variant.label, "method": r.variant.method,
+                           "hparams": r.variant.hparams} for r in results], "notes": list(notes)}
     (folder / "variants.json").write_text(json.dumps(index, indent=1, default=str))
 
 
-def load_reports(folder: Path) -> list[Result]:
+def load_index(folder: Path) -> tuple[list[Result], list[str]]:
     index = json.loads((folder / "variants.json").read_text())
-    out = []
-    for i, v in enumerate(index):
-        variant = Variant(v["label"], v["method"], v["hparams"])
-        probes = folder / f"{i:02d}-{variant.slug}-probes.json"
-        out.append(Result(variant, EvalReport.load(folder / f"{i:02d}-{variant.slug}-val.json"),
-                          EvalReport.load(probes) if probes.exists() else None))
-    return out
+    variants = [Variant(v["label"], v["method"], v["hparams"]) for v in index["variants"]]
+    return [_load_result(folder, v, check=False) for v in variants], index["notes"]
 
 
 # ---- the table and the chart ---------------------------------------------------------------
@@ -209,17 +241,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="LABEL=method[:key=value;...] (repeat; default: every editor)")
     p.add_argument("--no-fluency", dest="fluency", action="store_false",
                    help="skip fluency (greedy generation is the slowest metric)")
+    p.add_argument("--n-unrelated", type=int, default=10,
+                   help="unrelated prompts per record for unchanged top-1 (0: skip, faster)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "figures" / "compare_editors"),
                    help="output stem: writes <out>.md and <out>.png")
-    p.add_argument("--from-reports", default=None, help="redraw from saved reports only")
+    p.add_argument("--from-reports", default=None,
+                   help="redraw from the reports saved in this folder, computing nothing")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     out = Path(args.out)
     notes: list[str] = []
 
+    folder = Path(args.from_reports) if args.from_reports else ROOT / "results" / out.name
     if args.from_reports:
-        results = load_reports(Path(args.from_reports))
+        results, notes = load_index(folder)
     else:
         model = ie.load_model()
         variants = [Variant.parse(s) for s in (args.variant or DEFAULT_VARIANTS)]
@@ -234,8 +270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "(analyses/train_mend.py) or pass --mend-editor.")
         val = ie.load_counterfact(args.data)
         probes = load_probes()
-        results = [run_variant(model, v, val, probes, args) for v in variants]
-        save_reports(results, ROOT / "results" / out.name)
+        results = [run_variant(model, v, val, probes, args, folder) for v in variants]
+        save_index(results, folder, notes)
     out.parent.mkdir(parents=True, exist_ok=True)
     text = table(results, notes)
     out.with_suffix(".md").write_text(text)

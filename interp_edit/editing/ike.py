@@ -58,6 +58,15 @@ class IKEHparams:
     embedder: str = "auto"
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.demos, int) or self.demos < 0:
+            raise InterpEditError(f"demos must be >= 0 (0: no demonstrations), not {self.demos!r}")
+        object.__setattr__(self, "mix", tuple(self.mix))  # a list from JSON stays hashable
+        kind_counts(self.demos, self.mix)  # validates the mix
+        if self.embedder not in _embed.EMBEDDERS:
+            raise InterpEditError(f"unknown IKE embedder {self.embedder!r}; choose one of "
+                                  f"{_embed.EMBEDDERS}")
+
 
 def _fact(prompt: str, target: str) -> str:
     return f"{prompt.rstrip()} {target.strip()}"
@@ -152,9 +161,6 @@ def retrieve(
 
 @register_editor("ike", IKEHparams)
 def apply_ike(model: Model, requests: Sequence[EditRequest], hp: IKEHparams) -> AppliedEdit:
-    if hp.demos < 0:
-        raise InterpEditError(f"demos must be >= 0, not {hp.demos}")
-    kind_counts(hp.demos, hp.mix)  # validates the mix
     chosen = retrieve(model, requests, hp)
     context = context_for(requests, [demonstration(rec, kind) for rec, kind, _ in chosen])
     n_tokens = len(model.tokenize(context))
