@@ -37,8 +37,9 @@ def sample_token_ids(
 ) -> list[list[int]]:
     """``n`` token sequences sampled from the model (top-k), each opened by one of
     ``starters`` in turn and continued by ``length`` new tokens (``exact``: never stop at the
-    end-of-text token; otherwise a sequence ends there). Seeded; the global RNG state is
-    left untouched."""
+    end-of-text token; otherwise a sequence ends there). Generation starts after a
+    document-start token (see :func:`document_start`), which the returned rows omit.
+    Seeded; the global RNG state is left untouched."""
     from tqdm.auto import tqdm
     from transformers import GenerationConfig
 
@@ -47,20 +48,32 @@ def sample_token_ids(
                            pad_token_id=model.tokenizer.pad_token_id)
     devices = [model.device] if model.device.type == "cuda" else []
     eos = model.tokenizer.eos_token_id
+    doc = document_start(model)
     jobs = []  # (starter index, rows): starters take turns, at most batch_size rows a call
     for i in range(len(starters)):
         count = n // len(starters) + (i < n % len(starters))
         jobs += [(i, min(batch_size, count - lo)) for lo in range(0, count, batch_size)]
     out: list[list[int]] = []
     for j, (i, rows) in enumerate(tqdm(jobs, desc="sampling text", disable=not progress)):
-        ids = model.tokenize(starters[i])[None].repeat(rows, 1).to(model.device)
+        ids = torch.tensor([doc + model.tokenize(starters[i]).tolist()] * rows, device=model.device)
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed * 100_003 + j)
             gen = model.hf_model.generate(ids, attention_mask=torch.ones_like(ids),
                                           generation_config=cfg)
-        for row in gen.tolist():
+        for row in gen[:, len(doc):].tolist():
             out.append(row if exact or eos not in row else row[: row.index(eos)])
     return out
+
+
+def document_start(model: Model) -> list[int]:
+    """The token that opens a plain document, to sample ordinary text after: the tokenizer's
+    ``<|endoftext|>`` (GPT-2, SmolLM), else a BOS token that is not a chat marker, else none.
+    After a bare "The" with no such token, SmolLM2 continues with code-like fragments."""
+    tok = model.tokenizer
+    vocab = tok.get_vocab()
+    if "<|endoftext|>" in vocab:
+        return [vocab["<|endoftext|>"]]
+    return [tok.bos_token_id] if model.prepend_bos else []
 
 
 def context_templates(
@@ -71,7 +84,7 @@ def context_templates(
     key = (model.fingerprint, n, length, seed)
     if key in _TEMPLATES:
         return _TEMPLATES[key]
-    path = cache_dir("prefixes", model.fingerprint) / f"n{n}-len{length}-seed{seed}.json"
+    path = cache_dir("prefixes", model.fingerprint) / f"v2-n{n}-len{length}-seed{seed}.json"
     if path.exists():
         prefixes = json.loads(path.read_text())["prefixes"]
     else:

@@ -149,7 +149,7 @@ def autocast(model: Model, precision: str):
 def _corpus_identity(corpus: str | os.PathLike, seed: int) -> str:
     """A file-name-safe identity: the content digest for a file, the name for the rest."""
     if str(corpus) == GENERATED:
-        return f"generated-s{seed}"
+        return f"generated-v2-s{seed}"
     path = Path(os.fspath(corpus)).expanduser()
     if path.is_file():
         return f"file-{path.stem[:40]}-{file_digest(path)}"
@@ -183,7 +183,7 @@ def _chunks(model: Model, corpus, n_tokens: int, seq_len: int, seed: int, precis
 def _generated(model: Model, n: int, seq_len: int, seed: int, precision: str,
                progress: bool | None) -> Tensor:
     """``n`` sequences of ``seq_len`` tokens sampled from the model, cached per model."""
-    name = f"generated-s{seed}-{precision}-{n}x{seq_len}.safetensors"
+    name = f"generated-v2-s{seed}-{precision}-{n}x{seq_len}.safetensors"
     path = cache_dir("corpora", model.fingerprint) / name
     if path.exists():
         return load_file(str(path))["ids"]
