@@ -61,6 +61,7 @@ def run(args) -> int:
     print(f"  after:  {prompt}{gen_after!r}")
     if args.save:
         print(f"  saved to {edit.save(args.save)}")
+    edit.undo()  # the model object may outlive this command (tests, notebooks)
     return 0
 
 

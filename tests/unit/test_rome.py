@@ -163,3 +163,23 @@ def test_bad_hparams_leave_the_weights_alone(fm, HP, kw, match):
     with pytest.raises(InterpEditError, match=match):
         ie.edit(m, _req(fm), method="rome", **{**HP, **kw})
     assert all(torch.equal(before[k], v) for k, v in _weights(m).items())
+
+
+def test_cli_edit_prints_before_after_and_saves(fm, HP, tmp_path, monkeypatch, capsys):
+    import json
+
+    from interp_edit.cli import main
+
+    m, req = fm.model, _req(fm)
+    monkeypatch.setattr(ie, "load_model", lambda name=None: m)
+    before = _weights(m)
+    hp = {k: v for k, v in HP.items() if k != "layer"}
+    out = tmp_path / "edit.safetensors"
+    code = main(["edit", "--prompt", req.prompt, "--subject", req.subject, "--target",
+                 req.target_new, "--layer", "0", "--hparams", json.dumps(hp), "--tokens", "3",
+                 "--save", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0 and "before" in text and "after" in text and "given (layer=0)" in text
+    assert f"p({req.target_true!r})" in text  # the true target defaults to the model's top-1
+    assert ie.load_edit(out).requests[0].target_true == req.target_true
+    assert all(torch.equal(before[k], v) for k, v in _weights(m).items())  # the CLI undoes
