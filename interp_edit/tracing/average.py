@@ -109,7 +109,7 @@ class GroupStats:
 
 @dataclass(frozen=True)
 class Peak:
-    """Where the mean AIE of one condition is largest."""
+    """The mean AIE of one condition at one token group and layer (its peak, typically)."""
 
     condition: Condition
     group: str
@@ -215,16 +215,18 @@ class AverageTrace:
     def peak(self, kind: str = "resid", group: str | None = None, sever: str | None = None,
              method: str | None = None) -> Peak:
         """The (group, layer) of the largest mean AIE; ``group`` restricts to one row."""
-        cond = self.condition(kind, sever, method)
-        s = self.stats(kind, sever, cond.method)
-        mean = s.mean.clone()
+        mean = self.stats(kind, sever, method).mean.clone()
         if group is not None:
-            keep = torch.zeros(len(self.groups), dtype=torch.bool)
-            keep[self.groups.index(group)] = True
-            mean[~keep] = float("nan")
-        flat = torch.nan_to_num(mean, nan=-float("inf")).argmax()
-        g, layer = divmod(int(flat), mean.shape[1])
-        return Peak(cond, self.groups[g], layer, float(s.mean[g, layer]), float(s.lo[g, layer]),
+            mean[torch.arange(len(self.groups)) != self.groups.index(group)] = float("nan")
+        g, layer = divmod(int(torch.nan_to_num(mean, nan=-float("inf")).argmax()), mean.shape[1])
+        return self.at(kind, self.groups[g], layer, sever, method)
+
+    def at(self, kind: str, group: str, layer: int, sever: str | None = None,
+           method: str | None = None) -> Peak:
+        """The mean AIE (with CI) of one token group at one layer."""
+        cond = self.condition(kind, sever, method)
+        s, g = self.stats(kind, sever, cond.method), self.groups.index(group)
+        return Peak(cond, group, layer, float(s.mean[g, layer]), float(s.lo[g, layer]),
                     float(s.hi[g, layer]), int(s.n[g]))
 
     def fact_trace(self, index: int, kind: str = "resid", sever: str | None = None,
@@ -306,7 +308,10 @@ def fact_file(prompt: str, subject: str, target: str, condition: Condition) -> s
 
 def peak_table(avg: AverageTrace) -> str:
     """A markdown table, one row per traced condition: where the mean AIE peaks overall, and
-    its peak at the last subject token and at the last token, each with a 95% CI."""
+    its peak at the last subject token and at the last token, each with a 95% CI.
+
+    Severed rows (traced at the last subject token only) give the AIE at the layer where the
+    unsevered hidden-state effect peaks there, which is where ROME compares them."""
 
     def cell(p: Peak) -> str:
         return f"{p.aie:.3f} [{p.lo:.3f}, {p.hi:.3f}]"
@@ -317,12 +322,14 @@ def peak_table(avg: AverageTrace) -> str:
     for c in avg.conditions:
         name = c.kind + (f", {c.sever} severed" if c.sever else "") + (
             "" if c.exact else " (attribution)")
-        top = avg.peak(c.kind, None, c.sever, c.method)
-        subj = avg.peak(c.kind, "last subject token", c.sever, c.method)
-        if c.sever:  # severed traces exist at the last subject token only
-            rows.append(f"| {name} | {subj.n} | | | {subj.layer} | {cell(subj)} | | |")
+        if c.sever:
+            layer = avg.peak("resid", "last subject token", None, c.method).layer
+            subj = avg.at(c.kind, "last subject token", layer, c.sever, c.method)
+            rows.append(f"| {name} | {subj.n} | | | {layer} | {cell(subj)} | | |")
             continue
-        last = avg.peak(c.kind, "last token", c.sever, c.method)
+        top = avg.peak(c.kind, None, None, c.method)
+        subj = avg.peak(c.kind, "last subject token", None, c.method)
+        last = avg.peak(c.kind, "last token", None, c.method)
         rows.append(f"| {name} | {top.n} | {top.group}, {top.layer} | {cell(top)} | "
                     f"{subj.layer} | {cell(subj)} | {last.layer} | {cell(last)} |")
     return "\n".join(rows) + "\n"
