@@ -7,9 +7,10 @@ Each step draws one record and
 2. turns them into ΔW with the editor and runs the model with W + ΔW substituted
    (:func:`substituted`: differentiable, the model's parameters are never trained);
 3. loss = ``c_edit`` × NLL(target_new | edit prompt and its paraphrase, edited weights)
-        + ``c_loc`` × KL(original ‖ edited) over the next-token distributions of the record's
-          neighbour prompt followed by its true answer (a retain example: same relation, other
-          subject, whose answer must not change);
+        + ``c_loc`` × KL(original ‖ edited) of the next-token distributions that predict the
+          true answer of the record's neighbour prompt (a retain example: same relation, other
+          subject, whose answer must not change; the positions that decide the neighbourhood
+          score, rather than every token as in MEND's NQ retain set);
 4. one Adam step on the editor (the network, and the log step sizes at ``lr_lr``).
 
 Every ``val_every`` steps (and at step 0) the editor is saved as a resumable checkpoint
@@ -64,6 +65,7 @@ class TrainConfig:
     c_edit: float = 1.0
     c_loc: float = 1.0
     rephrase: bool = True  # the edit loss also scores the record's first paraphrase
+    retain_divergence: str = "symmetric"  # "forward": MEND's KL(original ‖ edited) only
     grad_clip: float = 100.0
     val_every: int = 100
     val_n: int = 40
@@ -77,6 +79,8 @@ class TrainConfig:
             object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
         elif self.layers not in ("last", "traced"):
             raise InterpEditError(f"layers={self.layers!r}: use 'last', 'traced' or indices")
+        if self.retain_divergence not in ("forward", "symmetric"):
+            raise InterpEditError("retain_divergence must be 'forward' or 'symmetric'")
         for name in ("steps", "n_layers", "val_every", "val_n"):
             if getattr(self, name) < 1:
                 raise InterpEditError(f"TrainConfig.{name} must be >= 1")
@@ -116,7 +120,7 @@ def meta_loss(
     batch = TargetBatch.build(model, [*prompts, loc_prompt],
                               [record.target_new] * len(prompts) + [loc_answer])
     loc, edit_rows = len(prompts), list(range(len(prompts)))
-    loc_pos = torch.arange(sum(batch.spans[loc]) - 1, device=batch.ids.device)
+    loc_pos = batch.positions(loc)  # where the neighbour's answer is predicted
     store: dict[str, Tensor] = {}
     entry = resid_hook(first - 1) if first > 0 else EMBED_HOOK  # the input of layer `first`
     factors, logits = batch_factors(model, layers, batch, [0], [capture(entry, store)])
@@ -125,8 +129,10 @@ def meta_loss(
     with substituted(model, edited):
         after = _edited_logits(model, batch.ids, store[entry], first)
     edit_loss = -batch.mean_logprobs(after, edit_rows).mean()
-    loc_loss = kl_divergence(logits[loc, loc_pos].log_softmax(-1),
-                             after[loc, loc_pos].log_softmax(-1))
+    base, now = logits[loc, loc_pos].log_softmax(-1), after[loc, loc_pos].log_softmax(-1)
+    loc_loss = kl_divergence(base, now)
+    if cfg.retain_divergence == "symmetric":
+        loc_loss = loc_loss + kl_divergence(now, base)
     loss = cfg.c_edit * edit_loss + cfg.c_loc * loc_loss
     parts = {"loss": loss, "edit_nll": edit_loss, "loc_kl": loc_loss}
     return loss, {k: v.item() for k, v in parts.items()}
@@ -306,7 +312,8 @@ def _validate(model, editor, val, cfg, state, window, out, ckpt, opt, seconds) -
     metrics = {k: round(s.mean, 4) for k in ("efficacy", "paraphrase", "neighborhood")
                if (s := report.summary(k)) is not None}
     score = metrics.get("efficacy", 0.0) + metrics.get("neighborhood", 0.0)
-    losses = {k: round(sum(w[k] for w in window) / len(window), 4) for k in window[0]} if window else {}
+    losses = {k: round(sum(w[k] for w in window) / len(window), 4)
+              for k in (window[0] if window else ())}
     window.clear()
     row = {"step": state["step"], "seconds": round(seconds, 1), "val_records": report.n,
            **metrics, "score": round(score, 4), **losses,

@@ -124,7 +124,7 @@ def test_training_raises_edit_success(fm, data, trained):
     assert best["efficacy"] >= untrained["efficacy"] + 0.5
     # held-out facts, through the public API and the evaluation harness
     report = evaluate(fm.model, data[1], method="mend", editor=str(out), progress=False)
-    assert report.summary("efficacy").mean >= 0.7
+    assert report.summary("efficacy").mean >= untrained["efficacy"] + 0.4
     assert report.summary("neighborhood").mean >= 0.5
 
 

@@ -1,0 +1,122 @@
+"""Train the MEND editor of the default model, evaluate it on held-out CounterFact, draw the curve.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python analyses/train_mend.py            # ≤ 30 min of training
+    HF_HUB_OFFLINE=1 .venv/bin/python analyses/train_mend.py --redraw   # figure from the editor
+
+1. Meta-trains on counterfact-train (``TrainConfig`` defaults, ``--minutes`` of wall time at
+   most), validating every ``val_every`` steps on the first ``val_n`` known records of
+   counterfact-val[:VAL_POOL]. The editor goes to the user cache
+   (``mend.default_editor_path``), where ``ie.edit(model, reqs, method="mend")`` finds it; a
+   rerun resumes from its checkpoint.
+2. Evaluates the best editor with ``ie.evaluate`` on the first ``--n`` known records of
+   counterfact-val[VAL_POOL:] (never seen in training or validation); the report goes to
+   ``results/mend/``.
+3. Writes ``figures/mend_training.png`` (validation efficacy, paraphrase, neighbourhood and the
+   training losses against steps, wall-clock minutes on top) and ``figures/mend_training.md``
+   (the curve and the held-out table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import interp_edit as ie
+from interp_edit.editing.mend import MENDEditor, default_editor_path
+from interp_edit.editing.mend_train import TrainConfig, train_editor
+from interp_edit.evaluation import EvalReport
+from interp_edit.plotting.style import TEXT_WIDTH, new_figure, style
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+VAL_POOL = 300  # counterfact-val[:VAL_POOL] validates during training; the rest is held out
+CURVES = (("efficacy", "efficacy", "#0072B2"), ("paraphrase", "paraphrase", "#E69F00"),
+          ("neighborhood", "neighbourhood", "#009E73"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, default=28.0, help="training time budget")
+    parser.add_argument("--n", type=int, default=200, help="held-out records to evaluate")
+    parser.add_argument("--redraw", action="store_true", help="only redraw from the editor")
+    args = parser.parse_args()
+
+    model = ie.load_model()
+    path = default_editor_path(model)
+    val = ie.load_counterfact(DATA / "counterfact-val.json")
+    if not args.redraw:
+        train = ie.load_counterfact(DATA / "counterfact-train.json")
+        cfg = TrainConfig(max_minutes=args.minutes)
+        result = train_editor(model, train, val[:VAL_POOL], cfg, out=path)
+        print(f"{result.stopped}; editor: {path}")
+        report = ie.evaluate(model, val[VAL_POOL:], method="mend", editor=str(path), n=args.n)
+        report.save(ROOT / "results" / "mend")
+        print(report.to_markdown())
+    editor = MENDEditor.load(path, model)
+    report = EvalReport.load(ROOT / "results" / "mend" / "mend.json")
+    draw(editor, ROOT / "figures" / "mend_training.png")
+    write_table(editor, report, ROOT / "figures" / "mend_training.md")
+
+
+def draw(editor: MENDEditor, out: Path) -> None:
+    history = editor.info["history"]
+    steps = [r["step"] for r in history]
+    with style():
+        fig = new_figure(TEXT_WIDTH, 2.4)
+        ax, ax_loss = fig.subplots(1, 2)
+        for key, label, color in CURVES:
+            ax.plot(steps, [r.get(key) for r in history], marker="o", ms=2.5, color=color,
+                    label=label)
+        best = editor.info.get("best_step")
+        if best is not None:
+            ax.axvline(best, color="0.6", lw=0.6, ls="--", label=f"kept (step {best})")
+        ax.set(xlabel="training step", ylabel=f"validation score ({history[-1]['val_records']}"
+               " records)", ylim=(-0.02, 1.02), title="Edit success and locality")
+        ax.legend(loc="lower right")
+        minutes = ax.secondary_xaxis("top", functions=_step_to_minutes(history))
+        minutes.set_xlabel("wall-clock minutes (shared 2-core CPU)")
+        trained = [r for r in history if "edit_nll" in r]
+        x = [r["step"] for r in trained]
+        ax_loss.plot(x, [r["edit_nll"] for r in trained], color=CURVES[0][2],
+                     label="edit NLL (per target token)")
+        ax_loss.plot(x, [r["loc_kl"] for r in trained], color=CURVES[2][2],
+                     label="retain KL(original ‖ edited)")
+        ax_loss.set(xlabel="training step", ylabel="training loss (mean over the interval)",
+                    yscale="log", title="Meta-training losses")
+        ax_loss.legend(loc="upper right")
+        cfg = editor.config
+        fig.suptitle(f"MEND on {cfg.model_name}: layers {list(cfg.layers)} ({cfg.layer_choice}),"
+                     f" rank {cfg.rank}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out)
+    print(f"wrote {out}")
+
+
+def _step_to_minutes(history):
+    import numpy as np
+
+    steps = np.array([r["step"] for r in history], dtype=float)
+    mins = np.array([r["seconds"] for r in history], dtype=float) / 60
+    return (lambda s: np.interp(s, steps, mins), lambda m: np.interp(m, mins, steps))
+
+
+def write_table(editor: MENDEditor, report, out: Path) -> None:
+    history = editor.info["history"]
+    lines = ["| step | minutes | efficacy | paraphrase | neighbourhood | edit NLL | retain KL |",
+             "|---|---|---|---|---|---|---|"]
+    for r in history:
+        cells = [f"{r.get(k):.3f}" if r.get(k) is not None else "" for k in
+                 ("efficacy", "paraphrase", "neighborhood", "edit_nll", "loc_kl")]
+        lines.append(f"| {r['step']} | {r['seconds'] / 60:.1f} | " + " | ".join(cells) + " |")
+    text = (f"Validation during training (first {history[-1]['val_records']} known records of "
+            f"counterfact-val[:{VAL_POOL}]); kept: step {editor.info.get('best_step')}. "
+            f"Load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs.\n\n"
+            + "\n".join(lines) + f"\n\nHeld out (counterfact-val[{VAL_POOL}:]):\n\n"
+            + report.to_markdown())
+    out.write_text(text)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

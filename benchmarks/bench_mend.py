@@ -1,0 +1,78 @@
+"""MEND edit latency on the default model, after the editor is loaded.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_mend.py [--editor PATH] [--n 20]
+
+An edit is one forward pass of the edit prompt + target with the gradient hooks, a backward
+pass down to the first edited layer, one pass of the editor network and three in-place weight
+additions. Times ``ie.edit(model, [req], method="mend", editor=...)`` on the first ``--n``
+counterfact-val records (each edit undone before the next), after one warm-up edit, and
+splits one edit into its phases, next to a plain forward pass of the same tokens (the floor:
+on a busy CPU every number scales with the load). Prints a markdown table (pasted into
+README.md, "MEND") with the load average, since the CPU is shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import interp_edit as ie
+from interp_edit.editing.mend import (
+    TargetBatch, default_editor_path, gradient_factors, load_editor)
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--editor", default=None, help="editor file (default: the cached one)")
+    parser.add_argument("--data", default=str(DATA / "counterfact-val.json"))
+    parser.add_argument("--n", type=int, default=20)
+    args = parser.parse_args()
+
+    model = ie.load_model()
+    t0 = time.perf_counter()
+    editor = load_editor(model, args.editor)
+    load_s = time.perf_counter() - t0
+    path = args.editor or default_editor_path(model)
+    requests = [r.request for r in ie.load_counterfact(args.data)[: args.n + 1]]
+
+    ie.edit(model, requests[0], method="mend", editor=str(path)).undo()  # warm-up
+    times = []
+    for req in requests[1:]:
+        t0 = time.perf_counter()
+        edit = ie.edit(model, req, method="mend", editor=str(path))
+        times.append(time.perf_counter() - t0)
+        edit.undo()
+
+    req = requests[1]  # one edit, phase by phase
+    t0 = time.perf_counter()
+    factors = gradient_factors(model, editor.config.layers, [req.text], [req.target_new])
+    t1 = time.perf_counter()
+    with torch.no_grad():
+        editor(factors)
+    t2 = time.perf_counter()
+    with torch.no_grad():  # the floor: one plain forward pass of the same tokens
+        model.logits(TargetBatch.build(model, [req.text], [req.target_new]).ids)
+    t3 = time.perf_counter()
+
+    ms = sorted(1000 * t for t in times)
+    print(f"MEND edit latency, {model.name}, layers {list(editor.config.layers)}, "
+          f"{torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} CPUs\n")
+    print("| | ms |\n|---|---|")
+    print(f"| load the editor (once) | {1000 * load_s:.0f} |")
+    print(f"| edit, median of {len(ms)} | {statistics.median(ms):.0f} |")
+    print(f"| edit, min / max | {ms[0]:.0f} / {ms[-1]:.0f} |")
+    print(f"| of one edit: gradient factors (forward, partial backward) | {1000 * (t1 - t0):.0f} |")
+    print(f"| of one edit: editor network | {1000 * (t2 - t1):.0f} |")
+    print(f"| for scale: one no-grad forward pass of the same tokens | {1000 * (t3 - t2):.0f} |")
+
+
+if __name__ == "__main__":
+    main()
