@@ -23,9 +23,9 @@ METRIC_SHORT = {"efficacy_gap": "efficacy", "paraphrase_gap": "paraphrase",
                 "neighborhood_gap": "neighbourhood"}
 METRIC_COLOR = {"efficacy_gap": "#D55E00", "paraphrase_gap": "#E69F00",
                 "neighborhood_gap": "#0072B2"}
-METRIC_AXIS = {"efficacy_gap": "p(new) \u2212 p(true), edit prompt",
-               "paraphrase_gap": "p(new) \u2212 p(true), paraphrases",
-               "neighborhood_gap": "p(true) \u2212 p(new), neighbours"}
+METRIC_AXIS = {"efficacy_gap": "p(new) \u2212 p(true) on the edit prompt",
+               "paraphrase_gap": "p(new) \u2212 p(true) on paraphrases",
+               "neighborhood_gap": "p(true) \u2212 p(new) on neighbours"}
 
 
 def _subtitle(study: LocalizationStudy) -> str:
@@ -57,12 +57,12 @@ def plot_effect_vs_success(
                             s=5, alpha=0.7, linewidths=0)
             s = study.stats(m, n_boot=n_boot)
             r = s.pooled_r
-            ax.set_title(f"{METRIC_SHORT.get(m, m)}\n"
+            ax.set_title(f"{METRIC_AXIS.get(m, m)}\n"
                          f"pooled r = {r.value:+.2f} [{r.lo:+.2f}, {r.hi:+.2f}]\n"
                          f"R² layer {s.r2['layer'].value:.2f}, layer + tracing "
                          f"{s.r2['layer + tracing'].value:.2f}")
             ax.set_xlabel("tracing effect at the edit layer")
-            ax.set_ylabel(METRIC_AXIS.get(m, m))
+            ax.set_ylabel(METRIC_AXIS.get(m, m).split(" on ")[0])
         cb = fig.colorbar(sc, ax=axes, fraction=0.03, pad=0.01, aspect=30)
         cb.set_label("edit layer")
         fig.suptitle(f"Does the tracing effect predict edit success?\n{_subtitle(study)}")
