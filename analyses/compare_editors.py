@@ -94,11 +94,12 @@ class Result:
 # ---- running (each variant's reports are saved as soon as they exist) ----------------------
 def run_variant(model, variant: Variant, val, probes, args, folder: Path) -> Result:
     """Evaluate one variant, or reload it from ``folder`` when a run with the same method,
-    hparams and sizes is already there (so an interrupted comparison resumes)."""
+    hparams and sizes (or more facts) is already there, so an interrupted comparison
+    resumes."""
     done = _load_result(folder, variant)
     if done is not None and _matches(done, args):
         print(f"{variant.label}: reusing {folder}/{variant.slug}-*.json", flush=True)
-        return done
+        return Result(variant, first_n(done.val, args.n, val), done.probes)
     kw = dict(method=variant.method, seed=args.seed, progress=not args.quiet,
               n_unrelated=args.n_unrelated, **variant.hparams)
     t0 = time.perf_counter()
@@ -120,8 +121,24 @@ def _matches(done: Result, args) -> bool:
                                 and (done.probes.info["fluency_tokens"] is not None)
                                 == args.fluency))
     unrelated = len(done.val.info.get("unrelated_prompts", ())) == args.n_unrelated
-    return (done.val.info["n_requested"] == args.n and done.val.seed == args.seed
+    return (done.val.info["n_requested"] >= args.n and done.val.seed == args.seed
             and unrelated and probes_ok)
+
+
+def first_n(report: EvalReport, n: int, records) -> EvalReport:
+    """The report as a run with ``n=n`` would have written it: the first ``n`` evaluated rows
+    and the records skipped before the last of them (records are taken in file order, so a
+    saved 200-fact run also serves a 50-fact comparison on the same facts)."""
+    if report.n <= n:
+        return report
+    order = {str(r.case_id): i for i, r in enumerate(records)}
+    rows = report.rows[:n]
+    last = order[str(rows[-1]["case_id"])]
+    skipped = tuple(s for s in report.skipped if order[str(s["case_id"])] < last)
+    info = {**report.info, "n_requested": n, "n_records": len(rows) + len(skipped),
+            "seconds_total": report.info["seconds_total"] * len(rows) / report.n,  # pro rata
+            "sliced_from": report.n}
+    return dataclasses.replace(report, rows=rows, skipped=skipped, info=info)
 
 
 def _load_result(folder: Path, variant: Variant, check: bool = True) -> Result | None:
