@@ -49,7 +49,9 @@ def trace(
             the clean and corrupted runs.
         noise: ``"sK"`` (K x the std of subject-token embeddings over a built-in reference
             list, see :mod:`interp_edit.tracing.noise`), a float std, or a tensor
-            ``[samples, subject_len, d_model]`` used as given. Seeded by ``seed``.
+            ``[samples, subject_len, d_model]`` used as given. Seeded by ``seed``. The result's
+            ``noise_source`` says which list (``trace_dataset``'s ``"sK"`` measures the std
+            over the dataset's own subjects instead, as ROME does, and records that).
         method: ``"fast"`` (exact), ``"reference"`` (exact, one forward pass per cell; the
             yardstick) or ``"attribution"`` (a first-order gradient estimate for screening).
         positions, layers: compute only these tokens/layers; other cells hold NaN.

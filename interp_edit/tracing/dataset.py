@@ -8,7 +8,12 @@ What it does, in order (following kmeng01/rome ``experiments/causal_trace.py``):
 
 1. ``noise="sK"``: K x the std of the token embeddings of *all* the set's subjects (ROME's
    ``collect_embedding_std`` over known_1000), measured before ``limit`` applies, so a
-   quick run and a full run use the same noise and share cached traces.
+   quick run and a full run use the same noise and share cached traces. This differs on
+   purpose from a single :func:`~interp_edit.tracing.api.trace`, whose ``"sK"`` is measured
+   over a fixed built-in subject list (:data:`~interp_edit.tracing.noise.REFERENCE_SUBJECTS`)
+   so that one fact's trace does not depend on what it is traced with. Every result says
+   which: ``AverageTrace.noise_source`` and each cached fact's ``TraceResult.noise_source``
+   name the list ("over the dataset's N subjects" here, "built-in reference subjects" there).
 2. Keeps the facts whose target (``fact.attribute``, scored by its first token) is the
    model's top-1 next token, and reports how many it kept.
 3. Traces every kept fact under every condition (kind, severed path, method), saving each
@@ -24,6 +29,7 @@ so the two can be compared in one AverageTrace.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -137,7 +143,8 @@ def trace_dataset(
             r = trace(model, f.prompt, f.subject, target=f.attribute, kind=c.kind,
                       window=window, samples=samples, noise=std, seed=seed, method=c.method,
                       sever=c.sever, positions=last_subject, progress=False)
-            _save_atomic(r, path_of(i, c))
+            # the trace saw a float std: record where it came from (the dataset's subjects)
+            _save_atomic(dataclasses.replace(r, noise_source=source), path_of(i, c))
             bar.update()
 
     effects, lows = [], []
@@ -159,12 +166,11 @@ def trace_dataset(
 def dataset_noise(model: Model, noise: str | float, subjects: Sequence[str]) -> tuple[float, str]:
     """The noise std for a dataset: ``"sK"`` is K x the embedding std of its subjects."""
     if isinstance(noise, str):
-        match = _noise._SPEC.match(noise.strip())
-        if not match:
+        k = _noise.spec_multiplier(noise)
+        if k is None:
             raise InterpEditError(f"unknown noise {noise!r}: use 'sK' (e.g. 's3') or a float std")
-        k = float(match.group(1))
         std = k * _noise.embedding_std(model, subjects)
-        return std, (f"{match.group(1)} x std of subject-token embeddings over the "
+        return std, (f"{k:g} x std of subject-token embeddings over the "
                      f"dataset's {len(subjects)} subjects")
     if isinstance(noise, (int, float)) and not isinstance(noise, bool) and noise >= 0:
         return float(noise), "fixed std"

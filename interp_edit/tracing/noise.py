@@ -5,6 +5,8 @@ al. 2022 (kmeng01/rome ``collect_embedding_std``, where K = 3). ROME measures th
 subjects of the dataset being traced. Here it is measured over :data:`REFERENCE_SUBJECTS`, a
 fixed built-in list of well-known entities of many types, so one prompt's trace does not depend
 on which other facts were traced with it; the measured value is cached per model fingerprint.
+``trace_dataset`` follows ROME instead and measures it over the dataset's subjects; both record
+the list in ``noise_source``.
 Pass a float for a fixed std, or a tensor ``[samples, subject_len, d_model]`` to use given noise
 (that makes any two implementations exactly comparable).
 
@@ -44,6 +46,13 @@ REFERENCE_SUBJECTS: tuple[str, ...] = (
 )  # fmt: skip
 
 _SPEC = re.compile(r"^s(\d+(?:\.\d*)?|\.\d+)$")
+
+
+def spec_multiplier(spec: str) -> float | None:
+    """K of a noise spec ``"sK"`` (``"s3"`` -> 3.0, ``"s2.5"`` -> 2.5), or ``None`` when
+    ``spec`` is not of that form. :func:`resolve_noise` and ``trace_dataset`` both parse here."""
+    match = _SPEC.match(spec.strip())
+    return float(match.group(1)) if match else None
 
 
 @torch.no_grad()
@@ -89,17 +98,16 @@ def resolve_noise(
             )
         return noise.detach().float().to(model.device), float(noise.float().std()), "given tensor"
     if isinstance(noise, str):
-        match = _SPEC.match(noise.strip())
-        if not match:
+        k = spec_multiplier(noise)
+        if k is None:
             raise InterpEditError(
                 f"unknown noise {noise!r}: use 'sK' (K x the subject-embedding std, e.g. 's3'),"
                 " a float std, or a tensor [samples, subject_len, d_model]"
             )
-        k = float(match.group(1))
         base, n = reference_std(model)
         std = k * base
         source = (
-            f"{match.group(1)} x std of subject-token embeddings over the built-in reference "
+            f"{k:g} x std of subject-token embeddings over the built-in reference "
             f"subjects ({REFERENCE_LIST_NAME}, n={n})"
         )
     elif isinstance(noise, (int, float)) and not isinstance(noise, bool):

@@ -144,6 +144,8 @@ def test_trace_dataset_keeps_predicted_facts(fm, tmp_path):
     # each fact's cached trace is reachable for plotting
     r = avg.fact_trace(1, "mlp")
     assert r.prompt == facts[1].prompt and r.kind == "mlp"
+    # ... and says which subjects its noise std came from (the set's, not the built-in list)
+    assert r.noise_source == avg.noise_source and "dataset's 4 subjects" in r.noise_source
     assert float(avg.effects[1][1, 0, 0]) == pytest.approx(
         float(r.indirect_effect[r.subject_range[0], 0]))
     # the whole thing loads back

@@ -63,6 +63,13 @@ def test_noise_is_seeded_and_shaped(fm):
     assert N.embedding_std(fm.model, subjects) > 0
 
 
+def test_noise_spec_multiplier():
+    assert N.spec_multiplier("s3") == 3.0 and N.spec_multiplier(" s2.5 ") == 2.5
+    assert N.spec_multiplier("s.5") == 0.5
+    for bad in ("3", "s", "sx", "s-1", "S3"):
+        assert N.spec_multiplier(bad) is None, bad
+
+
 def test_reference_std_is_cached(fm, tmp_path, monkeypatch):
     monkeypatch.setenv("INTERP_EDIT_CACHE", str(tmp_path))
     first, _ = N.reference_std(fm.model)
