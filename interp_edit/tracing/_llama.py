@@ -104,21 +104,25 @@ class LlamaStepper:
         self.cos, self.sin = cos[0], sin[0]  # [pos, d_head]
 
     # ---- pieces --------------------------------------------------------------------------
-    def _rope(self, x: Float[Tensor, "b h p d"], start: int) -> Float[Tensor, "b h p d"]:
-        p = x.shape[2]
-        cos, sin = self.cos[start : start + p], self.sin[start : start + p]
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return (x * cos) + (rotated * sin)
+    def _rope(self, x: Float[Tensor, "b p h d"], start: int) -> Float[Tensor, "b p h d"]:
+        """Rotary embedding, ``x * cos + rotate_half(x) * sin`` as Hugging Face computes it
+        (the same roundings), without the concatenated copy."""
+        p, half = x.shape[1], x.shape[-1] // 2
+        cos, sin = self.cos[start : start + p, None], self.sin[start : start + p, None]
+        out = x * cos
+        out[..., :half] -= x[..., half:] * sin[..., :half]
+        out[..., half:] += x[..., :half] * sin[..., half:]
+        return out
 
-    def _heads(self, proj: torch.nn.Module, x: Tensor, n: int) -> Tensor:
+    def _heads(self, proj: torch.nn.Module, x: Tensor, n: int) -> Float[Tensor, "b p h d"]:
         lin = _orig(proj)
-        return rearrange(F.linear(x, lin.weight, lin.bias), "b p (h d) -> b h p d", h=n)
+        return rearrange(F.linear(x, lin.weight, lin.bias), "b p (h d) -> b p h d", h=n)
 
     def _mlp(self, j: int, x: Float[Tensor, "b p d"]) -> Float[Tensor, "b p d"]:
         mlp = self.mlps[j]
         gate, up, down = _orig(mlp.gate_proj), _orig(mlp.up_proj), _orig(mlp.down_proj)
-        hidden = mlp.act_fn(F.linear(x, gate.weight, gate.bias)) * F.linear(x, up.weight, up.bias)
+        hidden = mlp.act_fn(F.linear(x, gate.weight, gate.bias))
+        hidden *= F.linear(x, up.weight, up.bias)
         return F.linear(hidden, down.weight, down.bias)
 
     def layer(
@@ -136,9 +140,9 @@ class LlamaStepper:
         layer, attn, patches = self.layers[j], self.attns[j], patches or {}
         h = _orig(layer.input_layernorm)(x)
         q_in, q_start = (h[:, -1:], start + x.shape[1] - 1) if last_only else (h, start)
-        q = self._rope(self._heads(attn.q_proj, q_in, self.n_heads), q_start)
-        k = self._rope(self._heads(attn.k_proj, h, self.n_kv), start)
-        v = self._heads(attn.v_proj, h, self.n_kv)
+        q = self._rope(self._heads(attn.q_proj, q_in, self.n_heads), q_start).transpose(1, 2)
+        k = self._rope(self._heads(attn.k_proj, h, self.n_kv), start).transpose(1, 2)
+        v = self._heads(attn.v_proj, h, self.n_kv).transpose(1, 2)
         keys, values = k, v
         if past is not None:
             keys, values = torch.cat((past[0], k), 2), torch.cat((past[1], v), 2)
@@ -154,8 +158,22 @@ class LlamaStepper:
         a = F.linear(rearrange(z, "b h p d -> b p (h d)"), o.weight, o.bias)
         a = _apply(a, patches.get("attn"))
         mid = (x[:, -1:] if last_only else x) + a
-        m = _apply(self._mlp(j, _orig(layer.post_attention_layernorm)(mid)), patches.get("mlp"))
+        m = self._patched_mlp(j, _orig(layer.post_attention_layernorm)(mid), patches.get("mlp"))
         return LayerOut(_apply(mid + m, patches.get("resid")), a, m, k, v)
+
+    def _patched_mlp(
+        self, j: int, x: Float[Tensor, "batch pos d_model"], patch: Patch | None
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """The MLP output, with ``patch`` applied; rows whose output the patch replaces are
+        not computed (an MLP-window trace replaces many)."""
+        if patch is None or not bool(patch.mask.any()):
+            return _apply(self._mlp(j, x), patch)
+        keep = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        keep[:, 0] = ~patch.mask
+        out = torch.empty_like(x)
+        out[keep] = self._mlp(j, x[keep][None])[0]
+        out[:, 0][patch.mask] = patch.value[patch.mask]
+        return out
 
     def target_probs(
         self, h: Float[Tensor, "batch d_model"], target_id: int

@@ -27,16 +27,17 @@ from collections import defaultdict
 from typing import Sequence
 
 import torch
-from einops import repeat
+from einops import rearrange, repeat
 from jaxtyping import Float
 from torch import Tensor
 
 from interp_edit.tracing import reference
 from interp_edit.tracing._llama import LlamaStepper, Patch, RunCache
-from interp_edit.tracing.inputs import Plan, TraceInputs, progress_bar
+from interp_edit.tracing.inputs import Plan, Restore, TraceInputs, progress_bar
 
 _FALLBACK_CELLS_PER_PASS = 16
-_MAX_ROWS = 4096  # (states x samples x positions) per layer call; bounds peak memory
+_MAX_ROWS = 1024  # (states x samples x positions) per layer call: keeps activations in cache
+_UNEMBED_ROWS = 256  # final states per unembedding call
 
 
 def run(inputs: TraceInputs, kinds, *, window, sever, cells, progress):
@@ -54,24 +55,44 @@ def run(inputs: TraceInputs, kinds, *, window, sever, cells, progress):
 def _fast_grid(
     inputs: TraceInputs, jobs: Sequence[tuple[int, Plan]], progress: bool | None
 ) -> tuple[Float[Tensor, "n_jobs"], float]:
-    S, tid = inputs.samples, inputs.target_id
-    stepper = LlamaStepper(inputs.model, inputs.n_tokens)
+    S, T, L, tid = inputs.samples, inputs.n_tokens, inputs.n_layers, inputs.target_id
+    stepper = LlamaStepper(inputs.model, T)
     clean = stepper.full_run(inputs.batch(1), tid)
     corrupted = stepper.full_run(inputs.batch(S), tid, inputs.noise, inputs.subject_range)
     low = float(corrupted.probs.mean())
-    by_token: dict[int, list[int]] = defaultdict(list)
-    for i, (t, _) in enumerate(jobs):
-        by_token[t].append(i)
     scores = torch.full((len(jobs),), low)
+    by_token: dict[int, list[tuple[int, Plan]]] = defaultdict(list)
+    for i, (t, cell_plan) in enumerate(jobs):
+        if t < inputs.subject_range[0]:
+            continue  # before the subject the corrupted run equals the clean one: low_score
+        cell_plan = effective_plan(cell_plan, t, T, L)
+        if not cell_plan:
+            continue  # nothing left that reaches the last position: low_score
+        if t == T - 1 and Restore(L - 1, "resid", "clean") in cell_plan:
+            scores[i] = clean.probs[0].float().cpu()  # the final state is the clean one
+            continue
+        by_token[t].append((i, cell_plan))
     bar = progress_bar(len(jobs), progress, "causal trace")
-    for t, idx in sorted(by_token.items()):
-        if t >= inputs.subject_range[0]:
-            sweep = _Sweep(stepper, clean, corrupted, t, tid)
-            plans = [jobs[i][1] for i in idx]
-            scores[idx] = sweep.scores(plans).float().cpu()
-        bar.update(len(idx))
+    bar.update(len(jobs) - sum(map(len, by_token.values())))
+    index, finals = [], []  # the unembedding runs once at the end, on big batches
+    for t, cells in sorted(by_token.items()):
+        index += [i for i, _ in cells]
+        finals.append(_Sweep(stepper, clean, corrupted, t).finals([p for _, p in cells]))
+        bar.update(len(cells))
     bar.close()
+    if finals:
+        h = torch.cat(finals).flatten(0, 1)  # [(cell sample), d_model]
+        probs = torch.cat([stepper.target_probs(c, tid) for c in h.split(_UNEMBED_ROWS)])
+        scores[index] = rearrange(probs, "(cell s) -> cell s", s=S).mean(1).float().cpu()
     return scores, low
+
+
+def effective_plan(cell_plan: Plan, t: int, n_tokens: int, n_layers: int) -> Plan:
+    """The restorations of a cell at token ``t`` that can change the score: at the last layer,
+    only the last position's activations reach the logits."""
+    if t == n_tokens - 1:
+        return cell_plan
+    return tuple(r for r in cell_plan if r.layer < n_layers - 1)
 
 
 def _prefix(plan: Plan, layer: int) -> Plan:
@@ -82,14 +103,14 @@ def _prefix(plan: Plan, layer: int) -> Plan:
 class _Sweep:
     """All cells of one token ``t``, layer by layer, states keyed by restorations so far."""
 
-    def __init__(self, stepper: LlamaStepper, clean: RunCache, corrupted: RunCache, t: int,
-                 target_id: int):  # fmt: skip
-        self.st, self.clean, self.cor, self.t, self.tid = stepper, clean, corrupted, t, target_id
+    def __init__(self, stepper: LlamaStepper, clean: RunCache, corrupted: RunCache, t: int):
+        self.st, self.clean, self.cor, self.t = stepper, clean, corrupted, t
         self.S = corrupted.x[0].shape[0]
         self.T = corrupted.x[0].shape[1]
         self.L = len(corrupted.attn)
 
-    def scores(self, plans: list[Plan]) -> Float[Tensor, "n_plans"]:
+    def finals(self, plans: list[Plan]) -> Float[Tensor, "n_plans samples d_model"]:
+        """Each cell's final hidden state at the last position."""
         states: dict[Plan, Tensor] = {}  # key -> state after the previous layer [S, T-t, d]
         for j in range(min(p[0].layer for p in plans), self.L):
             keys = list(dict.fromkeys(_prefix(p, j) for p in plans if p[0].layer <= j))
@@ -102,14 +123,10 @@ class _Sweep:
                 x = torch.cat([states[_prefix(k, j - 1)] for k in chunk])
                 new |= dict(zip(chunk, self._continue(j, x, chunk)))
             states = new
-        finals = torch.stack([states[p] for p in plans])  # [n, S, d] at the last position
-        probs = self.st.target_probs(finals.flatten(0, 1), self.tid)
-        return probs.view(len(plans), self.S).mean(1)
+        return torch.stack([states[p] for p in plans])  # [n, S, d] at the last position
 
     def _patches(self, j: int, keys: list[Plan]) -> dict[str, Patch] | None:
         """Per-row replacements at token t for the restorations of ``keys`` at layer j."""
-        if j == self.L - 1 and self.t < self.T - 1:
-            return None  # the last layer's output at t no longer reaches the last position
         S, t, D = self.S, self.t, self.cor.x[0].shape[-1]
         masks: dict[str, Tensor] = {}
         values: dict[str, Tensor] = {}

@@ -32,6 +32,39 @@ def test_fast_equals_reference_every_kind(fm, fact, ref_set):
         assert fast[kind].high_score == ref_set[kind].high_score
 
 
+@pytest.mark.parametrize("template, window", [
+    ("the home of {} is the city of", 3),  # tokens before the subject: no-op cells
+    ("the home of {}", 3),  # the subject ends the prompt: its last token is the last token
+    ("the home of {} is the city of", 1),  # one-layer windows
+    ("{} lives in the city of", 9),  # windows wider than the model
+])  # fmt: skip
+def test_fast_equals_reference_wherever_the_subject_is(fm, fact, template, window):
+    prompt = template.format(fact.subject)
+    kw = dict(window=window, samples=3)
+    fast = ie.trace_all(fm.model, prompt, fact.subject, **kw)
+    ref = ie.trace_all(fm.model, prompt, fact.subject, method="reference", **kw)
+    n = fast.resid.n_tokens
+    assert (fast.resid.subject_range[1] == n) == template.endswith("{}")
+    for kind in KINDS:
+        assert (fast[kind].scores - ref[kind].scores).abs().max() <= ATOL, kind
+    # the shortcuts: before the subject, and the last layer's output away from the last token,
+    # change nothing; the last layer's output at the last token is the clean state
+    start = fast.resid.subject_range[0]
+    assert (fast.resid.scores[:start] == fast.resid.low_score).all()
+    assert (fast.resid.scores[:-1, -1] == fast.resid.low_score).all()
+    assert fast.resid.scores[-1, -1].item() == pytest.approx(fast.resid.high_score, abs=ATOL)
+
+
+@pytest.mark.parametrize("sever", ["mlp", "attn"])
+def test_severed_fast_equals_reference_subject_inside(fm, fact, sever):
+    prompt = f"the home of {fact.subject} is the city of"
+    kw = dict(samples=2, sever=sever)
+    fast = ie.trace(fm.model, prompt, fact.subject, **kw)
+    ref = ie.trace(fm.model, prompt, fact.subject, method="reference", **kw)
+    assert fast.subject_range[0] > 0
+    assert (fast.scores - ref.scores).abs().max() <= ATOL
+
+
 def test_the_scores_move(ref_set):
     r = ref_set.resid
     assert r.high_score > 0.9 and r.low_score < r.high_score - 0.2, "the corruption must bite"
