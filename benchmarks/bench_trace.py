@@ -1,17 +1,21 @@
 """Causal tracing benchmark: reference vs fast vs attribution on the default model.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_trace.py [--facts 20] [--data DIR]
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_trace.py \
+        [--facts 20] [--pearson-samples 3] [--hook-batched] [--data DIR]
 
-1. One fact (10-token prompt, 10 noise samples), kinds resid/mlp/attn: wall time of the
-   reference (one forward pass per cell), the hook-batched fallback (clean run once, 16 cells
-   per pass; kind resid only), the fast engine (per kind, and all three kinds sharing runs)
-   and attribution patching; speed-ups; the max abs difference from the reference.
+1. One fact (10-token prompt, 10 noise samples), kinds resid/mlp/attn: wall and CPU time of the
+   reference (one forward pass per cell), the fast engine (per kind, and all three kinds sharing
+   runs) and attribution patching; speed-ups; the max abs difference from the reference.
+   ``--hook-batched`` adds the hook-batched fallback (clean run once, 16 cells per pass; kind
+   resid only). CPU time (``time.process_time``, one torch thread) is the steadier yardstick
+   on a shared machine; both are printed.
 2. Attribution vs exact: Pearson r per kind between the attribution estimate and the exact
    (fast) grid, over the first ``--facts`` known facts (Meng et al. 2022) that the model
-   predicts (top-1 = the known attribute's first token); only cells at or after the subject's
-   first token enter (earlier cells equal ``low_score`` exactly in both).
+   predicts (top-1 = the known attribute's first token), with ``--pearson-samples`` noise
+   samples; only cells at or after the subject's first token enter (earlier cells equal
+   ``low_score`` exactly in both).
 3. Peak RSS of the process.
-Prints markdown tables (pasted into README.md, "Causal tracing").
+Prints markdown tables (pasted into README.md, "Measured so far").
 """
 
 from __future__ import annotations
@@ -34,9 +38,10 @@ KINDS = ("resid", "mlp", "attn")
 
 
 def timed(fn):
-    t0 = time.perf_counter()
+    """``fn()``, its wall time and its CPU time (seconds)."""
+    t0, c0 = time.perf_counter(), time.process_time()
     out = fn()
-    return out, time.perf_counter() - t0
+    return out, time.perf_counter() - t0, time.process_time() - c0
 
 
 def fallback(inputs: TraceInputs, kind: str):
@@ -45,42 +50,48 @@ def fallback(inputs: TraceInputs, kind: str):
                          cells_per_pass=engine._FALLBACK_CELLS_PER_PASS)  # fmt: skip
 
 
-def speed_table(model, samples: int) -> list[str]:
+def speed_table(model, samples: int, hook_batched: bool) -> list[str]:
     ntok = len(model.tokenize(PROMPT))
     kw = dict(samples=samples, progress=False)
-    rows, totals = [], {"reference": 0.0, "fast": 0.0, "attribution": 0.0}
+    rows, totals = [], {m: [0.0, 0.0] for m in ("reference", "fast", "attribution")}
     for kind in KINDS:
         def run(method):
             return timed(lambda: ie.trace(model, PROMPT, SUBJECT, kind=kind, method=method, **kw))
 
-        ref, t_ref = run("reference")
-        fast, t_fast = run("fast")
-        _, t_att = run("attribution")
+        times = {}
+        ref, *times["reference"] = run("reference")
+        fast, *times["fast"] = run("fast")
+        _, *times["attribution"] = run("attribution")
         diff = float((fast.scores - ref.scores).abs().max())
         batched = "–"
-        if kind == "resid":  # one kind shows what batching cells through hooks buys
+        if hook_batched and kind == "resid":  # what batching cells through hooks buys
             inputs = prepare(model, PROMPT, SUBJECT, None, samples, "s3", 1)
-            (fb, _), t_fb = timed(lambda: fallback(inputs, kind))
+            (fb, _), t_fb, _ = timed(lambda: fallback(inputs, kind))
             diff, batched = max(diff, float((fb[kind] - ref.scores).abs().max())), f"{t_fb:.1f}"
-        for name, t in zip(totals, (t_ref, t_fast, t_att)):
-            totals[name] += t
-        print(f"  {kind}: reference {t_ref:.1f}s fast {t_fast:.2f}s diff {diff:.1e}", flush=True)
-        rows.append(f"| {kind} | {t_ref:.1f} | {batched} | {t_fast:.2f} | {t_att:.2f} | "
-                    f"{t_ref / t_fast:.1f}x | {t_fast / t_att:.0f}x | {diff:.1e} |")  # fmt: skip
-    _, t_all = timed(lambda: ie.trace_all(model, PROMPT, SUBJECT, **kw))
-    _, t_all_att = timed(lambda: ie.trace_all(model, PROMPT, SUBJECT, method="attribution", **kw))
-    r, f, a = totals.values()
+        for name, (w, c) in times.items():
+            totals[name][0] += w
+            totals[name][1] += c
+        (rw, rc), (fw, fc), (aw, ac) = times.values()
+        print(f"  {kind}: reference {rw:.1f}s fast {fw:.2f}s attribution {aw:.2f}s "
+              f"diff {diff:.1e}", flush=True)  # fmt: skip
+        rows.append(f"| {kind} | {rw:.1f} / {rc:.1f} | {batched} | {fw:.2f} / {fc:.2f} | "
+                    f"{aw:.2f} / {ac:.2f} | {rw / fw:.1f}x / {rc / fc:.1f}x | "
+                    f"{fw / aw:.0f}x / {fc / ac:.0f}x | {diff:.1e} |")  # fmt: skip
+    _, aw, ac = timed(lambda: ie.trace_all(model, PROMPT, SUBJECT, **kw))
+    _, bw, bc = timed(lambda: ie.trace_all(model, PROMPT, SUBJECT, method="attribution", **kw))
+    (rw, rc), (fw, fc), (tw, tc) = totals.values()
     return [
         f"Prompt {PROMPT!r} ({ntok} tokens), subject {SUBJECT!r}, {samples} noise samples, "
-        f"{model.n_layers} layers; times in seconds.",
+        f"{model.n_layers} layers; seconds per trace, wall / CPU.",
         "",
         "| kind | reference | hook-batched | fast | attribution | fast vs reference "
         "| attribution vs fast | max abs diff vs reference |",
         "|---|---|---|---|---|---|---|---|",
         *rows,
-        f"| all three (sum) | {r:.1f} | | {f:.2f} | {a:.2f} | {r / f:.1f}x | {f / a:.0f}x | |",
-        f"| all three (`trace_all`) | | | {t_all:.2f} | {t_all_att:.2f} | {r / t_all:.1f}x "
-        f"| {t_all / t_all_att:.0f}x | |",
+        f"| all three (sum) | {rw:.1f} / {rc:.1f} | | {fw:.2f} / {fc:.2f} | {tw:.2f} / {tc:.2f} "
+        f"| {rw / fw:.1f}x / {rc / fc:.1f}x | {fw / tw:.0f}x / {fc / tc:.0f}x | |",
+        f"| all three (`trace_all`) | | | {aw:.2f} / {ac:.2f} | {bw:.2f} / {bc:.2f} "
+        f"| {rw / aw:.1f}x / {rc / ac:.1f}x | {aw / bw:.0f}x / {ac / bc:.0f}x | |",
     ]
 
 
@@ -105,10 +116,10 @@ def attribution_table(model, facts: list[dict], samples: int) -> list[str]:
     t_exact = t_att = 0.0
     for rec in facts:
         kw = dict(target=rec["attribute"], samples=samples, progress=False)
-        exact, dt = timed(lambda: ie.trace_all(model, rec["prompt"], rec["subject"], **kw))
+        exact, _, dt = timed(lambda: ie.trace_all(model, rec["prompt"], rec["subject"], **kw))
         t_exact += dt
-        approx, dt = timed(lambda: ie.trace_all(model, rec["prompt"], rec["subject"],
-                                                method="attribution", **kw))  # fmt: skip
+        approx, _, dt = timed(lambda: ie.trace_all(model, rec["prompt"], rec["subject"],
+                                                   method="attribution", **kw))  # fmt: skip
         t_att += dt
         start = exact.resid.subject_range[0]
         for k in KINDS:
@@ -119,8 +130,8 @@ def attribution_table(model, facts: list[dict], samples: int) -> list[str]:
         rs = " ".join(f"{k} {per_kind[k][-1]:.2f}" for k in KINDS)
         print(f"  fact {len(per_kind['resid'])}/{len(facts)} {rec['prompt']!r}: r {rs}", flush=True)
     lines = [
-        f"{len(facts)} known facts the model predicts, {samples} samples; exact (fast, "
-        f"`trace_all`) {t_exact:.0f} s in all, attribution {t_att:.1f} s "
+        f"{len(facts)} known facts the model predicts, {samples} samples; CPU time: exact "
+        f"(fast, `trace_all`) {t_exact:.0f} s in all, attribution {t_att:.1f} s "
         f"({t_exact / t_att:.0f}x faster).",
         "",
         "| kind | Pearson r, mean over facts | median | min | r, all cells pooled |",
@@ -137,14 +148,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--facts", type=int, default=20)
     ap.add_argument("--samples", type=int, default=10)
+    ap.add_argument("--pearson-samples", type=int, default=3,
+                    help="noise samples per trace in the Pearson part (both methods)")
+    ap.add_argument("--hook-batched", action="store_true",
+                    help="also time the hook-batched fallback (kind resid)")
     ap.add_argument("--data", type=Path,
                     default=Path(__file__).resolve().parents[2] / "shared" / "data")  # fmt: skip
     args = ap.parse_args()
     model = ie.load_model()
     print(f"## {model.name} on {platform.machine()}, {torch.get_num_threads()} torch threads\n")
-    print("\n".join(speed_table(model, args.samples)), "\n", flush=True)
+    print("\n".join(speed_table(model, args.samples, args.hook_batched)), "\n", flush=True)
     facts = known_facts(model, args.data / "known_1000.json", args.facts)
-    print("\n".join(attribution_table(model, facts, args.samples)), "\n")
+    print("\n".join(attribution_table(model, facts, args.pearson_samples)), "\n")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     print(f"Peak RSS: {rss:.2f} GiB")
 

@@ -40,31 +40,32 @@ def site_effects(
     noise = inputs.noise.clone().requires_grad_(True)  # puts the corrupted run on the graph
     runs = _stepper_runs if LlamaStepper.usable(inputs.model) else _hooked_runs
     with torch.enable_grad():
-        clean, corrupted, probs = runs(inputs, noise)
+        clean, corrupted, probs, rows = runs(inputs, noise)
         flat = [a for site in SITE_HOOKS for a in corrupted[site]]
         grads = iter(torch.autograd.grad(probs.mean(), flat))
     effects = {}
     for site in SITE_HOOKS:
-        delta = torch.stack([c - a.detach() for c, a in zip(clean[site], corrupted[site])])
-        grad = torch.stack([next(grads) for _ in corrupted[site]])
+        delta = torch.stack([c - a[rows].detach() for c, a in zip(clean[site], corrupted[site])])
+        grad = torch.stack([next(grads)[rows] for _ in corrupted[site]])
         # the grad of the mean already carries 1/S: summing over samples gives the mean effect
         effects[site] = einsum(delta, grad, "layer s pos d, layer s pos d -> layer pos")
     return {k: v.float().cpu() for k, v in effects.items()}, float(probs.detach().mean())
 
 
-def _stepper_runs(inputs: TraceInputs, noise: Tensor) -> tuple[Acts, Acts, Tensor]:
-    """Clean and corrupted activations from the Llama layer stepper (logits at the last
-    position only); the corrupted ones are on the autograd graph."""
-    stepper, tid = LlamaStepper(inputs.model, inputs.n_tokens), inputs.target_id
-    with torch.no_grad():
-        clean = stepper.full_run(inputs.batch(1), tid)
-    cor = stepper.full_run(inputs.batch(inputs.samples), tid, noise, inputs.subject_range)
-    sites = [{"resid": run.x[1:], "mlp": run.mlp, "attn": run.attn} for run in (clean, cor)]
-    return sites[0], sites[1], cor.probs
+def _stepper_runs(inputs: TraceInputs, noise: Tensor) -> tuple[Acts, Acts, Tensor, slice]:
+    """Clean and corrupted activations from the Llama layer stepper in one batch, logits at
+    the last position only: row 0 is the clean run (zero noise), rows 1.. the corrupted ones,
+    on the autograd graph."""
+    stepper, S = LlamaStepper(inputs.model, inputs.n_tokens), inputs.samples
+    both = torch.cat((noise.new_zeros(1, *noise.shape[1:]), noise))
+    run = stepper.full_run(inputs.batch(S + 1), inputs.target_id, both, inputs.subject_range)
+    sites = {"resid": run.x[1:], "mlp": run.mlp, "attn": run.attn}
+    clean = {k: [a[:1].detach() for a in acts] for k, acts in sites.items()}
+    return clean, sites, run.probs[1:], slice(1, None)
 
 
-def _hooked_runs(inputs: TraceInputs, noise: Tensor) -> tuple[Acts, Acts, Tensor]:
-    """The same through the hook layer, for any model."""
+def _hooked_runs(inputs: TraceInputs, noise: Tensor) -> tuple[Acts, Acts, Tensor, slice]:
+    """The same through the hook layer, for any model (the clean run apart)."""
     model, names = inputs.model, all_sites(inputs.n_layers)
     clean: dict[str, Tensor] = {}
     with torch.no_grad(), H.hooked(model, [H.capture(n, clean) for n in names]):
@@ -79,7 +80,7 @@ def _hooked_runs(inputs: TraceInputs, noise: Tensor) -> tuple[Acts, Acts, Tensor
         {site: [run[hook(j)] for j in layers] for site, hook in SITE_HOOKS.items()}
         for run in (clean, acts)
     ]
-    return by_site[0], by_site[1], probs
+    return by_site[0], by_site[1], probs, slice(None)
 
 
 def run(inputs: TraceInputs, kinds, *, window, sever, cells, progress):
