@@ -26,6 +26,7 @@ import ast
 import dataclasses
 import json
 import re
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -99,7 +100,8 @@ def run_variant(model, variant: Variant, val, probes, args, folder: Path) -> Res
     done = _load_result(folder, variant)
     if done is not None and _matches(done, args):
         print(f"{variant.label}: reusing {folder}/{variant.slug}-*.json", flush=True)
-        return Result(variant, first_n(done.val, args.n, val), done.probes)
+        return Result(variant, first_n(done.val, args.n, val),
+                      done.probes and first_n(done.probes, args.probes, probes))
     kw = dict(method=variant.method, seed=args.seed, progress=not args.quiet,
               n_unrelated=args.n_unrelated, **variant.hparams)
     t0 = time.perf_counter()
@@ -117,19 +119,24 @@ def run_variant(model, variant: Variant, val, probes, args, folder: Path) -> Res
 
 def _matches(done: Result, args) -> bool:
     probes_ok = (done.probes is None) == (args.probes == 0) and (
-        done.probes is None or (done.probes.info["n_requested"] == args.probes
+        done.probes is None or (_covers(done.probes.info["n_requested"], args.probes)
                                 and (done.probes.info["fluency_tokens"] is not None)
                                 == args.fluency))
     unrelated = len(done.val.info.get("unrelated_prompts", ())) == args.n_unrelated
-    return (done.val.info["n_requested"] >= args.n and done.val.seed == args.seed
+    return (_covers(done.val.info["n_requested"], args.n) and done.val.seed == args.seed
             and unrelated and probes_ok)
 
 
-def first_n(report: EvalReport, n: int, records) -> EvalReport:
+def _covers(saved: int | None, wanted: int | None) -> bool:
+    """A saved run of ``saved`` records (None: all) holds the first ``wanted`` ones."""
+    return saved is None if wanted is None else saved is None or saved >= wanted
+
+
+def first_n(report: EvalReport, n: int | None, records) -> EvalReport:
     """The report as a run with ``n=n`` would have written it: the first ``n`` evaluated rows
     and the records skipped before the last of them (records are taken in file order, so a
     saved 200-fact run also serves a 50-fact comparison on the same facts)."""
-    if report.n <= n:
+    if n is None or report.n <= n:
         return report
     order = {str(r.case_id): i for i, r in enumerate(records)}
     rows = report.rows[:n]
@@ -279,7 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="redraw from the reports saved in this folder, computing nothing")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
-    out = Path(args.out)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C keeps what was measured,
+    out = Path(args.out)  # also when started in the background (where SIGINT starts ignored)
     notes: list[str] = []
 
     folder = Path(args.from_reports) if args.from_reports else ROOT / "results" / out.name

@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import random
+import signal
 import time
 from pathlib import Path
 
@@ -89,10 +90,14 @@ def main() -> None:
         return row
 
     rows, applied, t0 = [measure(0, 0.0)], [], time.perf_counter()
-    for i, rec in enumerate(edits_recs, 1):
-        applied.append(ie.edit(model, rec.request, method="rome", **hparams))
-        if i % args.every == 0 or i == len(edits_recs):
-            rows.append(measure(i, time.perf_counter() - t0))
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when run in the background
+    try:
+        for i, rec in enumerate(edits_recs, 1):
+            applied.append(ie.edit(model, rec.request, method="rome", **hparams))
+            if i % args.every == 0 or i == len(edits_recs):
+                rows.append(measure(i, time.perf_counter() - t0))
+    except KeyboardInterrupt:  # keep the rows measured so far; undo and write them below
+        print(f"interrupted after {len(applied)} edits", flush=True)
     for e in reversed(applied):
         e.undo()
     exact = all(torch.equal(before[k], v) for k, v in model.hf_model.named_parameters())
