@@ -180,7 +180,7 @@ class LlamaStepper:
     ) -> Float[Tensor, "batch"]:
         """p(target) from final-layer hidden states (final norm, unembedding, softmax)."""
         logits = F.linear(self.norm(h), self.lm_head.weight, self.lm_head.bias)
-        return logits.softmax(-1)[:, target_id]
+        return logits.softmax(-1)[:, target_id].clone()  # a copy: no view pins the softmax
 
     def full_run(
         self,

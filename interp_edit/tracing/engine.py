@@ -4,17 +4,27 @@ Where the reference spends its time, and what this engine does instead:
 
 1. The clean and corrupted runs happen once, caching every layer's input, sublayer outputs
    and keys/values (:class:`~interp_edit.tracing._llama.RunCache`).
-2. A cell at a token before the subject changes nothing (the noise is on subject tokens only
-   and attention is causal): its score is ``low_score``, with no compute.
+2. Cells that provably change nothing need no compute. Before the subject's first token the
+   corrupted run equals the clean one (the noise is on subject tokens only and attention is
+   causal): ``low_score``. At the last layer only the last position reaches the logits, so a
+   restoration there at an earlier token is dropped (kind ``"resid"``: ``low_score``), and
+   restoring the last layer's output at the last token gives the clean state: the clean score.
 3. Every other token ``t`` gets one *sweep* over the layers. A cell's state is only
    recomputed from the first layer it restores, and only at positions ``t..T-1``; earlier
    positions' keys/values come from the corrupted cache. All cells of the token (of every
-   requested kind) are batched together, ``cells x samples`` rows per layer call.
+   requested kind) are batched together, ``cells x samples`` rows per layer call, in chunks
+   small enough for the activations to stay in cache.
 4. Cells whose restorations agree up to some layer share one state until they differ (an
    MLP/attention window clipped at layer 0 has the same start as its neighbours): a state is
    keyed by the restorations applied so far, and computed once per key.
 5. At the first restored layer only position ``t`` is computed; at the last layer only the
-   last position; the unembedding runs on the last position only.
+   last position (and the keys/values of the others); an MLP output that a restoration
+   replaces is not computed; the unembedding runs once at the end, on the last position only.
+
+What is left is bound by matrix-multiply FLOPs: for a prompt whose subject starts at token 0
+it is about a fifth of the reference's multiply-adds for kind ``"resid"`` (each cell still
+recomputes every later layer at every later position), a little more for MLP/attention
+windows. ``benchmarks/bench_trace.py`` measures the ratio.
 
 Models the layer stepper does not support (anything but Llama-family decoders), and models
 with hooks installed on the bridge, go through the hook layer instead, batching many cells
