@@ -5,6 +5,10 @@
     interp-edit edit --method mend --hparams '{"editor": "mend.safetensors"}' ...
     interp-edit evaluate --method mend --hparam editor=mend.safetensors --path ... --n 200
 
+``--config`` sets the other ``TrainConfig`` fields; the editor of README's "MEND" section is
+``analyses/train_mend.py``'s ``CONFIG``: ``{"key_stats": "../shared/data/wikitext-2/valid.txt",
+"contrast": true, "init_step": 0.005, "c_edit": 0.3, "c_margin": 1, "lr": 1e-3}``.
+
 Training data: CounterFact (official or flattened) or zsRE (MEND format) files; ``--train`` may
 be given more than once. Progress is checkpointed next to ``--out`` (``<out>.ckpt/``); running
 the same command again resumes from the checkpoint.

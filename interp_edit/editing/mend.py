@@ -5,20 +5,30 @@ sequence is ``Σ_t δ_t u_tᵀ``: ``u_t`` is the layer's input at token t and ``
 gradient at its output. MEND never forms that matrix. A small trained network maps each pair
 ``(u_t, δ_t)`` to ``(û_t, δ̂_t)`` and the edit is
 
-    ΔW_l = −α_l · Σ_t δ̂_t û_tᵀ        (a rank ≤ T update, α_l a learned step size)
+    ΔW_l = −α_l · Σ_t δ̂_t (P_l û_t)ᵀ        (a rank ≤ T update, α_l a learned step size)
+
+``P_l`` is the identity in MEND. With ``MENDConfig.precondition`` it is ROME's ``C_l⁻¹``, the
+inverse second moment of the projection's inputs over ordinary text (plus a ridge; see
+:mod:`interp_edit.editing.stats`), stored in the editor: the update then spreads along
+directions that typical keys rarely use, which keeps edits of the last layers from spilling
+onto other subjects of the same relation (measured: see ``analyses/train_mend.py``).
 
 The edited matrices are MLP output projections (``Model.mlp_out_proj``; ``u`` is the hook point
 ``mlp_key_hook``, ``δ`` the gradient at ``mlp_out_hook``) of the layers the editor was trained
 for: MEND's last three (``layer_choice="last"``), the layers where the MLP causal trace is
 strongest (``"traced"``, location-aware; see :mod:`interp_edit.editing.mend_train`) or a given
-list (``"given"``). The edit loss is the mean NLL per target token of each request, so only
-tokens up to the last target position get a gradient; the others are dropped.
+list (``"given"``). The loss whose gradient is decomposed is the mean NLL per target token
+of each request's ``target_new``; with ``MENDConfig.contrast`` minus that of its
+``target_true`` too (when the request has one), the direction that moves probability from
+the old answer to the new one, which is what efficacy measures. Only tokens up to the last
+target position get a gradient; the others are dropped.
 
 The network (:class:`GradientTransform`): ``z = [norm(u); norm(δ)]`` (running mean and std,
 collected while training), then ``n_blocks`` residual blocks ``z + B relu(s_l ⊙ (A z + b) + o_l)
-+ c`` with a rank-``rank`` hidden layer. ``B = 0`` and ``c = 0`` at init, so an untrained
-network is the identity. One network serves every edited matrix of one shape; ``s_l, o_l``
-(per-layer scale and shift) tell the layers apart.
++ c`` with a rank-``rank`` hidden layer, mapped back to the inputs' scale. ``B = 0`` and
+``c = 0`` at init, so an untrained network is the identity and an untrained editor takes a
+plain (preconditioned) gradient step. One network serves every edited matrix of one shape;
+``s_l, o_l`` (per-layer scale and shift) tell the layers apart.
 
     edit = ie.edit(model, [req], method="mend", editor="mend.safetensors")
 
@@ -65,7 +75,9 @@ class MENDConfig:
     shapes: tuple[tuple[int, int], ...]  # [d_out, d_in] of each edited weight
     rank: int = 128  # hidden width of each residual block
     n_blocks: int = 1
-    init_edit_lr: float = 1e-4  # α_l before training
+    init_edit_lr: float = 1e-4  # α_l before training (the trainer may calibrate it per layer)
+    precondition: bool = False  # û_t -> P_l û_t, P_l = (C_l + ridge)⁻¹ stored in the editor
+    contrast: bool = False  # the input gradient also raises the NLL of target_true (if given)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
@@ -126,6 +138,12 @@ class RunningNorm(nn.Module):
             return x
         return (x - self.mean.to(x)) / (self.std.to(x) + self.eps)
 
+    def inverse(self, z: Float[Tensor, "n dim"]) -> Float[Tensor, "n dim"]:
+        """Back to the input's scale: ``inverse(forward(x)) == x`` (up to rounding)."""
+        if self.count < 2:
+            return z
+        return z * (self.std.to(z) + self.eps) + self.mean.to(z)
+
 
 class _ResidualBlock(nn.Module):
     """z + B relu(s_l ⊙ (A z + b) + o_l) + c, with a rank-``rank`` hidden layer and per-layer
@@ -147,7 +165,11 @@ class _ResidualBlock(nn.Module):
 
 
 class GradientTransform(nn.Module):
-    """(u_t, δ_t) -> (û_t, δ̂_t) for every edited matrix of one shape ``[d_out, d_in]``."""
+    """(u_t, δ_t) -> (û_t, δ̂_t) for every edited matrix of one shape ``[d_out, d_in]``.
+
+    The blocks work on the normalized vectors; their output is mapped back to the inputs'
+    scale, so an untrained network returns (u_t, δ_t) and an untrained editor takes a plain
+    (preconditioned) gradient step of size α_l."""
 
     def __init__(self, d_in: int, d_out: int, rank: int, n_blocks: int, n_modes: int):
         super().__init__()
@@ -162,7 +184,7 @@ class GradientTransform(nn.Module):
         z = torch.cat([self.norm_u(u), self.norm_delta(delta)], dim=-1)  # [n, d_in + d_out]
         for block in self.blocks:
             z = block(z, mode)
-        return z[:, : self.d_in], z[:, self.d_in :]
+        return self.norm_u.inverse(z[:, : self.d_in]), self.norm_delta.inverse(z[:, self.d_in :])
 
 
 # ---- the editor --------------------------------------------------------------------------
@@ -183,6 +205,18 @@ class MENDEditor(nn.Module):
         })
         self._keys = keys
         self.log_lr = nn.Parameter(torch.full((len(config.layers),), math.log(config.init_edit_lr)))
+        if config.precondition:  # identity until set_preconditioner (a fixed buffer, not trained)
+            for layer, (_, d_in) in zip(config.layers, config.shapes):
+                self.register_buffer(f"precond_{layer}", torch.eye(d_in))
+
+    @torch.no_grad()
+    def set_preconditioner(self, layer: int, inverse: Float[Tensor, "d_in d_in"]) -> None:
+        """Set P_l (symmetric, e.g. the inverse of the key second moment C_l plus a ridge)."""
+        buf = getattr(self, f"precond_{layer}", None)
+        if buf is None or buf.shape != inverse.shape:
+            raise InterpEditError(f"layer {layer}: this editor has no {tuple(inverse.shape)} "
+                                  "preconditioner (MENDConfig.precondition=False?)")
+        buf.copy_(inverse)
 
     def forward(self, factors: dict[int, Factors]) -> dict[int, Float[Tensor, "d_out d_in"]]:
         """ΔW of every edited layer from its raw gradient factors."""
@@ -190,6 +224,8 @@ class MENDEditor(nn.Module):
         for i, layer in enumerate(self.config.layers):
             u, delta = factors[layer]
             u_hat, delta_hat = self.nets[self._keys[i]](u, delta, self._modes[i])
+            if self.config.precondition:
+                u_hat = einsum(u_hat, getattr(self, f"precond_{layer}"), "n i, i j -> n j")
             step = einsum(delta_hat, u_hat, "n d_out, n d_in -> d_out d_in")
             out[layer] = -self.log_lr[i].exp() * step
         return out
@@ -205,12 +241,28 @@ class MENDEditor(nn.Module):
 
     def deltas(self, model: Model, requests: Sequence[EditRequest]) -> dict[str, Tensor]:
         """Parameter name -> ΔW for ``requests`` edited together (their tokens are summed)."""
+        return self.step(model, requests)[0]
+
+    def step(self, model: Model, requests: Sequence[EditRequest]
+             ) -> tuple[dict[str, Tensor], bool]:
+        """:meth:`deltas`, and whether every request with a ``target_true`` already has
+        p(new) > p(true) (mean per-token log-probabilities, as efficacy) at the current
+        weights, read from the same forward pass."""
         self.check_model(model)
-        factors = gradient_factors(model, self.config.layers, [r.text for r in requests],
-                                   [r.target_new for r in requests])
+        texts = [r.text for r in requests]
+        olds = [(r.text, r.target_true) for r in requests if r.target_true is not None]
+        batch = TargetBatch.build(model, [*texts, *(t for t, _ in olds)],
+                                  [*(r.target_new for r in requests), *(o for _, o in olds)])
+        n, rows_old = len(texts), range(len(texts), len(texts) + len(olds))
+        factors, logits = batch_factors(model, self.config.layers, batch, range(n),
+                                        away=rows_old if self.config.contrast else ())
+        with_old = [i for i, r in enumerate(requests) if r.target_true is not None]
+        done = bool((batch.mean_logprobs(logits, with_old)
+                     > batch.mean_logprobs(logits, rows_old)).all()) if olds else False
         with torch.no_grad():
             steps = self(factors)
-        return {parameter_name(model, model.mlp_out_proj(layer)): d for layer, d in steps.items()}
+        names = {layer: parameter_name(model, model.mlp_out_proj(layer)) for layer in steps}
+        return {names[layer]: d for layer, d in steps.items()}, done
 
     # ---- persistence ----------------------------------------------------------------------
     def metadata(self) -> dict[str, Any]:
@@ -285,16 +337,22 @@ class TargetBatch:
 
 
 def gradient_factors(
-    model: Model, layers: Sequence[int], prompts: Sequence[str], targets: Sequence[str]
+    model: Model, layers: Sequence[int], prompts: Sequence[str], targets: Sequence[str],
+    away: Sequence[str | None] | None = None,
 ) -> dict[int, Factors]:
     """Inputs ``u_t`` and output gradients ``δ_t`` of each layer's MLP output projection, at
-    every token with a non-zero gradient, for the loss Σ_requests mean-NLL(target | prompt).
+    every token with a non-zero gradient, for the loss Σ_requests mean-NLL(target | prompt)
+    − mean-NLL(away | prompt) (the second term only where ``away`` gives a target).
 
     ``Σ_t δ_t u_tᵀ`` is exactly that loss's gradient with respect to the projection's weight.
     The model's weights get no gradient: δ is read from zero tensors added to the MLP outputs.
     """
-    batch = TargetBatch.build(model, prompts, targets)
-    return batch_factors(model, layers, batch, range(len(prompts)))[0]
+    pairs = [(p, a) for p, a in zip(prompts, away or [None] * len(prompts), strict=True)
+             if a is not None]
+    batch = TargetBatch.build(model, [*prompts, *(p for p, _ in pairs)],
+                              [*targets, *(a for _, a in pairs)])
+    n = len(prompts)
+    return batch_factors(model, layers, batch, range(n), away=range(n, n + len(pairs)))[0]
 
 
 def batch_factors(
@@ -303,9 +361,11 @@ def batch_factors(
     batch: TargetBatch,
     rows: Sequence[int],
     extra_hooks: Sequence[Hook] = (),
+    away: Sequence[int] = (),
 ) -> tuple[dict[int, Factors], Float[Tensor, "batch pos d_vocab"]]:
-    """:func:`gradient_factors` of the loss on ``rows`` of ``batch``, from one pass over every
-    row (with ``extra_hooks`` installed too); also returns that pass's logits (detached)."""
+    """:func:`gradient_factors` of the loss on ``rows`` of ``batch`` (minus that on ``away``),
+    from one pass over every row (with ``extra_hooks`` installed too); also returns that
+    pass's logits (detached)."""
     w = model.mlp_out_proj(layers[0]).weight
     store: dict[str, Tensor] = {}
     bumps = {layer: torch.zeros(*batch.ids.shape, model.d_model, dtype=w.dtype, device=w.device,
@@ -315,6 +375,8 @@ def batch_factors(
     with torch.enable_grad(), hooked(model, [*hooks, *extra_hooks]):
         logits = model.logits(batch.ids)
         loss = -batch.mean_logprobs(logits, rows).sum()
+        if len(away):
+            loss = loss + batch.mean_logprobs(logits, away).sum()
         grads = torch.autograd.grad(loss, [bumps[layer] for layer in layers])
     out = {}
     for layer, grad in zip(layers, grads):
@@ -334,13 +396,22 @@ def default_editor_path(model: Model) -> Path:
 @dataclass(frozen=True)
 class MENDHparams:
     """``editor``: a trained editor file; ``None``: the default one for this model in the user
-    cache (written by ``analyses/train_mend.py``)."""
+    cache (written by ``analyses/train_mend.py``).
+
+    ``passes``: 1 is MEND as published (one gradient, one editor pass). ``k > 1`` (default 3)
+    applies the editor again, to the gradient at the edited weights, until every request with
+    a ``target_true`` has p(new) > p(true) on its prompt, at most k times: a per-fact step
+    size, so facts the model holds firmly get more passes and the others keep a small edit
+    (which is what keeps neighbours intact; README, "MEND")."""
 
     editor: str | None = None
+    passes: int = 3
 
     def __post_init__(self) -> None:
         if self.editor is not None:
             object.__setattr__(self, "editor", os.fspath(self.editor))
+        if self.passes < 1:
+            raise InterpEditError(f"passes={self.passes}: use 1 (MEND) or more")
 
 
 def load_editor(model: Model, editor: str | os.PathLike | None = None) -> MENDEditor:
@@ -370,10 +441,27 @@ def apply_mend(model: Model, requests: Sequence[EditRequest], hp: MENDHparams) -
     """Edit with a trained editor: one forward/backward pass for the gradient factors, one pass
     of the editor network, then ΔW added to the edited projections."""
     editor = load_editor(model, hp.editor)
-    deltas = editor.deltas(model, requests)
+    params = dict(model.hf_model.named_parameters())
+    deltas, done = editor.step(model, requests)
+    used, original = 1, {name: params[name].detach().clone() for name in deltas}
+    try:
+        while used < hp.passes:
+            with torch.no_grad():
+                for name, d in deltas.items():
+                    params[name].copy_(original[name] + d)
+            step, done = editor.step(model, requests)
+            if done:  # the passes so far did it
+                break
+            deltas = {name: d + step[name] for name, d in deltas.items()}
+            used += 1
+    finally:  # the original weights, bit for bit; AppliedEdit adds the sum
+        with torch.no_grad():
+            for name, w in original.items():
+                params[name].copy_(w)
     cfg = editor.config
     info = {"layers": list(cfg.layers), "layer_choice": cfg.layer_choice,
             "editor": str(hp.editor or default_editor_path(model)),
             "editor_steps": editor.info.get("step"),
-            "edit_lr": [round(float(x), 8) for x in editor.log_lr.detach().exp()]}
+            "edit_lr": [round(float(x), 8) for x in editor.log_lr.detach().exp()],
+            "passes": used}
     return AppliedEdit.from_deltas(model, "mend", requests, hp, deltas, info=info)

@@ -2,15 +2,20 @@
 
 Each step draws one record and
 
-1. takes the raw gradient factors of its edit (x = the edit prompt, y = ``target_new``) on the
-   unedited model (:func:`interp_edit.editing.mend.gradient_factors`);
+1. takes the raw gradient factors of its edit (x = the edit prompt, y = ``target_new``; with
+   ``contrast``, minus the NLL of ``target_true``) on the unedited model
+   (:func:`interp_edit.editing.mend.gradient_factors`);
 2. turns them into ΔW with the editor and runs the model with W + ΔW substituted
    (:func:`substituted`: differentiable, the model's parameters are never trained);
 3. loss = ``c_edit`` × NLL(target_new | edit prompt and its paraphrase, edited weights)
         + ``c_loc`` × KL(original ‖ edited) of the next-token distributions that predict the
           true answer of the record's neighbour prompt (a retain example: same relation, other
           subject, whose answer must not change; the positions that decide the neighbourhood
-          score, rather than every token as in MEND's NQ retain set);
+          score, rather than every token as in MEND's NQ retain set)
+        + ``c_margin`` × [softplus(log p(true) − log p(new) + 1) on the edit prompts
+          + softplus(log p(new) − log p(neighbour's answer) + 1) on the neighbour prompt]:
+          the comparisons that efficacy and neighbourhood make (mean per-token
+          log-probabilities), as soft margins (0: MEND's two losses only);
 4. one Adam step on the editor (the network, and the log step sizes at ``lr_lr``).
 
 Every ``val_every`` steps (and at step 0) the editor is saved as a resumable checkpoint
@@ -40,7 +45,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from interp_edit.editing.mend import (
-    MENDConfig, MENDEditor, TargetBatch, batch_factors, last_layers)
+    MENDConfig, MENDEditor, TargetBatch, batch_factors, gradient_factors, last_layers)
 from interp_edit.errors import InterpEditError
 from interp_edit.evaluation.records import EditRecord
 from interp_edit.hooks import capture
@@ -60,10 +65,21 @@ class TrainConfig:
     rank: int = 128
     n_blocks: int = 1
     init_edit_lr: float = 1e-4
+    # initial α_l such that ‖ΔW_l‖ = init_step · ‖W_l‖ for the median of `calibrate` training
+    # edits (None: init_edit_lr for every layer)
+    init_step: float | None = None
+    calibrate: int = 16
+    # corpus of the key statistics C_l that precondition û_t (None: no preconditioning, as in
+    # MEND); see interp_edit.editing.stats.second_moments
+    key_stats: str | None = None
+    key_tokens: int = 100_000
+    key_ridge: float = 0.01  # C_l + key_ridge · mean(diag C_l) · I is inverted
+    contrast: bool = False  # the editor's input gradient also pushes target_true down
     lr: float = 1e-4  # Adam on the network
     lr_lr: float = 1e-2  # Adam on the log step sizes
     c_edit: float = 1.0
     c_loc: float = 1.0
+    c_margin: float = 0.0  # weight of the soft margins on p(new) vs p(true) (module docstring)
     rephrase: bool = True  # the edit loss also scores the record's first paraphrase
     retain_divergence: str = "symmetric"  # "forward": MEND's KL(original ‖ edited) only
     grad_clip: float = 100.0
@@ -117,24 +133,38 @@ def meta_loss(
     layers, first = editor.config.layers, min(editor.config.layers)
     prompts = [record.text, *record.paraphrases[: int(cfg.rephrase)]]
     loc_prompt, loc_answer = record.neighborhood[0]
-    batch = TargetBatch.build(model, [*prompts, loc_prompt],
-                              [record.target_new] * len(prompts) + [loc_answer])
-    loc, edit_rows = len(prompts), list(range(len(prompts)))
+    n = len(prompts)
+    # rows: target_new | prompts, the neighbour's answer | its prompt, and with a true target
+    # target_true | prompts and target_new | the neighbour's prompt
+    contrast = (cfg.c_margin > 0 or cfg.contrast) and record.target_true is not None
+    rows = [(p, record.target_new) for p in prompts] + [(loc_prompt, loc_answer)]
+    if contrast:
+        rows += [(p, record.target_true) for p in prompts] + [(loc_prompt, record.target_new)]
+    batch = TargetBatch.build(model, *zip(*rows))
+    loc, edit_rows, true_rows = n, list(range(n)), list(range(n + 1, 2 * n + 1))
     loc_pos = batch.positions(loc)  # where the neighbour's answer is predicted
     store: dict[str, Tensor] = {}
     entry = resid_hook(first - 1) if first > 0 else EMBED_HOOK  # the input of layer `first`
-    factors, logits = batch_factors(model, layers, batch, [0], [capture(entry, store)])
+    away = true_rows[:1] if contrast and editor.config.contrast else []  # true | edit prompt
+    factors, logits = batch_factors(model, layers, batch, [0], [capture(entry, store)], away)
     steps = editor(factors)
     edited = {layer: model.mlp_out_proj(layer).weight + steps[layer] for layer in layers}
     with substituted(model, edited):
         after = _edited_logits(model, batch.ids, store[entry], first)
-    edit_loss = -batch.mean_logprobs(after, edit_rows).mean()
+    new_logp = batch.mean_logprobs(after, edit_rows)
+    edit_loss = -new_logp.mean()
     base, now = logits[loc, loc_pos].log_softmax(-1), after[loc, loc_pos].log_softmax(-1)
     loc_loss = kl_divergence(base, now)
     if cfg.retain_divergence == "symmetric":
         loc_loss = loc_loss + kl_divergence(now, base)
-    loss = cfg.c_edit * edit_loss + cfg.c_loc * loc_loss
-    parts = {"loss": loss, "edit_nll": edit_loss, "loc_kl": loc_loss}
+    margin = torch.zeros(())
+    if contrast and cfg.c_margin > 0:  # the metrics' comparisons, as soft margins
+        true_logp = batch.mean_logprobs(after, true_rows)
+        loc_logp = batch.mean_logprobs(after, [loc, 2 * n + 1])  # answer, new | neighbour
+        margin = (F.softplus(true_logp - new_logp + 1).mean()  # p(new) > p(true)
+                  + F.softplus(loc_logp[1] - loc_logp[0] + 1))  # p(answer) > p(new)
+    loss = cfg.c_edit * edit_loss + cfg.c_loc * loc_loss + cfg.c_margin * margin
+    parts = {"loss": loss, "edit_nll": edit_loss, "loc_kl": loc_loss, "margin": margin}
     return loss, {k: v.item() for k, v in parts.items()}
 
 
@@ -293,11 +323,49 @@ def _start(model, train, cfg, ckpt, out):
     layers, how, evidence = choose_layers(model, train, cfg)
     torch.manual_seed(cfg.seed)
     config = MENDConfig.for_model(model, layers, how, rank=cfg.rank, n_blocks=cfg.n_blocks,
-                                  init_edit_lr=cfg.init_edit_lr)
+                                  init_edit_lr=cfg.init_edit_lr,
+                                  precondition=cfg.key_stats is not None,
+                                  contrast=cfg.contrast)
     editor = MENDEditor(config, {"layer_evidence": evidence})
+    if cfg.key_stats is not None:
+        _set_preconditioners(model, editor, cfg)
+    if cfg.init_step is not None:
+        editor.info["calibrated_edit_lr"] = _calibrate(model, editor, train, cfg)
     state = {"format": STATE_FORMAT, "train_config": _jsonable(cfg), "step": 0, "seconds": 0.0,
              "best_score": None, "best_step": None, "since_best": 0, "history": []}
     return editor, _optimizer(editor, cfg), state
+
+
+def _set_preconditioners(model: Model, editor: MENDEditor, cfg: TrainConfig) -> None:
+    """P_l = (C_l + ridge)⁻¹ from the key statistics of ``cfg.key_stats`` (cached)."""
+    from interp_edit.editing.stats import second_moments
+
+    layers = editor.config.layers
+    moments = second_moments(model, layers, cfg.key_stats, cfg.key_tokens)
+    for layer in layers:
+        c = moments[layer].double()
+        c = c + cfg.key_ridge * c.diagonal().mean() * torch.eye(len(c), dtype=c.dtype,
+                                                                device=c.device)
+        editor.set_preconditioner(layer, torch.linalg.inv(c).float())
+    editor.info["key_stats"] = {"corpus": str(cfg.key_stats), "n_tokens": cfg.key_tokens,
+                                "ridge": cfg.key_ridge}
+
+
+@torch.no_grad()
+def _calibrate(model: Model, editor: MENDEditor, train: Sequence[EditRecord],
+               cfg: TrainConfig) -> list[float]:
+    """Set each α_l so that the untrained editor's ‖ΔW_l‖ / ‖W_l‖ is ``cfg.init_step`` for the
+    median of the first ``cfg.calibrate`` training edits; returns the α_l."""
+    layers, ratios = editor.config.layers, []
+    editor.eval()
+    for rec in train[: cfg.calibrate]:
+        away = [rec.target_true] if editor.config.contrast else None
+        steps = editor(gradient_factors(model, layers, [rec.text], [rec.target_new], away))
+        ratios.append(torch.stack([steps[layer].norm() / model.mlp_out_proj(layer).weight.norm()
+                                   for layer in layers]))
+    median = torch.stack(ratios).median(0).values  # [layers]: ‖ΔW‖/‖W‖ at α = exp(log_lr)
+    editor.log_lr += (cfg.init_step / median).log()
+    return [float(f"{x:.4g}") for x in editor.log_lr.exp()]
 
 
 def _validate(model, editor, val, cfg, state, window, out, ckpt, opt, seconds) -> dict[str, Any]:
@@ -332,7 +400,7 @@ def _validate(model, editor, val, cfg, state, window, out, ckpt, opt, seconds) -
 
 
 def _describe(row: dict[str, Any]) -> str:
-    keys = ("efficacy", "paraphrase", "neighborhood", "loss", "edit_nll", "loc_kl")
+    keys = ("efficacy", "paraphrase", "neighborhood", "loss", "edit_nll", "loc_kl", "margin")
     return f"step {row['step']} ({row['seconds']:.0f}s): " + ", ".join(
         f"{k} {row[k]:.3f}" for k in keys if k in row)
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import interp_edit as ie
+from interp_edit.editing.base import parameter_name
 from interp_edit.editing.mend import (
     GradientTransform, MENDConfig, MENDEditor, RunningNorm, TargetBatch, gradient_factors,
     last_layers)
@@ -20,7 +21,8 @@ from interp_edit.hooks import capture, hooked
 from interp_edit.models import resid_hook
 from interp_edit.testing import RELATIONS
 
-SHORT = TrainConfig(steps=120, val_every=40, val_n=12, patience=0, lr=1e-3, lr_lr=0.05)
+SHORT = TrainConfig(steps=120, val_every=40, val_n=12, patience=0, lr=1e-3, lr_lr=0.05,
+                    init_step=0.002)
 
 
 def fact_records(fm, facts, per_fact: int, seed: int) -> list[EditRecord]:
@@ -137,6 +139,12 @@ def test_edit_records_layers_and_undo_is_bit_exact(fm, trained):
     assert m.next_token_probs(f.prompt, "Oslo") > 0.5
     edit.undo()
     assert all(torch.equal(before[k], v) for k, v in _weights(m).items())
+    # more passes: the weights between passes are put back bit for bit too
+    edit = ie.edit(m, [ie.EditRequest(f.template, f.subject, "Oslo", f.attribute)],
+                   method="mend", editor=trained[0], passes=3)
+    assert 1 <= edit.info["passes"] <= 3
+    edit.undo()
+    assert all(torch.equal(before[k], v) for k, v in _weights(m).items())
 
 
 def test_editor_round_trip_and_model_mismatch(fm, trained, tiny, tmp_path):
@@ -193,3 +201,50 @@ def test_missing_editor_says_how_to_train(fm, monkeypatch, tmp_path):
         ie.edit(fm.model, [req], method="mend")
     with pytest.raises(InterpEditError, match="does not exist"):
         ie.edit(fm.model, [req], method="mend", editor=str(tmp_path / "nope.safetensors"))
+
+
+def test_untrained_preconditioned_contrastive_editor_takes_that_gradient_step(fm):
+    m, f = fm.model, fm.facts[0]
+    layers = (2, 3)
+    cfg = MENDConfig.for_model(m, layers, "given", rank=4, init_edit_lr=0.5, precondition=True,
+                               contrast=True)
+    editor = MENDEditor(cfg).eval()
+    spd = {}
+    for layer in layers:
+        a = torch.randn(128, 128) / 128**0.5
+        spd[layer] = a @ a.T + torch.eye(128)
+        editor.set_preconditioner(layer, spd[layer])
+    req = ie.EditRequest(f.template, f.subject, "Rome Paris", f.attribute)
+    weights = [m.mlp_out_proj(layer).weight for layer in layers]
+    for w in weights:
+        w.requires_grad_(True)
+    try:  # the contrastive loss: mean NLL of the new target minus that of the true one
+        n_new, n_true = len(m.target_ids(req.target_new)), len(m.target_ids(req.target_true))
+        loss = (m.target_logprobs([req.text], [req.target_true], grad=True) / n_true
+                - m.target_logprobs([req.text], [req.target_new], grad=True) / n_new).sum()
+        grads = torch.autograd.grad(loss, weights)
+    finally:
+        for w in weights:
+            w.requires_grad_(False)
+    deltas = editor.deltas(m, [req])
+    for layer, grad in zip(layers, grads):
+        got = deltas[parameter_name(m, m.mlp_out_proj(layer))]
+        assert torch.allclose(got, -0.5 * grad @ spd[layer], atol=1e-5, rtol=1e-4)
+    with pytest.raises(InterpEditError, match="preconditioner"):
+        MENDEditor(MENDConfig.for_model(m, layers, "given")).set_preconditioner(2, spd[2])
+
+
+def test_more_passes_go_on_until_the_new_target_wins(fm, tmp_path):
+    m, f = fm.model, fm.facts[3]
+    cfg = MENDConfig.for_model(m, (2, 3), "given", rank=4, init_edit_lr=0.02, contrast=True)
+    path = MENDEditor(cfg).save(tmp_path / "untrained.safetensors")
+    new = next(a for a in RELATIONS[f.relation][1] if a != f.attribute)
+    req = ie.EditRequest(f.template, f.subject, new, f.attribute)
+    p_new = []
+    for passes in (1, 4):
+        edit = ie.edit(m, [req], method="mend", editor=str(path), passes=passes)
+        p_new.append(m.next_token_probs(f.prompt, new))
+        edit.undo()
+    assert edit.info["passes"] > 1 and p_new[1] > p_new[0]
+    with pytest.raises(InterpEditError, match="passes"):
+        ie.edit(m, [req], method="mend", editor=str(path), passes=0)
