@@ -111,7 +111,7 @@ def draw(editor: MENDEditor, history: list[dict], out: Path) -> None:
                          label="soft margins (edit + neighbour)")
         ax_loss.set(xlabel="training step", ylabel="training loss (mean over the interval)",
                     yscale="log", title="Meta-training losses")
-        ax_loss.legend(loc="upper right")
+        ax_loss.legend(loc="lower left")
         cfg = editor.config
         fig.suptitle(f"MEND on {cfg.model_name}: layers {list(cfg.layers)} ({cfg.layer_choice}),"
                      f" rank {cfg.rank}")
