@@ -1,7 +1,7 @@
 """Causal tracing benchmark: reference vs fast vs attribution on the default model.
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_trace.py \
-        [--facts 20] [--pearson-samples 3] [--hook-batched] [--data DIR]
+        [--facts 20] [--pearson-samples 3] [--hook-batched] [--work-only] [--data DIR]
 
 1. One fact (10-token prompt, 10 noise samples), kinds resid/mlp/attn: wall and CPU time of the
    reference (one forward pass per cell), the fast engine (per kind, and all three kinds sharing
@@ -15,6 +15,8 @@
    samples; only cells at or after the subject's first token enter (earlier cells equal
    ``low_score`` exactly in both).
 3. Peak RSS of the process.
+The first line counts multiply-adds, reference / fast, from the engine's own plans: the
+ceiling of the speed-up when both run their matrix multiplies equally fast.
 Prints markdown tables (pasted into README.md, "Measured so far").
 """
 
@@ -31,7 +33,7 @@ import torch
 
 import interp_edit as ie
 from interp_edit.tracing import engine, reference
-from interp_edit.tracing.inputs import TraceInputs, prepare, select_cells
+from interp_edit.tracing.inputs import TraceInputs, plan, prepare, select_cells
 
 PROMPT, SUBJECT = "The Eiffel Tower is located in the city of", "The Eiffel Tower"
 KINDS = ("resid", "mlp", "attn")
@@ -81,6 +83,8 @@ def speed_table(model, samples: int, hook_batched: bool) -> list[str]:
     _, bw, bc = timed(lambda: ie.trace_all(model, PROMPT, SUBJECT, method="attribution", **kw))
     (rw, rc), (fw, fc), (tw, tc) = totals.values()
     return [
+        work_line(model),
+        "",
         f"Prompt {PROMPT!r} ({ntok} tokens), subject {SUBJECT!r}, {samples} noise samples, "
         f"{model.n_layers} layers; seconds per trace, wall / CPU.",
         "",
@@ -93,6 +97,42 @@ def speed_table(model, samples: int, hook_batched: bool) -> list[str]:
         f"| all three (`trace_all`) | | | {aw:.2f} / {ac:.2f} | {bw:.2f} / {bc:.2f} "
         f"| {rw / aw:.1f}x / {rc / ac:.1f}x | {aw / bw:.0f}x / {ac / bc:.0f}x | |",
     ]
+
+
+def work_ratios(model, n_tokens: int, subject_start: int, window: int = 10) -> dict[str, float]:
+    """Reference multiply-adds / fast-engine multiply-adds per kind (matrix multiplies of the
+    layers and the unembedding; attention scores are negligible at this length), counted from
+    the engine's own plans and state sharing: the ceiling of the speed-up at equal efficiency."""
+    cfg = model.hf_model.config
+    d, kv = cfg.hidden_size, cfg.num_key_value_heads * cfg.hidden_size // cfg.num_attention_heads
+    mlp = 3 * d * cfg.intermediate_size
+    unit = 2 * d * d + 2 * d * kv + mlp  # one layer at one position: q, o; k, v; the MLP
+    unembed, L, T = d * cfg.vocab_size / unit, model.n_layers, n_tokens  # in layer-positions
+    ref = L * T * T * (L + unembed)  # every cell: every layer at every position, full logits
+    out = {}
+    for kind in KINDS:
+        work = 0.0
+        for t in range(subject_start, T):
+            plans = [engine.effective_plan(plan(kind, layer, window, L), t, T, L)
+                     for layer in range(L)]  # fmt: skip
+            plans = [p for p in plans if p and not (t == T - 1 and p[0].layer == L - 1
+                                                   and p[0].site == "resid")]  # fmt: skip
+            work += len(plans) * unembed
+            for j in range(min((p[0].layer for p in plans), default=L), L):
+                for key in {engine._prefix(p, j) for p in plans if p[0].layer <= j}:
+                    first = not engine._prefix(key, j - 1)
+                    rows = 1 if first else T - t
+                    cost = 1 + (rows - 1) * 2 * d * kv / unit if j == L - 1 and not first else rows
+                    restored_mlp = any(r.layer == j and r.site == "mlp" for r in key)
+                    work += cost - (mlp / unit if restored_mlp else 0)
+        out[kind] = ref / work
+    return out
+
+
+def work_line(model) -> str:
+    start, ntok = model.subject_range(PROMPT, SUBJECT)[0], len(model.tokenize(PROMPT))
+    bound = ", ".join(f"{k} {r:.1f}x" for k, r in work_ratios(model, ntok, start).items())
+    return f"Multiply-adds, reference / fast (the ceiling at equal efficiency): {bound}."
 
 
 def known_facts(model, path: Path, n: int) -> list[dict]:
@@ -152,11 +192,15 @@ def main() -> None:
                     help="noise samples per trace in the Pearson part (both methods)")
     ap.add_argument("--hook-batched", action="store_true",
                     help="also time the hook-batched fallback (kind resid)")
+    ap.add_argument("--work-only", action="store_true",
+                    help="print the multiply-add ratios only (seconds, no tracing)")
     ap.add_argument("--data", type=Path,
                     default=Path(__file__).resolve().parents[2] / "shared" / "data")  # fmt: skip
     args = ap.parse_args()
     model = ie.load_model()
     print(f"## {model.name} on {platform.machine()}, {torch.get_num_threads()} torch threads\n")
+    if args.work_only:
+        return print(work_line(model))
     print("\n".join(speed_table(model, args.samples, args.hook_batched)), "\n", flush=True)
     facts = known_facts(model, args.data / "known_1000.json", args.facts)
     print("\n".join(attribution_table(model, facts, args.pearson_samples)), "\n")
