@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 
 # one line per subcommand module
@@ -34,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     from interp_edit.errors import InterpEditError
 
+    # Ctrl-C stops long runs gracefully (evaluate and trace-dataset keep what they measured),
+    # also when started in the background, where a shell hands SIGINT over ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return int(args.func(args) or 0)
     except InterpEditError as exc:
