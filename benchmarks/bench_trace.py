@@ -202,10 +202,14 @@ def main() -> None:
     if args.work_only:
         return print(work_line(model))
     print("\n".join(speed_table(model, args.samples, args.hook_batched)), "\n", flush=True)
+    print(f"Peak RSS after the speed part: {peak_rss():.2f} GiB\n", flush=True)
     facts = known_facts(model, args.data / "known_1000.json", args.facts)
     print("\n".join(attribution_table(model, facts, args.pearson_samples)), "\n")
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
-    print(f"Peak RSS: {rss:.2f} GiB")
+    print(f"Peak RSS: {peak_rss():.2f} GiB")
+
+
+def peak_rss() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
 
 
 if __name__ == "__main__":
