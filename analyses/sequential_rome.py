@@ -63,7 +63,12 @@ def main() -> None:
     ap.add_argument("--layer", default="2", help='edit layer, or "auto"')
     ap.add_argument("--corpus", default=str(DATA / "wikitext-2" / "valid.txt"))
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "sequential_rome.json")
+    ap.add_argument("--replot", action="store_true", help="only redraw from --out")
     args = ap.parse_args()
+    if args.replot:
+        saved = json.loads(args.out.read_text())
+        plot(saved["rows"], ROOT / "figures" / "sequential_rome.png", saved["hparams"])
+        return
     layer = args.layer if args.layer == "auto" else int(args.layer)
     hparams = dict(layer=layer, corpus=args.corpus)
 
