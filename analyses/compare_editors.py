@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from matplotlib.ticker import NullFormatter
 
 import interp_edit as ie
 from interp_edit.editing import make_hparams
@@ -252,7 +253,9 @@ def chart(results: Sequence[Result]):
                 errs[1].append(s.hi - s.mean)
             ax.bar(xs, means, width, yerr=np.array(errs), color=colors[i], label=r.variant.label,
                    error_kw={"elinewidth": 0.6, "capsize": 1.2})
-        ax.set_xticks(range(len(cols)), [h for _, _, h in cols])
+        ax.set_xticks(range(len(cols)), [h.replace(" ", "\n").replace("neighbourhood",
+                                                                        "neighbour-\nhood")
+                                          for _, _, h in cols])
         ax.set_ylim(0, 1.05)
         ax.set_ylabel("score (mean, 95% CI)")
         ax.legend(ncol=min(4, len(results)), loc="upper center", bbox_to_anchor=(0.5, 1.25))
@@ -260,6 +263,7 @@ def chart(results: Sequence[Result]):
             ax_t.barh(i, r.val.info["seconds_total"] / max(r.val.n, 1), color=colors[i])
         ax_t.set_yticks(range(len(results)), [r.variant.label for r in results])
         ax_t.set_xscale("log")
+        ax_t.xaxis.set_minor_formatter(NullFormatter())  # decades only: minor labels collide
         ax_t.invert_yaxis()
         ax_t.set_xlabel("s / fact (edit + eval)")
     return fig
