@@ -15,8 +15,10 @@ p(first target token | prompt). Multi-token targets are scored in full by
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
+import inspect
 import logging
 import os
 import socket
@@ -73,6 +75,12 @@ class Model:
     @property
     def device(self) -> torch.device:
         return next(self.hf_model.parameters()).device
+
+    @functools.cached_property
+    def parameters_by_name(self) -> dict[str, torch.nn.Parameter]:
+        """``hf_model``'s parameters by name, listed once (walking the bridge's module tree
+        takes tens of milliseconds; an edit looks parameters up several times)."""
+        return dict(self.hf_model.named_parameters())
 
     def mlp_out_proj(self, layer: int) -> torch.nn.Module:
         """The HF linear layer that maps MLP keys (``d_mlp``) to the residual stream.
@@ -159,14 +167,27 @@ class Model:
         last = torch.tensor([len(s) - 1 for s in sequences])
         return ids.to(self.device), last.to(self.device)
 
-    def logits(self, ids: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_vocab"]:
-        return self.bridge(ids, return_type="logits")
+    def logits(
+        self, ids: Int[Tensor, "batch pos"], positions: Int[Tensor, "k"] | None = None
+    ) -> Float[Tensor, "batch k d_vocab"]:
+        """Logits at every position, or at ``positions`` only (the same for every row; the
+        unembedding is skipped elsewhere, which is most of a short prompt's last-layer cost)."""
+        if positions is None:
+            return self.bridge(ids, return_type="logits")
+        if self._keeps_logits:  # Hugging Face's logits_to_keep: unembed those positions only
+            return self.bridge(ids, return_type="logits", logits_to_keep=positions)
+        return self.bridge(ids, return_type="logits")[:, positions]
+
+    @functools.cached_property
+    def _keeps_logits(self) -> bool:
+        return "logits_to_keep" in inspect.signature(self.hf_model.forward).parameters
 
     @torch.no_grad()
     def last_logits(self, prompts: Sequence[str]) -> Float[Tensor, "batch d_vocab"]:
         ids, last = self.batch_ids([self._encode(p)[0] for p in prompts])
-        out = self.logits(ids)
-        return out[torch.arange(len(prompts)), last]
+        columns = torch.unique(last)  # sorted: row i's last position is column searchsorted
+        out = self.logits(ids, columns)
+        return out[torch.arange(len(prompts)), torch.searchsorted(columns, last)]
 
     @torch.no_grad()
     def next_token_probs(

@@ -159,7 +159,7 @@ def edit(
 
 # ---- applied edits -----------------------------------------------------------------------
 def get_parameter(model: Model, name: str) -> torch.nn.Parameter:
-    params = dict(model.hf_model.named_parameters())
+    params = model.parameters_by_name
     if name not in params:
         raise InterpEditError(f"model {model.name!r} has no parameter {name!r}")
     return params[name]
@@ -168,7 +168,7 @@ def get_parameter(model: Model, name: str) -> torch.nn.Parameter:
 def parameter_name(model: Model, module: torch.nn.Module, attr: str = "weight") -> str:
     """The ``hf_model`` parameter name of ``module.<attr>`` (e.g. an MLP down projection)."""
     target = getattr(module, attr)
-    for name, p in model.hf_model.named_parameters():
+    for name, p in model.parameters_by_name.items():
         if p is target:
             return name
     raise InterpEditError(f"{type(module).__name__}.{attr} is not a parameter of the model")

@@ -44,7 +44,7 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 from einops import einsum, rearrange
@@ -56,8 +56,11 @@ from torch import Tensor, nn
 from interp_edit._cache import cache_dir
 from interp_edit.editing.base import AppliedEdit, EditRequest, parameter_name, register_editor
 from interp_edit.errors import InterpEditError, ModelMismatchError
-from interp_edit.hooks import Hook, add_delta, capture, hooked
+from interp_edit.hooks import add_delta, capture, hooked
 from interp_edit.models import Model, mlp_key_hook, mlp_out_hook
+from interp_edit._llama import LlamaStepper
+from interp_edit.resume import (
+    BlockInput, block_input, logits_from, record_block_input, supports_resume)
 
 FORMAT = "interp_edit.MENDEditor/1"
 LAYER_CHOICES = ("last", "traced", "given")
@@ -241,28 +244,40 @@ class MENDEditor(nn.Module):
 
     def deltas(self, model: Model, requests: Sequence[EditRequest]) -> dict[str, Tensor]:
         """Parameter name -> ΔW for ``requests`` edited together (their tokens are summed)."""
-        return self.step(model, requests)[0]
+        return self.step(model, requests).deltas
 
-    def step(self, model: Model, requests: Sequence[EditRequest]
-             ) -> tuple[dict[str, Tensor], bool]:
+    def step(
+        self, model: Model, requests: Sequence[EditRequest], start: BlockInput | None = None,
+        *, stop_if_done: bool = False,
+    ) -> "EditorStep":
         """:meth:`deltas`, and whether every request with a ``target_true`` already has
         p(new) > p(true) (mean per-token log-probabilities, as efficacy) at the current
-        weights, read from the same forward pass."""
+        weights, read from the same forward pass. ``start``: the input of the first edited
+        block from an earlier step on the same requests (the layers below are never edited,
+        so only the blocks from there up run again); the step returns it for the next one.
+        ``stop_if_done``: when done, skip the backward pass and the editor (empty deltas)."""
         self.check_model(model)
         texts = [r.text for r in requests]
         olds = [(r.text, r.target_true) for r in requests if r.target_true is not None]
         batch = TargetBatch.build(model, [*texts, *(t for t, _ in olds)],
                                   [*(r.target_new for r in requests), *(o for _, o in olds)])
         n, rows_old = len(texts), range(len(texts), len(texts) + len(olds))
-        factors, logits = batch_factors(model, self.config.layers, batch, range(n),
-                                        away=rows_old if self.config.contrast else ())
         with_old = [i for i, r in enumerate(requests) if r.target_true is not None]
-        done = bool((batch.mean_logprobs(logits, with_old)
-                     > batch.mean_logprobs(logits, rows_old)).all()) if olds else False
+
+        def is_done(logits: Tensor) -> bool:
+            return bool((batch.mean_logprobs(logits, with_old)
+                         > batch.mean_logprobs(logits, rows_old)).all()) if olds else False
+
+        run = batch_factors(model, self.config.layers, batch, range(n),
+                            away=rows_old if self.config.contrast else (), start=start,
+                            skip=is_done if stop_if_done else None)
+        done = is_done(run.logits)
+        if run.factors is None:  # done, and asked to stop there
+            return EditorStep({}, done, run.start)
         with torch.no_grad():
-            steps = self(factors)
+            steps = self(run.factors)
         names = {layer: parameter_name(model, model.mlp_out_proj(layer)) for layer in steps}
-        return {names[layer]: d for layer, d in steps.items()}, done
+        return EditorStep({names[layer]: d for layer, d in steps.items()}, done, run.start)
 
     # ---- persistence ----------------------------------------------------------------------
     def metadata(self) -> dict[str, Any]:
@@ -302,6 +317,12 @@ def _shape_key(shape: tuple[int, int]) -> str:
     return f"{shape[0]}x{shape[1]}"
 
 
+class EditorStep(NamedTuple):
+    deltas: dict[str, Tensor]  # parameter name -> ΔW
+    done: bool  # every request with a target_true already had p(new) > p(true)
+    start: BlockInput | None  # to resume the next step from (see batch_factors)
+
+
 # ---- gradient factors ----------------------------------------------------------------------
 @dataclass(frozen=True)
 class TargetBatch:
@@ -321,18 +342,28 @@ class TargetBatch:
         return cls(model.batch_ids(seqs)[0], tuple(spans))
 
     def positions(self, row: int) -> Int[Tensor, "n"]:
+        """Where row ``row``'s target tokens are predicted."""
         start, n = self.spans[row]
         return torch.arange(start - 1, start - 1 + n, device=self.ids.device)
 
+    @functools.cached_property
+    def keep(self) -> Int[Tensor, "k"]:
+        """Every row's prediction positions, sorted: the only logits a score needs."""
+        return torch.unique(torch.cat([self.positions(i) for i in range(len(self.spans))]))
+
+    def columns(self, row: int) -> Int[Tensor, "n"]:
+        """Row ``row``'s prediction positions as indices into :attr:`keep`."""
+        return torch.searchsorted(self.keep, self.positions(row))
+
     def mean_logprobs(
-        self, logits: Float[Tensor, "batch pos d_vocab"], rows: Sequence[int]
+        self, logits: Float[Tensor, "batch keep d_vocab"], rows: Sequence[int]
     ) -> Float[Tensor, "rows"]:
-        """Mean log-probability per target token of each of ``rows``."""
+        """Mean log-probability per target token of each of ``rows``, from logits at
+        :attr:`keep` (``Model.logits(batch.ids, batch.keep)``)."""
         out = []
         for row in rows:
-            pos = self.positions(row)
-            logp = logits[row, pos].log_softmax(-1)  # [n, d_vocab]
-            out.append(logp.gather(-1, self.ids[row, pos + 1, None]).mean())
+            logp = logits[row, self.columns(row)].log_softmax(-1)  # [n, d_vocab]
+            out.append(logp.gather(-1, self.ids[row, self.positions(row) + 1, None]).mean())
         return torch.stack(out)
 
 
@@ -352,7 +383,13 @@ def gradient_factors(
     batch = TargetBatch.build(model, [*prompts, *(p for p, _ in pairs)],
                               [*targets, *(a for _, a in pairs)])
     n = len(prompts)
-    return batch_factors(model, layers, batch, range(n), away=range(n, n + len(pairs)))[0]
+    return batch_factors(model, layers, batch, range(n), away=range(n, n + len(pairs))).factors
+
+
+class FactorPass(NamedTuple):
+    factors: dict[int, Factors] | None  # None: skipped (see batch_factors)
+    logits: Float[Tensor, "batch keep d_vocab"]  # at TargetBatch.keep, detached
+    start: BlockInput | None  # the input of the first edited block (None: cannot resume)
 
 
 def batch_factors(
@@ -360,31 +397,88 @@ def batch_factors(
     layers: Sequence[int],
     batch: TargetBatch,
     rows: Sequence[int],
-    extra_hooks: Sequence[Hook] = (),
     away: Sequence[int] = (),
-) -> tuple[dict[int, Factors], Float[Tensor, "batch pos d_vocab"]]:
+    start: BlockInput | None = None,
+    skip: Callable[[Tensor], bool] | None = None,
+) -> FactorPass:
     """:func:`gradient_factors` of the loss on ``rows`` of ``batch`` (minus that on ``away``),
-    from one pass over every row (with ``extra_hooks`` installed too); also returns that
-    pass's logits (detached)."""
+    from one pass over every row; also returns that pass's logits at ``batch.keep`` and the
+    input of the first edited block. With ``start`` (that input, from an earlier pass on the
+    same batch) only the blocks from there up run. With ``skip``, a predicate on the logits
+    (detached), the backward pass is skipped where it holds (``factors`` is then ``None``).
+
+    On Llama-family models with no bridge hook installed the pass runs on the layer stepper
+    (:mod:`interp_edit._llama`; ``δ_t`` is the gradient at the block output, which is the
+    MLP output plus a residual, so the same vector); otherwise on the bridge, with a capture
+    hook for ``u_t`` and zero tensors added to the MLP outputs for ``δ_t``."""
+    if start is None and LlamaStepper.usable(model):
+        start = block_input(model, batch.ids, min(layers))  # the stepper's
+    if start is not None and start.kwargs is None:
+        if not LlamaStepper.usable(model):
+            raise InterpEditError("a bridge hook was installed after the first pass: the "
+                                  "layer stepper would not run it")
+        return _stepper_factors(model, layers, batch, rows, away, start, skip)
+    return _hooked_factors(model, layers, batch, rows, away, start, skip)
+
+
+def _loss(batch: TargetBatch, logits: Tensor, rows: Sequence[int], away: Sequence[int]) -> Tensor:
+    loss = -batch.mean_logprobs(logits, rows).sum()
+    return loss + batch.mean_logprobs(logits, away).sum() if len(away) else loss
+
+
+def _nonzero(u: Tensor, delta: Tensor) -> Factors:
+    """Flatten batch and positions; keep tokens with a gradient (none after the last target)."""
+    u = rearrange(u, "batch pos d_in -> (batch pos) d_in")
+    delta = rearrange(delta, "batch pos d_out -> (batch pos) d_out")
+    keep = delta.abs().amax(-1) > 0
+    return u[keep], delta[keep]
+
+
+def _stepper_factors(model: Model, layers: Sequence[int], batch: TargetBatch,
+                     rows: Sequence[int], away: Sequence[int], start: BlockInput,
+                     skip: Callable[[Tensor], bool] | None) -> FactorPass:
+    stepper = LlamaStepper(model, batch.ids.shape[1])
+    outs, mids = {}, {}
+    x = start.hidden.detach().requires_grad_()  # the graph starts here (weights are frozen)
+    with torch.enable_grad():
+        for j in range(start.layer, model.n_layers):
+            step = stepper.layer(j, x, 0)
+            if j in layers:
+                outs[j], mids[j] = step.out, x + step.attn  # as LlamaStepper.layer adds them
+            x = step.out
+        logits = stepper.unembed(x[:, batch.keep])
+        if skip is not None and skip(logits.detach()):
+            return FactorPass(None, logits.detach(), start)
+        grads = torch.autograd.grad(_loss(batch, logits, rows, away), [outs[j] for j in layers])
+    with torch.no_grad():
+        factors = {j: _nonzero(stepper.mlp_key(j, mids[j]), g) for j, g in zip(layers, grads)}
+    return FactorPass(factors, logits.detach(), start)
+
+
+def _hooked_factors(model: Model, layers: Sequence[int], batch: TargetBatch,
+                    rows: Sequence[int], away: Sequence[int], start: BlockInput | None,
+                    skip: Callable[[Tensor], bool] | None) -> FactorPass:
     w = model.mlp_out_proj(layers[0]).weight
     store: dict[str, Tensor] = {}
     bumps = {layer: torch.zeros(*batch.ids.shape, model.d_model, dtype=w.dtype, device=w.device,
                                 requires_grad=True) for layer in layers}
     hooks = [capture(mlp_key_hook(layer), store) for layer in layers]
     hooks += [add_delta(mlp_out_hook(layer), slice(None), bumps[layer]) for layer in layers]
-    with torch.enable_grad(), hooked(model, [*hooks, *extra_hooks]):
-        logits = model.logits(batch.ids)
-        loss = -batch.mean_logprobs(logits, rows).sum()
-        if len(away):
-            loss = loss + batch.mean_logprobs(logits, away).sum()
-        grads = torch.autograd.grad(loss, [bumps[layer] for layer in layers])
-    out = {}
-    for layer, grad in zip(layers, grads):
-        u = rearrange(store[mlp_key_hook(layer)], "batch pos d_in -> (batch pos) d_in")
-        delta = rearrange(grad, "batch pos d_out -> (batch pos) d_out")
-        keep = delta.abs().amax(-1) > 0  # tokens after the last target position: no gradient
-        out[layer] = (u[keep], delta[keep])
-    return out, logits.detach()
+    with torch.enable_grad(), hooked(model, hooks):
+        if start is not None:
+            logits = logits_from(model, start, batch.keep)
+        elif supports_resume(model):
+            with record_block_input(model, min(layers)) as rec:
+                logits = model.logits(batch.ids, batch.keep)
+            start = rec.value
+        else:
+            logits = model.logits(batch.ids, batch.keep)
+        if skip is not None and skip(logits.detach()):
+            return FactorPass(None, logits.detach(), start)
+        grads = torch.autograd.grad(_loss(batch, logits, rows, away),
+                                    [bumps[layer] for layer in layers])
+    factors = {j: _nonzero(store[mlp_key_hook(j)], g) for j, g in zip(layers, grads)}
+    return FactorPass(factors, logits.detach(), start)
 
 
 # ---- the registered editor -------------------------------------------------------------------
@@ -441,18 +535,20 @@ def apply_mend(model: Model, requests: Sequence[EditRequest], hp: MENDHparams) -
     """Edit with a trained editor: one forward/backward pass for the gradient factors, one pass
     of the editor network, then ΔW added to the edited projections."""
     editor = load_editor(model, hp.editor)
-    params = dict(model.hf_model.named_parameters())
-    deltas, done = editor.step(model, requests)
-    used, original = 1, {name: params[name].detach().clone() for name in deltas}
+    params = model.parameters_by_name
+    first = editor.step(model, requests)
+    deltas, start, used = first.deltas, first.start, 1
+    original = {n: params[n].detach().clone() for n in deltas} if hp.passes > 1 else {}
     try:
         while used < hp.passes:
             with torch.no_grad():
                 for name, d in deltas.items():
                     params[name].copy_(original[name] + d)
-            step, done = editor.step(model, requests)
-            if done:  # the passes so far did it
+            # blocks below the edit are unchanged: resume; no backward pass once it holds
+            step = editor.step(model, requests, start, stop_if_done=True)
+            if step.done:  # the passes so far did it
                 break
-            deltas = {name: d + step[name] for name, d in deltas.items()}
+            deltas = {name: d + step.deltas[name] for name, d in deltas.items()}
             used += 1
     finally:  # the original weights, bit for bit; AppliedEdit adds the sum
         with torch.no_grad():

@@ -48,9 +48,8 @@ from interp_edit.editing.mend import (
     MENDConfig, MENDEditor, TargetBatch, batch_factors, gradient_factors, last_layers)
 from interp_edit.errors import InterpEditError
 from interp_edit.evaluation.records import EditRecord
-from interp_edit.hooks import capture
-from interp_edit.models import EMBED_HOOK, Model, resid_hook
-from interp_edit.tracing._llama import LlamaStepper
+from interp_edit.models import Model
+from interp_edit.resume import logits_from
 
 STATE_FORMAT = "interp_edit.MENDCheckpoint/1"
 
@@ -130,7 +129,7 @@ def meta_loss(
     model: Model, editor: MENDEditor, record: EditRecord, cfg: TrainConfig
 ) -> tuple[Tensor, dict[str, float]]:
     """The meta-training loss of one record (see the module docstring)."""
-    layers, first = editor.config.layers, min(editor.config.layers)
+    layers = editor.config.layers
     prompts = [record.text, *record.paraphrases[: int(cfg.rephrase)]]
     loc_prompt, loc_answer = record.neighborhood[0]
     n = len(prompts)
@@ -142,18 +141,17 @@ def meta_loss(
         rows += [(p, record.target_true) for p in prompts] + [(loc_prompt, record.target_new)]
     batch = TargetBatch.build(model, *zip(*rows))
     loc, edit_rows, true_rows = n, list(range(n)), list(range(n + 1, 2 * n + 1))
-    loc_pos = batch.positions(loc)  # where the neighbour's answer is predicted
-    store: dict[str, Tensor] = {}
-    entry = resid_hook(first - 1) if first > 0 else EMBED_HOOK  # the input of layer `first`
+    loc_cols = batch.columns(loc)  # where the neighbour's answer is predicted
     away = true_rows[:1] if contrast and editor.config.contrast else []  # true | edit prompt
-    factors, logits = batch_factors(model, layers, batch, [0], [capture(entry, store)], away)
-    steps = editor(factors)
+    run = batch_factors(model, layers, batch, [0], away=away)
+    steps = editor(run.factors)
     edited = {layer: model.mlp_out_proj(layer).weight + steps[layer] for layer in layers}
-    with substituted(model, edited):
-        after = _edited_logits(model, batch.ids, store[entry], first)
+    with substituted(model, edited):  # blocks below the first edited one are unchanged
+        after = (logits_from(model, run.start, batch.keep) if run.start is not None
+                 else model.logits(batch.ids, batch.keep))
     new_logp = batch.mean_logprobs(after, edit_rows)
     edit_loss = -new_logp.mean()
-    base, now = logits[loc, loc_pos].log_softmax(-1), after[loc, loc_pos].log_softmax(-1)
+    base, now = run.logits[loc, loc_cols].log_softmax(-1), after[loc, loc_cols].log_softmax(-1)
     loc_loss = kl_divergence(base, now)
     if cfg.retain_divergence == "symmetric":
         loc_loss = loc_loss + kl_divergence(now, base)
@@ -166,21 +164,6 @@ def meta_loss(
     loss = cfg.c_edit * edit_loss + cfg.c_loc * loc_loss + cfg.c_margin * margin
     parts = {"loss": loss, "edit_nll": edit_loss, "loc_kl": loc_loss, "margin": margin}
     return loss, {k: v.item() for k, v in parts.items()}
-
-
-def _edited_logits(
-    model: Model, ids: Int[Tensor, "batch pos"], entry: Float[Tensor, "batch pos d_model"],
-    first: int,
-) -> Float[Tensor, "batch pos d_vocab"]:
-    """Logits of the (substituted) model. Layers before ``first`` are unchanged, so on
-    Llama-family models only layers ``first..`` run again, from their cached input ``entry``."""
-    if not LlamaStepper.supports(model):
-        return model.logits(ids)
-    stepper = LlamaStepper(model, ids.shape[1])
-    x = entry
-    for layer in range(first, model.n_layers):
-        x = stepper.layer(layer, x, 0).out
-    return F.linear(stepper.norm(x), stepper.lm_head.weight, stepper.lm_head.bias)
 
 
 def kl_divergence(

@@ -25,7 +25,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from interp_edit import hooks as H
-from interp_edit.tracing._llama import LlamaStepper
+from interp_edit._llama import LlamaStepper
 from interp_edit.tracing.inputs import TraceInputs, window_layers
 from interp_edit.tracing.reference import SITE_HOOKS, all_sites
 

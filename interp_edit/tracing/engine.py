@@ -3,7 +3,7 @@
 Where the reference spends its time, and what this engine does instead:
 
 1. The clean and corrupted runs happen once, caching every layer's input, sublayer outputs
-   and keys/values (:class:`~interp_edit.tracing._llama.RunCache`).
+   and keys/values (:class:`~interp_edit._llama.RunCache`).
 2. Cells that provably change nothing need no compute. Before the subject's first token the
    corrupted run equals the clean one (the noise is on subject tokens only and attention is
    causal): ``low_score``. At the last layer only the last position reaches the logits, so a
@@ -42,7 +42,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from interp_edit.tracing import reference
-from interp_edit.tracing._llama import LlamaStepper, Patch, RunCache
+from interp_edit._llama import LlamaStepper, Patch, RunCache
 from interp_edit.tracing.inputs import Plan, Restore, TraceInputs, progress_bar
 
 _FALLBACK_CELLS_PER_PASS = 16

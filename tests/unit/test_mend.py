@@ -14,11 +14,10 @@ from interp_edit.editing.mend import (
     GradientTransform, MENDConfig, MENDEditor, RunningNorm, TargetBatch, gradient_factors,
     last_layers)
 from interp_edit.editing.mend_train import (
-    TrainConfig, _edited_logits, choose_layers, substituted, train_editor)
+    TrainConfig, choose_layers, substituted, train_editor)
 from interp_edit.errors import InterpEditError, ModelMismatchError
 from interp_edit.evaluation import EditRecord, evaluate
-from interp_edit.hooks import capture, hooked
-from interp_edit.models import resid_hook
+from interp_edit.resume import logits_from, record_block_input
 from interp_edit.testing import RELATIONS
 
 SHORT = TrainConfig(steps=120, val_every=40, val_n=12, patience=0, lr=1e-3, lr_lr=0.05,
@@ -102,20 +101,44 @@ def test_edited_pass_matches_an_in_place_edit_and_restores_weights(fm):
     m = fm.model
     batch = TargetBatch.build(m, [fm.facts[0].prompt, fm.facts[5].paraphrases[0]],
                               ["Rome Paris", "chef"])
-    store = {}
-    with hooked(m, [capture(resid_hook(1), store)]):
+    with record_block_input(m, 2) as rec:
         m.logits(batch.ids)
     w = m.mlp_out_proj(2).weight
     delta = 0.1 * torch.randn_like(w)
     with substituted(m, {2: w + delta}):
         full = m.logits(batch.ids)
-        tail = _edited_logits(m, batch.ids, store[resid_hook(1)], first=2)  # layers 2.. only
+        tail = logits_from(m, rec.value)  # layers 2.. only
     assert m.mlp_out_proj(2).weight is w
     with torch.no_grad():
         w.add_(delta)
         in_place = m.logits(batch.ids)
         w.sub_(delta)
     assert torch.allclose(full, in_place, atol=1e-5) and torch.allclose(tail, in_place, atol=1e-5)
+
+
+def test_resumed_step_equals_a_full_pass(fm, trained):
+    """A step resumed from the first edited block (what passes > 1 do) gives the same factors
+    and decision as a full pass at the same weights."""
+    m, f = fm.model, fm.facts[3]
+    editor = MENDEditor.load(trained[0], m)
+    req = ie.EditRequest(f.template, f.subject, "Oslo", f.attribute)
+    first = editor.step(m, [req])
+    assert first.start is not None and first.start.layer == min(editor.config.layers)
+    params = dict(m.hf_model.named_parameters())
+    saved = {name: params[name].detach().clone() for name in first.deltas}
+    try:
+        with torch.no_grad():
+            for name, d in first.deltas.items():
+                params[name].add_(d)
+        full, resumed = editor.step(m, [req]), editor.step(m, [req], first.start)
+    finally:
+        with torch.no_grad():
+            for name, w in saved.items():
+                params[name].copy_(w)
+    assert full.done == resumed.done
+    for name in full.deltas:
+        assert torch.allclose(full.deltas[name], resumed.deltas[name], rtol=1e-4, atol=1e-8)
+    assert not torch.equal(full.deltas[name], first.deltas[name])  # the weights did change
 
 
 def test_training_raises_edit_success(fm, data, trained):
@@ -248,3 +271,28 @@ def test_more_passes_go_on_until_the_new_target_wins(fm, tmp_path):
     assert edit.info["passes"] > 1 and p_new[1] > p_new[0]
     with pytest.raises(InterpEditError, match="passes"):
         ie.edit(m, [req], method="mend", editor=str(path), passes=0)
+
+
+def test_stepper_factors_equal_the_hooked_ones(fm):
+    """The layer-stepper pass (used when no hook is installed) and the bridge pass with capture
+    and delta hooks give the same factors, logits and decision, fresh and resumed."""
+    from interp_edit.editing.mend import _hooked_factors, _stepper_factors
+    from interp_edit.resume import block_input
+
+    m, layers = fm.model, (1, 3)
+    batch = TargetBatch.build(m, [fm.facts[2].prompt, fm.facts[2].prompt, fm.facts[9].prompt],
+                              ["Oslo", fm.facts[2].attribute, "Rome Paris"])
+    rows, away = [0, 2], [1]
+    hooked_run = _hooked_factors(m, layers, batch, rows, away, None, None)
+    stepper_run = _stepper_factors(m, layers, batch, rows, away, block_input(m, batch.ids, 1),
+                                   None)
+    resumed = _hooked_factors(m, layers, batch, rows, away, hooked_run.start, None)
+    skipped = _stepper_factors(m, layers, batch, rows, away, stepper_run.start, lambda _: True)
+    assert skipped.factors is None and torch.equal(skipped.logits, stepper_run.logits)
+    torch.testing.assert_close(stepper_run.logits, hooked_run.logits, rtol=0, atol=1e-5)
+    for run in (stepper_run, resumed):
+        for layer in layers:
+            (u, d), (u_ref, d_ref) = run.factors[layer], hooked_run.factors[layer]
+            assert u.shape == u_ref.shape and u.shape[0] > 0
+            torch.testing.assert_close(u, u_ref, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(d, d_ref, rtol=1e-4, atol=1e-7)

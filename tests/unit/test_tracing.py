@@ -6,7 +6,7 @@ import torch
 
 import interp_edit as ie
 from interp_edit.tracing import engine
-from interp_edit.tracing._llama import _orig
+from interp_edit._llama import _orig
 
 KINDS = ("resid", "mlp", "attn")
 ATOL = 1e-5

@@ -1,7 +1,8 @@
 """A layer stepper for Hugging Face Llama-family decoders: runs one decoder layer at a time on
 a slice of positions ``start .. start+P-1``, reading the keys/values of earlier positions from
 a cache, and lets the caller replace the attention output, MLP output or block output at the
-slice's first position. The fast tracing engine is built on it.
+slice's first position. The fast tracing engine is built on it, and MEND computes its
+gradient factors with it (:mod:`interp_edit.editing.mend`, :mod:`interp_edit.resume`).
 
 It calls the model's own RMSNorm and rotary modules and its own weights (through
 ``torch.nn.functional``), so the numbers match a plain forward pass up to float rounding.
@@ -118,12 +119,26 @@ class LlamaStepper:
         lin = _orig(proj)
         return rearrange(F.linear(x, lin.weight, lin.bias), "b p (h d) -> b p h d", h=n)
 
-    def _mlp(self, j: int, x: Float[Tensor, "b p d"]) -> Float[Tensor, "b p d"]:
+    def _key(self, j: int, x: Float[Tensor, "b p d"]) -> Float[Tensor, "b p d_mlp"]:
+        """The input of MLP ``j``'s output projection (``x``: the normalized MLP input)."""
         mlp = self.mlps[j]
-        gate, up, down = _orig(mlp.gate_proj), _orig(mlp.up_proj), _orig(mlp.down_proj)
+        gate, up = _orig(mlp.gate_proj), _orig(mlp.up_proj)
         hidden = mlp.act_fn(F.linear(x, gate.weight, gate.bias))
         hidden *= F.linear(x, up.weight, up.bias)
-        return F.linear(hidden, down.weight, down.bias)
+        return hidden
+
+    def _mlp(self, j: int, x: Float[Tensor, "b p d"]) -> Float[Tensor, "b p d"]:
+        down = _orig(self.mlps[j].down_proj)
+        return F.linear(self._key(j, x), down.weight, down.bias)
+
+    def mlp_key(self, j: int, mid: Float[Tensor, "b p d"]) -> Float[Tensor, "b p d_mlp"]:
+        """Layer ``j``'s MLP key (``mlp_key_hook``) from its mid-block residual ``x + attn``:
+        bit for bit what :meth:`layer` computed."""
+        return self._key(j, _orig(self.layers[j].post_attention_layernorm)(mid))
+
+    def unembed(self, h: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
+        """Logits from final-layer hidden states (final norm, unembedding)."""
+        return F.linear(self.norm(h), self.lm_head.weight, self.lm_head.bias)
 
     def layer(
         self,
@@ -179,8 +194,7 @@ class LlamaStepper:
         self, h: Float[Tensor, "batch d_model"], target_id: int
     ) -> Float[Tensor, "batch"]:
         """p(target) from final-layer hidden states (final norm, unembedding, softmax)."""
-        logits = F.linear(self.norm(h), self.lm_head.weight, self.lm_head.bias)
-        return logits.softmax(-1)[:, target_id].clone()  # a copy: no view pins the softmax
+        return self.unembed(h).softmax(-1)[:, target_id].clone()  # a copy: no view pins the softmax
 
     def full_run(
         self,

@@ -1,0 +1,139 @@
+"""Run the top of a model again from a block's recorded input.
+
+An editor that changes only layers ``first..`` (MEND's last MLPs; its training loop, which
+scores the edited model on the same tokens) leaves everything below ``first`` as it was, so a
+second pass needs only the blocks from ``first`` up.
+
+- :func:`block_input` computes the input of block ``first`` for some token ids: on
+  Llama-family models with no bridge hook installed, with the layer stepper
+  (:mod:`interp_edit._llama`: the Hugging Face weights through ``torch.nn.functional``,
+  without the bridge's per-hook overhead); otherwise with an ordinary bridge pass, recorded
+  by :func:`record_block_input`.
+- :func:`record_block_input` records what the decoder fed block ``first`` during a bridge
+  pass: the hidden states and its keyword arguments (attention mask, rotary embeddings,
+  positions).
+- :func:`logits_from` runs blocks ``first..``, the final norm and the unembedding (at chosen
+  positions) from such an input. A recorded input replays the bridge's own block wrappers, so
+  every hook installed on the bridge (``interp_edit.hooks``) runs as in a full pass; a stepper
+  input runs the stepper (and refuses when a hook is installed, which it would not run).
+  Either way weights swapped in on the Hugging Face modules are used, and the numbers equal a
+  full pass up to float rounding (bit for bit for a recorded input: same modules, same inputs).
+
+Architectures without the usual ``model.layers`` / ``model.norm`` / ``lm_head`` layout are
+not supported (:func:`supports_resume`); callers then run the full pass.
+
+    with record_block_input(model, 27) as rec:
+        first = model.logits(ids)
+    again = logits_from(model, rec.value)          # == first, from 3 of 30 blocks
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from interp_edit._llama import LlamaStepper
+from interp_edit.errors import InterpEditError
+from interp_edit.models import Model
+
+# decoder keyword arguments that must not be replayed: a second pass would append to the cache
+_DROP = ("past_key_values", "past_key_value", "use_cache", "cache_position")
+
+
+@dataclass(frozen=True)
+class BlockInput:
+    """The input of block ``layer`` in one forward pass, detached."""
+
+    layer: int
+    hidden: Float[Tensor, "batch pos d_model"]
+    kwargs: dict[str, Any] | None = field(repr=False)  # None: computed by the layer stepper
+
+
+@dataclass
+class _Recording:
+    value: BlockInput | None = None
+
+
+def _parts(model: Model) -> tuple[torch.nn.ModuleList, torch.nn.Module, torch.nn.Module] | None:
+    hf = model.hf_model
+    inner = getattr(hf, "model", None)
+    layers, norm = getattr(inner, "layers", None), getattr(inner, "norm", None)
+    head = getattr(hf, "lm_head", None)
+    if not isinstance(layers, torch.nn.ModuleList) or norm is None or head is None:
+        return None
+    return layers, norm, head
+
+
+def supports_resume(model: Model) -> bool:
+    """Whether the model has the ``model.layers`` / ``model.norm`` / ``lm_head`` layout."""
+    return _parts(model) is not None
+
+
+@contextmanager
+def record_block_input(model: Model, layer: int) -> Iterator[_Recording]:
+    """Record the input of block ``layer`` in the forward passes run inside the block (the
+    last one wins): ``rec.value`` is a :class:`BlockInput`."""
+    parts = _parts(model)
+    if parts is None:
+        raise InterpEditError(f"{model.name}: resuming from a block needs the model.layers / "
+                              "model.norm / lm_head layout (see interp_edit.resume)")
+    model._check_layer(layer)
+    rec = _Recording()
+
+    def pre_hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        kept = {k: v for k, v in kwargs.items() if k not in _DROP and k != "hidden_states"}
+        rec.value = BlockInput(layer, hidden.detach(), kept)
+
+    handle = parts[0][layer].register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        yield rec
+    finally:
+        handle.remove()
+
+
+def block_input(model: Model, ids: Int[Tensor, "batch pos"], layer: int) -> BlockInput:
+    """The input of block ``layer`` for ``ids`` (no gradient; see the module docstring)."""
+    model._check_layer(layer)
+    with torch.no_grad():
+        if LlamaStepper.usable(model):
+            stepper = LlamaStepper(model, ids.shape[1])
+            x = stepper.embed(ids)
+            for j in range(layer):
+                x = stepper.layer(j, x, 0).out
+            return BlockInput(layer, x, None)
+        with record_block_input(model, layer) as rec:
+            model.logits(ids, torch.tensor([ids.shape[1] - 1], device=ids.device))
+    return rec.value
+
+
+def logits_from(
+    model: Model, start: BlockInput, positions: Int[Tensor, "k"] | None = None
+) -> Float[Tensor, "batch k d_vocab"]:
+    """Logits from blocks ``start.layer..`` on ``start.hidden`` (at ``positions`` only, when
+    given: the unembedding is most of a short pass's last-layer cost). Differentiable."""
+    x = start.hidden
+    if start.kwargs is None:  # a stepper input: step on
+        if not LlamaStepper.usable(model):
+            raise InterpEditError("this block input was computed by the layer stepper, which "
+                                  "does not run bridge hooks; remove them or record the input "
+                                  "with record_block_input")
+        stepper = LlamaStepper(model, x.shape[1])
+        for j in range(start.layer, model.n_layers):
+            x = stepper.layer(j, x, 0).out
+        return stepper.unembed(x if positions is None else x[:, positions])
+    parts = _parts(model)
+    if parts is None:
+        raise InterpEditError(f"{model.name} does not support resuming from a block")
+    layers, norm, head = parts
+    for block in layers[start.layer :]:
+        out = block(x, **start.kwargs)
+        x = out[0] if isinstance(out, tuple) else out
+    if positions is not None:
+        x = x[:, positions]
+    return head(norm(x))
