@@ -26,7 +26,6 @@ import ast
 import dataclasses
 import json
 import re
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ import numpy as np
 from matplotlib.ticker import NullFormatter
 
 import interp_edit as ie
+from interp_edit.cli import enable_ctrl_c
 from interp_edit.editing import make_hparams
 from interp_edit.evaluation import EvalReport, load_probes
 from interp_edit.plotting.style import TEXT_WIDTH, new_figure, save_figure, style
@@ -101,8 +101,8 @@ def run_variant(model, variant: Variant, val, probes, args, folder: Path) -> Res
     done = _load_result(folder, variant)
     if done is not None and _matches(done, args):
         print(f"{variant.label}: reusing {folder}/{variant.slug}-*.json", flush=True)
-        return Result(variant, first_n(done.val, args.n, val),
-                      done.probes and first_n(done.probes, args.probes, probes))
+        return Result(variant, done.val.head(args.n, val),
+                      done.probes and done.probes.head(args.probes, probes))
     kw = dict(method=variant.method, seed=args.seed, progress=not args.quiet,
               n_unrelated=args.n_unrelated, **variant.hparams)
     t0 = time.perf_counter()
@@ -131,22 +131,6 @@ def _matches(done: Result, args) -> bool:
 def _covers(saved: int | None, wanted: int | None) -> bool:
     """A saved run of ``saved`` records (None: all) holds the first ``wanted`` ones."""
     return saved is None if wanted is None else saved is None or saved >= wanted
-
-
-def first_n(report: EvalReport, n: int | None, records) -> EvalReport:
-    """The report as a run with ``n=n`` would have written it: the first ``n`` evaluated rows
-    and the records skipped before the last of them (records are taken in file order, so a
-    saved 200-fact run also serves a 50-fact comparison on the same facts)."""
-    if n is None or report.n <= n:
-        return report
-    order = {str(r.case_id): i for i, r in enumerate(records)}
-    rows = report.rows[:n]
-    last = order[str(rows[-1]["case_id"])]
-    skipped = tuple(s for s in report.skipped if order[str(s["case_id"])] < last)
-    info = {**report.info, "n_requested": n, "n_records": len(rows) + len(skipped),
-            "seconds_total": report.info["seconds_total"] * len(rows) / report.n,  # pro rata
-            "sliced_from": report.n}
-    return dataclasses.replace(report, rows=rows, skipped=skipped, info=info)
 
 
 def _load_result(folder: Path, variant: Variant, check: bool = True) -> Result | None:
@@ -290,8 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="redraw from the reports saved in this folder, computing nothing")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C keeps what was measured,
-    out = Path(args.out)  # also when started in the background (where SIGINT starts ignored)
+    enable_ctrl_c()  # Ctrl-C keeps what was measured
+    out = Path(args.out)
     notes: list[str] = []
 
     folder = Path(args.from_reports) if args.from_reports else ROOT / "results" / out.name

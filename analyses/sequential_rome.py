@@ -21,13 +21,13 @@ import argparse
 import json
 import math
 import random
-import signal
 import time
 from pathlib import Path
 
 import torch
 
 import interp_edit as ie
+from interp_edit.cli import enable_ctrl_c
 from interp_edit.evaluation.metrics import top1
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +95,7 @@ def main() -> None:
         return row
 
     rows, applied, t0 = [measure(0, 0.0)], [], time.perf_counter()
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when run in the background
+    enable_ctrl_c()  # Ctrl-C keeps the rows measured so far
     try:
         for i, rec in enumerate(edits_recs, 1):
             applied.append(ie.edit(model, rec.request, method="rome", **hparams))

@@ -26,6 +26,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def enable_ctrl_c() -> None:
+    """Make Ctrl-C raise KeyboardInterrupt, which long runs (evaluate, trace-dataset, the
+    analyses) catch to keep what they measured; also when started in the background, where a
+    shell hands SIGINT over ignored."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
@@ -35,9 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     from interp_edit.errors import InterpEditError
 
-    # Ctrl-C stops long runs gracefully (evaluate and trace-dataset keep what they measured),
-    # also when started in the background, where a shell hands SIGINT over ignored.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    enable_ctrl_c()
     try:
         return int(args.func(args) or 0)
     except InterpEditError as exc:

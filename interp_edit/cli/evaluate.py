@@ -1,6 +1,7 @@
 """``interp-edit evaluate``: edit, measure and undo each record of a dataset; write a report.
 
     interp-edit evaluate --method rome --path counterfact-val.json --n 200 --out results/
+    interp-edit evaluate ... --out results/ --resume     # go on after Ctrl-C (same settings)
     interp-edit evaluate --method none --dataset probes --out results/      # no-edit baseline
     interp-edit evaluate --method rome --path zsre.json --dataset zsre --hparam layer=4
 """
@@ -24,6 +25,8 @@ def register(sub) -> None:
     p.add_argument("--out", default=None, help="directory (or .json path) for the report files")
     p.add_argument("--fluency", action="store_true", help="also measure generation n-gram entropy")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true",
+                   help="go on from the report in --out (a run stopped with Ctrl-C)")
     p.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE",
                    help="editor hyperparameter, repeatable (values parsed as Python literals)")
     p.set_defaults(func=run)
@@ -47,7 +50,9 @@ def parse_hparams(pairs: list[str]) -> dict:
 
 def run(args) -> int:
     from interp_edit.errors import InterpEditError
-    from interp_edit.evaluation import evaluate, load_counterfact, load_probes, load_zsre
+    from interp_edit.evaluation import (
+        EvalReport, evaluate, load_counterfact, load_probes, load_zsre)
+    from interp_edit.evaluation.report import report_path
     from interp_edit.models import load_model
 
     kind = args.dataset or ("probes" if args.path is None else "counterfact")
@@ -58,9 +63,20 @@ def run(args) -> int:
     else:
         records = (load_zsre if kind == "zsre" else load_counterfact)(args.path)
     hparams = parse_hparams(args.hparam)
+    resume = None
+    if args.resume:
+        if not args.out:
+            raise InterpEditError("--resume needs --out (where the earlier report was written)")
+        path = report_path(args.out, args.method)
+        if path.exists():
+            resume = EvalReport.load(path)
+            print(f"resuming from {path}: {resume.n} records evaluated, "
+                  f"{len(resume.skipped)} skipped")
+        else:
+            print(f"no report at {path} yet: starting afresh")
     model = load_model(args.model)
     report = evaluate(model, records, method=args.method, n=args.n, fluency=args.fluency,
-                      seed=args.seed, **hparams)
+                      seed=args.seed, resume=resume, **hparams)
     print(report.to_markdown())
     if args.out:
         print(f"wrote {report.save(args.out)} (+ .csv, .md)")

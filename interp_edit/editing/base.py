@@ -203,14 +203,17 @@ class AppliedEdit:
         hparams: Any,
         deltas: Mapping[str, Tensor],
         info: dict[str, Any] | None = None,
+        *,
+        owned: bool = False,
     ) -> "AppliedEdit":
-        """Record ``deltas`` and apply them to ``model`` (the common path for weight editors)."""
+        """Record ``deltas`` and apply them to ``model`` (the common path for weight editors).
+        ``owned``: the editor hands its fresh tensors over, so they are kept, not copied."""
         out = cls(
             model=None,
             method=method,
             requests=list(requests),
             hparams=_hparams_dict(hparams),
-            deltas={k: v.detach().clone() for k, v in deltas.items()},
+            deltas={k: v.detach() if owned else v.detach().clone() for k, v in deltas.items()},
             info=dict(info or {}),
             model_name=model.name,
             fingerprint=model.fingerprint,

@@ -560,4 +560,4 @@ def apply_mend(model: Model, requests: Sequence[EditRequest], hp: MENDHparams) -
             "editor_steps": editor.info.get("step"),
             "edit_lr": [round(float(x), 8) for x in editor.log_lr.detach().exp()],
             "passes": used}
-    return AppliedEdit.from_deltas(model, "mend", requests, hp, deltas, info=info)
+    return AppliedEdit.from_deltas(model, "mend", requests, hp, deltas, info=info, owned=True)

@@ -18,12 +18,15 @@ For each record, in order, until ``n`` records have been evaluated:
 Unrelated prompts are the edit prompts of ``n_unrelated`` records drawn (seeded) from all
 records, minus those about the record's own subject; their top-1 tokens are taken once up front.
 Ctrl-C (KeyboardInterrupt) stops early and returns the records evaluated so far
-(``report.info["interrupted"]``).
+(``report.info["interrupted"]``); ``evaluate(..., resume=that_report)`` goes on from there and
+returns what one uninterrupted run would have (the same rows: each record's seed depends only
+on its position, and the unrelated prompts only on ``seed``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import random
 import time
@@ -54,6 +57,7 @@ def evaluate(
     seed: int = 0,
     n_unrelated: int = 10,
     fluency_tokens: int = 40,
+    resume: EvalReport | None = None,
     **hparams: Any,
 ) -> EvalReport:
     """Edit, measure and undo each record; returns per-record rows and aggregates with CIs.
@@ -61,6 +65,8 @@ def evaluate(
     ``n``: stop after this many *evaluated* records (skipped ones do not count); ``None``: all.
     ``fluency``: also measure ROME's n-gram entropy of greedy generations (slow on a CPU).
     ``hparams`` go to the editor (``method="none"`` takes none).
+    ``resume``: a report of an earlier (interrupted) run with the same model, method, hparams,
+    seed and settings; its records are kept and not evaluated again.
     """
     records = list(records)
     if not records:
@@ -75,12 +81,23 @@ def evaluate(
 
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
-    bar = tqdm(total=n or len(records), desc=f"evaluate {method}", disable=not progress)
+    settings = {"fluency_tokens": fluency_tokens if fluency else None,
+                "unrelated_prompts": [p for _, p in pool]}
+    seconds_before = 0.0
+    if resume is not None:
+        _check_resume(resume, model, method, hp, seed, settings)
+        rows, skipped = list(resume.rows), list(resume.skipped)
+        seconds_before = float(resume.info.get("seconds_total", 0.0))
+    done = {str(x["case_id"]) for x in (*rows, *skipped)}
+    bar = tqdm(total=n or len(records), initial=len(rows), desc=f"evaluate {method}",
+               disable=not progress)
     t_start, interrupted = time.perf_counter(), False
     try:
         for i, rec in enumerate(records):
             if n is not None and len(rows) >= n:
                 break
+            if str(rec.case_id) in done:
+                continue
             torch.manual_seed(seed + i)
             out = _evaluate_one(model, rec, method, hparams, pool, pool_top1,
                                 fluency_tokens if fluency else 0)
@@ -102,11 +119,28 @@ def evaluate(
         rows=tuple(rows),
         skipped=tuple(skipped),
         seed=seed,
-        info={"seconds_total": time.perf_counter() - t_start, "n_requested": n,
-              "interrupted": interrupted,
-              "n_records": len(records), "fluency_tokens": fluency_tokens if fluency else None,
-              "unrelated_prompts": [p for _, p in pool]},
+        info={"seconds_total": seconds_before + time.perf_counter() - t_start,
+              "n_requested": n, "interrupted": interrupted, "n_records": len(records),
+              "resumed_from": resume.n if resume is not None else None, **settings},
     )
+
+
+def _check_resume(report: EvalReport, model: Model, method: str, hp: dict[str, Any],
+                  seed: int, settings: dict[str, Any]) -> None:
+    """Refuse to resume a report made with other settings (its rows would not match)."""
+    theirs = {"model": report.model_name, "method": report.method, "hparams": report.hparams,
+              "seed": report.seed, **{k: report.info.get(k) for k in settings}}
+    ours = {"model": model.name, "method": method, "hparams": hp, "seed": seed, **settings}
+    def plain(x: Any) -> Any:  # as saved: tuples become lists
+        return json.loads(json.dumps(x, default=str))
+
+    differ = [k for k in ours if plain(theirs[k]) != plain(ours[k])]
+    if differ:
+        raise InterpEditError(
+            f"cannot resume: the report differs in {', '.join(differ)} "
+            f"(report: {', '.join(f'{k}={theirs[k]!r}' for k in differ)[:300]}); "
+            "evaluate with the same settings, or start afresh"
+        )
 
 
 def _evaluate_one(

@@ -64,6 +64,31 @@ class EvalReport:
         """How many records were evaluated."""
         return len(self.rows)
 
+    def head(self, n: int | None, records: Sequence[Any]) -> "EvalReport":
+        """The report as a run with ``n=n`` over ``records`` would have written it: the first
+        ``n`` evaluated rows and the records skipped before the last of them (records are
+        taken in order, so a saved 200-record run also serves a 50-record comparison on the
+        same records). ``records``: the records the run was given (anything with a
+        ``case_id``)."""
+        if n is not None and n < 1:
+            raise InterpEditError(f"n must be a positive number of records (or None), got {n}")
+        if n is None or self.n <= n:
+            return self
+        order = {str(r.case_id): i for i, r in enumerate(records)}
+        missing = [str(x["case_id"]) for x in (*self.rows, *self.skipped)
+                   if str(x["case_id"]) not in order]
+        if missing:
+            raise InterpEditError(f"record {missing[0]!r} of this report is not among the "
+                                  "records given: pass the records the run was made on")
+        rows = self.rows[:n]
+        last = order[str(rows[-1]["case_id"])]
+        skipped = tuple(s for s in self.skipped if order[str(s["case_id"])] < last)
+        info = {**self.info, "n_requested": n, "n_records": len(rows) + len(skipped),
+                "sliced_from": self.n}
+        if "seconds_total" in info:  # pro rata
+            info["seconds_total"] = info["seconds_total"] * len(rows) / self.n
+        return dataclasses.replace(self, rows=rows, skipped=skipped, info=info)
+
     def skip_reasons(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for s in self.skipped:
@@ -119,8 +144,7 @@ class EvalReport:
         ``out`` is a directory (files named after the method) or a ``.json`` path.
         Returns the JSON path.
         """
-        out = Path(out)
-        path = out if out.suffix == ".json" else out / f"{self.method}.json"
+        path = report_path(out, self.method)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_dict(), indent=1, default=str))
         with open(path.with_suffix(".csv"), "w", newline="") as f:
@@ -142,6 +166,13 @@ class EvalReport:
         names = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k in names}
         return cls(**{**d, "rows": tuple(d["rows"]), "skipped": tuple(d["skipped"])})
+
+
+def report_path(out: str | os.PathLike, method: str) -> Path:
+    """Where :meth:`EvalReport.save` writes a ``method`` report given ``out`` (a directory,
+    or a ``.json`` path)."""
+    out = Path(out)
+    return out if out.suffix == ".json" else out / f"{method}.json"
 
 
 def summary_table(reports: Sequence[EvalReport], columns: Sequence[str] = MAIN_COLUMNS) -> str:

@@ -244,3 +244,49 @@ def test_cli_hparam_parsing():
     args = build_parser().parse_args(["evaluate", "--method", "rome", "--path", "cf.json",
                                       "--n", "200", "--out", "results/", "--hparam", "layer=3"])
     assert (args.method, args.n, args.out, args.hparam) == ("rome", 200, "results/", ["layer=3"])
+
+
+def _timeless(rows):
+    """Rows without their timings (which differ between two runs of the same records)."""
+    return [{k: v for k, v in r.items() if k not in ("seconds", "info_seconds")} for r in rows]
+
+
+def test_resume_after_interrupt_equals_one_run(fm, tmp_path):
+    """Ctrl-C after 2 records, save, resume from the saved report: only the other records are
+    edited, the rows are those of one uninterrupted run, and other settings are refused."""
+    m, recs = fm.model, _records(fm)[:4]
+    whole = evaluate(m, recs, method="toy-swap", progress=False)
+    _CALLS.clear()
+    part = evaluate(m, recs, method="toy-interrupt", after=2, progress=False)
+    assert part.n == 2 and part.info["interrupted"]
+    saved = EvalReport.load(part.save(tmp_path))
+    _CALLS.clear()
+    done = evaluate(m, recs, method="toy-interrupt", after=2, progress=False, resume=saved)
+    assert _CALLS == [r.subject for r in recs[2:]]  # the first two were not edited again
+    assert done.n == 4 and not done.info["interrupted"] and done.info["resumed_from"] == 2
+    assert done.info["seconds_total"] >= part.info["seconds_total"]
+    assert _timeless(done.rows) == _timeless(whole.rows)
+    with pytest.raises(InterpEditError, match="cannot resume: the report differs in hparams"):
+        evaluate(m, recs, method="toy-interrupt", after=3, progress=False, resume=saved)
+    with pytest.raises(InterpEditError, match="method"):
+        evaluate(m, recs, method="toy-swap", progress=False, resume=saved)
+    with pytest.raises(InterpEditError, match="seed"):
+        evaluate(m, recs, method="toy-interrupt", after=2, seed=1, progress=False, resume=saved)
+
+
+def test_report_head_is_a_shorter_run(fm):
+    m = fm.model
+    recs = _records(fm)[:5]
+    flipped = EditRecord(**{**recs[1].to_dict(), "target_new": recs[1].target_true,
+                            "target_true": recs[1].target_new, "case_id": "x"})
+    order = [recs[0], flipped, *recs[1:]]
+    full = evaluate(m, order, method="none", progress=False)
+    head = full.head(2, order)
+    short = evaluate(m, order, method="none", n=2, progress=False)
+    assert _timeless(head.rows) == _timeless(short.rows) and head.skipped == short.skipped
+    assert head.info["n_requested"] == 2 and head.info["sliced_from"] == full.n
+    assert full.head(None, order) is full and full.head(10, order) is full
+    with pytest.raises(InterpEditError, match="not among the records"):
+        full.head(2, recs[:2])
+    with pytest.raises(InterpEditError, match="positive"):
+        full.head(0, order)
