@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, TypeVar
+from typing import Any, Callable, ClassVar, TypeVar
 
 import numpy as np
 import torch
@@ -56,3 +56,23 @@ def _tuples(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _tuples(v) for k, v in value.items()}
     return value
+
+
+class NpzDataclass:
+    """``save`` / ``load`` (one ``.npz``, see :func:`save_dataclass`) and a ``plot`` that
+    dispatches on ``what`` to the functions in ``_PLOTS``, for a frozen dataclass."""
+
+    _FORMAT: ClassVar[str]
+    _PLOTS: ClassVar[dict[str, Callable[[], Callable[..., Any]]]]  # what -> (lazy) plot fn
+
+    def plot(self, what: str, **kw: Any) -> Any:
+        if what not in self._PLOTS:
+            raise InterpEditError(f"what must be one of {tuple(self._PLOTS)}, not {what!r}")
+        return self._PLOTS[what]()(self, **kw)
+
+    def save(self, path: str | os.PathLike) -> str:
+        return save_dataclass(self, path, self._FORMAT)
+
+    @classmethod
+    def load(cls: type[T], path: str | os.PathLike) -> T:
+        return load_dataclass(cls, path, cls._FORMAT)  # type: ignore[attr-defined]

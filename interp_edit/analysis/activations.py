@@ -22,14 +22,14 @@ figures say that the comparison is aligned.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence, TypeVar
+from typing import Callable, ClassVar, Mapping, Sequence, TypeVar
 
 import torch
 from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor
 
-from interp_edit.analysis._npz import load_dataclass, save_dataclass
+from interp_edit.analysis._npz import NpzDataclass
 from interp_edit.analysis.logit_lens import target_lens
 from interp_edit.editing.base import AppliedEdit, EditRequest
 from interp_edit.errors import InterpEditError
@@ -46,7 +46,7 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True, eq=False)
-class ActivationDiff:
+class ActivationDiff(NpzDataclass):
     """Per prompt, token and layer: how much the edit moved the residual stream (block
     outputs), the MLP outputs and the attention outputs; and the logit-lens probabilities of
     the old and new answer at the prompt's last token, before and after.
@@ -103,22 +103,22 @@ class ActivationDiff:
             return rel[torch.arange(len(self.tokens)), last]
         raise InterpEditError(f"position must be 'last' or 'max', not {position!r}")
 
+    _FORMAT: ClassVar[str] = _FORMAT
+    _PLOTS: ClassVar[dict] = {
+        "curves": lambda: _plots().plot_change_curves,
+        "heatmap": lambda: _plots().plot_change_heatmap,
+        "lens": lambda: _plots().plot_logit_lens,
+    }
+
     def plot(self, what: str = "curves", **kw):
         """``"curves"`` | ``"heatmap"`` | ``"lens"``: see :mod:`interp_edit.plotting.edits`."""
-        from interp_edit.plotting import edits
+        return super().plot(what, **kw)
 
-        fns = {"curves": edits.plot_change_curves, "heatmap": edits.plot_change_heatmap,
-               "lens": edits.plot_logit_lens}
-        if what not in fns:
-            raise InterpEditError(f"what must be one of {tuple(fns)}, not {what!r}")
-        return fns[what](self, **kw)
 
-    def save(self, path) -> str:
-        return save_dataclass(self, path, _FORMAT)
+def _plots():
+    from interp_edit.plotting import edits  # matplotlib only when plotting
 
-    @classmethod
-    def load(cls, path) -> "ActivationDiff":
-        return load_dataclass(cls, path, _FORMAT)
+    return edits
 
 
 def probe_prompts(

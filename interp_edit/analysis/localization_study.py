@@ -17,13 +17,13 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Sequence
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from interp_edit.analysis._npz import load_dataclass, save_dataclass
+from interp_edit.analysis._npz import NpzDataclass
 from interp_edit.analysis.localization import R2_TERMS, LocalizationStats, localization_stats
 from interp_edit.errors import InterpEditError
 from interp_edit.models import Model
@@ -39,7 +39,7 @@ _FORMAT = "interp_edit.LocalizationStudy/1"
 
 
 @dataclass(frozen=True, eq=False)
-class LocalizationStudy:
+class LocalizationStudy(NpzDataclass):
     """Tracing effects and edit successes of ``n`` facts. ``effect`` covers every layer;
     ``success`` covers the edited ``layers`` only (``success[m, f, j]``: metric ``metrics[m]``
     of fact ``f`` edited at ``layers[j]``)."""
@@ -89,21 +89,15 @@ class LocalizationStudy:
             )
         return "\n".join(rows)
 
+    _FORMAT: ClassVar[str] = _FORMAT
+    _PLOTS: ClassVar[dict] = {
+        "scatter": lambda: _plots().plot_effect_vs_success,
+        "layers": lambda: _plots().plot_layerwise,
+    }
+
     def plot(self, what: str = "scatter", **kw):
         """``"scatter"`` | ``"layers"``: see :mod:`interp_edit.plotting.localization`."""
-        from interp_edit.plotting import localization as pl
-
-        fns = {"scatter": pl.plot_effect_vs_success, "layers": pl.plot_layerwise}
-        if what not in fns:
-            raise InterpEditError(f"what must be one of {tuple(fns)}, not {what!r}")
-        return fns[what](self, **kw)
-
-    def save(self, path) -> str:
-        return save_dataclass(self, path, _FORMAT)
-
-    @classmethod
-    def load(cls, path) -> "LocalizationStudy":
-        return load_dataclass(cls, path, _FORMAT)
+        return super().plot(what, **kw)
 
     def _m(self, metric: str) -> int:
         if metric not in self.metrics:
@@ -209,3 +203,9 @@ def read_rows(cache) -> dict[str, dict]:
         return {}
     with open(cache) as f:
         return {row["case_id"]: row for row in map(json.loads, filter(str.strip, f))}
+
+
+def _plots():
+    from interp_edit.plotting import localization  # matplotlib only when plotting
+
+    return localization
