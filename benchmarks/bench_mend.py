@@ -10,7 +10,10 @@ network (and the preconditioner), and adds ΔW to the edited projections. A furt
 (``passes`` > 1) resumes from the first edited block and stops after its forward pass once
 p(new) > p(true). Times ``ie.edit(model, [req], method="mend", editor=..., passes=k)`` for
 k = 1 (MEND's one pass) and 3 (the default) on the first ``--n`` counterfact-val records (each
-edit undone before the next), after one warm-up edit, and splits one pass into its phases,
+edit undone before the next), after one warm-up edit, on the layer stepper and, side by side,
+on the bridge path that models without the stepper take (forced by installing a hook that
+does nothing; it still unembeds only the target positions and resumes later passes from the
+first edited block), and splits one pass into its phases,
 next to a plain forward pass of the same tokens through the bridge (on a busy CPU every number
 scales with the load). Prints a markdown table (pasted into README.md, "MEND") with the torch
 thread count and the load average, since the CPU is shared.
@@ -29,6 +32,8 @@ import torch
 import interp_edit as ie
 from interp_edit.editing.mend import (
     TargetBatch, default_editor_path, gradient_factors, load_editor)
+from interp_edit.hooks import capture, hooked
+from interp_edit.models import resid_hook
 from interp_edit.resume import block_input
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -49,15 +54,20 @@ def main() -> None:
     requests = [r.request for r in ie.load_counterfact(args.data)[: args.n + 1]]
 
     ie.edit(model, requests[0], method="mend", editor=str(path)).undo()  # warm-up
-    times: dict[int, list[float]] = {1: [], 3: []}
+    # (passes, generic): generic=True installs a hook that does nothing, which sends the edit
+    # down the bridge path every model takes (the layer stepper does not run bridge hooks)
+    times: dict[tuple[int, bool], list[float]] = {(1, False): [], (3, False): [],
+                                                  (1, True): [], (3, True): []}
     used = []
     for req in requests[1:]:
-        for passes, ts in times.items():
-            t0 = time.perf_counter()
-            edit = ie.edit(model, req, method="mend", editor=str(path), passes=passes)
-            ts.append(time.perf_counter() - t0)
+        for (passes, generic), ts in times.items():
+            with hooked(model, [capture(resid_hook(0), {})] if generic else []):
+                t0 = time.perf_counter()
+                edit = ie.edit(model, req, method="mend", editor=str(path), passes=passes)
+                ts.append(time.perf_counter() - t0)
             edit.undo()
-        used.append(edit.info["passes"])
+            if (passes, generic) == (3, False):
+                used.append(edit.info["passes"])
 
     req = requests[1]  # one edit, phase by phase
     away = [req.target_true] if editor.config.contrast else None
@@ -87,11 +97,12 @@ def main() -> None:
           f"on {os.cpu_count()} CPUs\n")
     print("| | ms |\n|---|---|")
     print(f"| load the editor (once) | {1000 * load_s:.0f} |")
-    for k, v in ms.items():
+    for (k, generic), v in ms.items():
         what = (f"passes={k} (default; {statistics.mean(used):.1f} used on average)" if k > 1
                 else "passes=1 (MEND)")
-        print(f"| edit, {what}, median of {len(v)} | {statistics.median(v):.0f} |")
-        print(f"| edit, {what}, min / max | {v[0]:.0f} / {v[-1]:.0f} |")
+        path_used = "bridge path (a hook installed)" if generic else "layer stepper"
+        print(f"| edit, {what}, {path_used}: median of {len(v)} (min / max) "
+              f"| {statistics.median(v):.0f} ({v[0]:.0f} / {v[-1]:.0f}) |")
     first = min(editor.config.layers)
     print(f"| of one pass: blocks 0–{first - 1}, no gradient (median of 5) | {phase['below']:.0f} |")
     print(f"| of one pass: gradient factors (all of the above, then blocks {first}–"
