@@ -23,6 +23,13 @@ of each request's ``target_new``; with ``MENDConfig.contrast`` minus that of its
 the old answer to the new one, which is what efficacy measures. Only tokens up to the last
 target position get a gradient; the others are dropped.
 
+The gradient pass (:func:`batch_factors`) is most of an edit's cost, so it does only what the
+factors need: the blocks below the first edited one run without gradients (on the layer
+stepper of :mod:`interp_edit._llama` when the model has one and no bridge hook is installed),
+logits are computed at the target positions only, and a further pass on the same requests
+(``passes`` > 1, or the training loop's edited pass) resumes from the first edited block's
+saved input (:mod:`interp_edit.resume`).
+
 The network (:class:`GradientTransform`): ``z = [norm(u); norm(δ)]`` (running mean and std,
 collected while training), then ``n_blocks`` residual blocks ``z + B relu(s_l ⊙ (A z + b) + o_l)
 + c`` with a rank-``rank`` hidden layer, mapped back to the inputs' scale. ``B = 0`` and
