@@ -13,7 +13,7 @@ path when a bridge hook is installed.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -190,6 +190,23 @@ class LlamaStepper:
         out[:, 0][patch.mask] = patch.value[patch.mask]
         return out
 
+    def run(
+        self,
+        x: Float[Tensor, "batch pos d_model"],
+        first: int,
+        stop: int,
+        visit: Callable[[int, Tensor, LayerOut], None] | None = None,
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """Layers ``first .. stop-1`` on every position of ``x`` (the input of layer
+        ``first``); returns the last one's output. ``visit(j, x_j, out_j)`` sees each layer's
+        input and outputs on the way."""
+        for j in range(first, stop):
+            out = self.layer(j, x, 0)
+            if visit is not None:
+                visit(j, x, out)
+            x = out.out
+        return x
+
     def target_probs(
         self, h: Float[Tensor, "batch d_model"], target_id: int
     ) -> Float[Tensor, "batch"]:
@@ -210,11 +227,13 @@ class LlamaStepper:
             x = x.clone()
             x[:, subject[0] : subject[1]] += noise.to(x)
         xs, attn, mlp, ks, vs = [x], [], [], [], []
-        for j in range(len(self.layers)):
-            out = self.layer(j, xs[-1], 0)
+
+        def keep(j: int, x_j: Tensor, out: LayerOut) -> None:
             xs.append(out.out)
             attn.append(out.attn)
             mlp.append(out.mlp)
             ks.append(out.k)
             vs.append(out.v)
+
+        self.run(x, 0, len(self.layers), keep)
         return RunCache(xs, attn, mlp, ks, vs, self.target_probs(xs[-1][:, -1], target_id))

@@ -103,13 +103,20 @@ def block_input(model: Model, ids: Int[Tensor, "batch pos"], layer: int) -> Bloc
     with torch.no_grad():
         if LlamaStepper.usable(model):
             stepper = LlamaStepper(model, ids.shape[1])
-            x = stepper.embed(ids)
-            for j in range(layer):
-                x = stepper.layer(j, x, 0).out
-            return BlockInput(layer, x, None)
+            return BlockInput(layer, stepper.run(stepper.embed(ids), 0, layer), None)
         with record_block_input(model, layer) as rec:
             model.logits(ids, torch.tensor([ids.shape[1] - 1], device=ids.device))
     return rec.value
+
+
+def stepper_for(model: Model, start: BlockInput) -> LlamaStepper:
+    """The layer stepper to go on from a stepper-computed ``start``; refuses when a bridge hook
+    has been installed since (the stepper would not run it)."""
+    if not LlamaStepper.usable(model):
+        raise InterpEditError("this block input was computed by the layer stepper, which does "
+                              "not run bridge hooks; remove them or record the input with "
+                              "record_block_input")
+    return LlamaStepper(model, start.hidden.shape[1])
 
 
 def logits_from(
@@ -119,13 +126,8 @@ def logits_from(
     given: the unembedding is most of a short pass's last-layer cost). Differentiable."""
     x = start.hidden
     if start.kwargs is None:  # a stepper input: step on
-        if not LlamaStepper.usable(model):
-            raise InterpEditError("this block input was computed by the layer stepper, which "
-                                  "does not run bridge hooks; remove them or record the input "
-                                  "with record_block_input")
-        stepper = LlamaStepper(model, x.shape[1])
-        for j in range(start.layer, model.n_layers):
-            x = stepper.layer(j, x, 0).out
+        stepper = stepper_for(model, start)
+        x = stepper.run(x, start.layer, model.n_layers)
         return stepper.unembed(x if positions is None else x[:, positions])
     parts = _parts(model)
     if parts is None:

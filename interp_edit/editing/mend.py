@@ -61,13 +61,13 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from interp_edit._cache import cache_dir
+from interp_edit._llama import LayerOut, LlamaStepper
 from interp_edit.editing.base import AppliedEdit, EditRequest, parameter_name, register_editor
 from interp_edit.errors import InterpEditError, ModelMismatchError
 from interp_edit.hooks import add_delta, capture, hooked
 from interp_edit.models import Model, mlp_key_hook, mlp_out_hook
-from interp_edit._llama import LlamaStepper
 from interp_edit.resume import (
-    BlockInput, block_input, logits_from, record_block_input, supports_resume)
+    BlockInput, block_input, logits_from, record_block_input, stepper_for, supports_resume)
 
 FORMAT = "interp_edit.MENDEditor/1"
 LAYER_CHOICES = ("last", "traced", "given")
@@ -278,9 +278,9 @@ class MENDEditor(nn.Module):
         run = batch_factors(model, self.config.layers, batch, range(n),
                             away=rows_old if self.config.contrast else (), start=start,
                             skip=is_done if stop_if_done else None)
-        done = is_done(run.logits)
         if run.factors is None:  # done, and asked to stop there
-            return EditorStep({}, done, run.start)
+            return EditorStep({}, True, run.start)
+        done = is_done(run.logits)
         with torch.no_grad():
             steps = self(run.factors)
         names = {layer: parameter_name(model, model.mlp_out_proj(layer)) for layer in steps}
@@ -421,9 +421,6 @@ def batch_factors(
     if start is None and LlamaStepper.usable(model):
         start = block_input(model, batch.ids, min(layers))  # the stepper's
     if start is not None and start.kwargs is None:
-        if not LlamaStepper.usable(model):
-            raise InterpEditError("a bridge hook was installed after the first pass: the "
-                                  "layer stepper would not run it")
         return _stepper_factors(model, layers, batch, rows, away, start, skip)
     return _hooked_factors(model, layers, batch, rows, away, start, skip)
 
@@ -444,15 +441,16 @@ def _nonzero(u: Tensor, delta: Tensor) -> Factors:
 def _stepper_factors(model: Model, layers: Sequence[int], batch: TargetBatch,
                      rows: Sequence[int], away: Sequence[int], start: BlockInput,
                      skip: Callable[[Tensor], bool] | None) -> FactorPass:
-    stepper = LlamaStepper(model, batch.ids.shape[1])
+    stepper = stepper_for(model, start)
     outs, mids = {}, {}
+
+    def keep(j: int, x_j: Tensor, out: LayerOut) -> None:
+        if j in layers:
+            outs[j], mids[j] = out.out, x_j + out.attn  # as LlamaStepper.layer adds them
+
     x = start.hidden.detach().requires_grad_()  # the graph starts here (weights are frozen)
     with torch.enable_grad():
-        for j in range(start.layer, model.n_layers):
-            step = stepper.layer(j, x, 0)
-            if j in layers:
-                outs[j], mids[j] = step.out, x + step.attn  # as LlamaStepper.layer adds them
-            x = step.out
+        x = stepper.run(x, start.layer, model.n_layers, keep)
         logits = stepper.unembed(x[:, batch.keep])
         if skip is not None and skip(logits.detach()):
             return FactorPass(None, logits.detach(), start)

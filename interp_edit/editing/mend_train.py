@@ -39,7 +39,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm

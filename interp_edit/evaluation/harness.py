@@ -131,6 +131,7 @@ def _check_resume(report: EvalReport, model: Model, method: str, hp: dict[str, A
     theirs = {"model": report.model_name, "method": report.method, "hparams": report.hparams,
               "seed": report.seed, **{k: report.info.get(k) for k in settings}}
     ours = {"model": model.name, "method": method, "hparams": hp, "seed": seed, **settings}
+
     def plain(x: Any) -> Any:  # as saved: tuples become lists
         return json.loads(json.dumps(x, default=str))
 

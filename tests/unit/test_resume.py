@@ -6,7 +6,7 @@ import torch
 from interp_edit.errors import InterpEditError
 from interp_edit.hooks import add_delta, capture, hooked
 from interp_edit.models import mlp_key_hook, mlp_out_hook
-from interp_edit.resume import logits_from, record_block_input, supports_resume
+from interp_edit.resume import block_input, logits_from, record_block_input, supports_resume
 
 
 @pytest.fixture
@@ -56,6 +56,22 @@ def test_bridge_hooks_run_on_the_resumed_blocks(fm, ids):
     (key_full, grad_full), (key_resumed, grad_resumed) = seen
     assert torch.equal(key_full, key_resumed) and torch.equal(grad_full, grad_resumed)
     assert grad_full.abs().sum() > 0
+
+
+def test_stepper_input_refuses_a_hook_installed_since(fm, ids):
+    """A block input from the layer stepper cannot be resumed once a bridge hook is installed
+    (the stepper would silently skip it); a recorded bridge input can."""
+    m = fm.model
+    start = block_input(m, ids, 2)
+    assert start.kwargs is None
+    with torch.no_grad(), record_block_input(m, 2) as rec:
+        full = m.logits(ids)
+    torch.testing.assert_close(start.hidden, rec.value.hidden, rtol=0, atol=1e-5)
+    with hooked(m, [capture(mlp_key_hook(3), {})]):
+        with pytest.raises(InterpEditError, match="layer stepper"):
+            logits_from(m, start)
+        with torch.no_grad():
+            assert torch.equal(logits_from(m, rec.value), full)
 
 
 def test_record_checks_the_layer(fm):
