@@ -90,6 +90,7 @@ def main() -> None:
         for key, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
             phases[key].append(1000 * dt)
     phase = {k: statistics.median(v) for k, v in phases.items()}
+    stream_ms, stream_mb = weight_stream(model)
 
     ms = {k: sorted(1000 * t for t in ts) for k, ts in times.items()}
     print(f"MEND edit latency, {model.name}, layers {list(editor.config.layers)}, "
@@ -110,6 +111,26 @@ def main() -> None:
     print(f"| of one pass: editor network | {phase['editor']:.0f} |")
     print(f"| for scale: one no-grad forward pass of the same tokens (bridge) "
           f"| {phase['floor']:.0f} |")
+    print(f"| the floor of any pass: every weight matrix read once ({stream_mb:.0f} MB, one "
+          f"matrix-vector product each; {stream_mb / stream_ms:.1f} GB/s; median of 5) "
+          f"| {stream_ms:.0f} |")
+
+
+@torch.no_grad()
+def weight_stream(model) -> tuple[float, float]:
+    """Milliseconds to multiply one vector by every 2-D weight of the model (blocks and the
+    unembedding; the tied embedding once), and the megabytes read: on a memory-bound CPU no
+    pass of the model, an edit's included, can take less."""
+    mats = {p.data_ptr(): p for p in model.hf_model.parameters() if p.ndim == 2}.values()
+    vecs = {w.shape[1]: w.new_ones(1, w.shape[1]) for w in mats}
+    ts = []
+    for _ in range(6):
+        t0 = time.perf_counter()
+        for w in mats:
+            torch.nn.functional.linear(vecs[w.shape[1]], w)
+        ts.append(1000 * (time.perf_counter() - t0))
+    mb = sum(w.numel() * w.element_size() for w in mats) / 1e6
+    return statistics.median(ts[1:]), mb
 
 if __name__ == "__main__":
     main()
