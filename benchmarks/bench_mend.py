@@ -91,6 +91,9 @@ def main() -> None:
             phases[key].append(1000 * dt)
     phase = {k: statistics.median(v) for k, v in phases.items()}
     stream_ms, stream_mb = weight_stream(model)
+    rows = batch.ids.numel()
+    rates = {(n, dt): matmul_rate(model, n, dt) for n in (rows, 1024)
+             for dt in (torch.float32, torch.bfloat16)}
 
     ms = {k: sorted(1000 * t for t in ts) for k, ts in times.items()}
     print(f"MEND edit latency, {model.name}, layers {list(editor.config.layers)}, "
@@ -114,6 +117,24 @@ def main() -> None:
     print(f"| the floor of any pass: every weight matrix read once ({stream_mb:.0f} MB, one "
           f"matrix-vector product each; {stream_mb / stream_ms:.1f} GB/s; median of 5) "
           f"| {stream_ms:.0f} |")
+    print(f"\nOne multiply of the MLP's up-projection shape, GMAC/s: at the edit's {rows} rows "
+          f"fp32 {rates[rows, torch.float32]:.0f}, bf16 {rates[rows, torch.bfloat16]:.0f}; "
+          f"at 1024 rows fp32 {rates[1024, torch.float32]:.0f}, "
+          f"bf16 {rates[1024, torch.bfloat16]:.0f}.")
+
+
+@torch.no_grad()
+def matmul_rate(model, rows: int, dtype: torch.dtype) -> float:
+    """Multiply-adds per second (GMAC/s) of ``rows`` tokens through layer 0's MLP
+    up-projection in ``dtype``: how fast the matrix multiplies of a pass run at that size."""
+    w = model.hf_model.get_submodule("model.layers.0.mlp.up_proj").weight.to(dtype)
+    x = torch.randn(rows, w.shape[1], dtype=dtype)
+    ts = []
+    for _ in range(21):
+        t0 = time.perf_counter()
+        torch.nn.functional.linear(x, w)
+        ts.append(time.perf_counter() - t0)
+    return rows * w.numel() / statistics.median(ts[1:]) / 1e9
 
 
 @torch.no_grad()

@@ -16,7 +16,8 @@
    ``low_score`` exactly in both).
 3. Peak RSS of the process.
 The first line counts multiply-adds, reference / fast, from the engine's own plans: the
-ceiling of the speed-up when both run their matrix multiplies equally fast.
+ceiling of the speed-up when both run their matrix multiplies equally fast. The second divides
+them by each method's CPU time, next to the CPU's fp32 matrix-multiply peak.
 Prints markdown tables (pasted into README.md, "Measured so far").
 """
 
@@ -56,6 +57,7 @@ def speed_table(model, samples: int, hook_batched: bool) -> list[str]:
     ntok = len(model.tokenize(PROMPT))
     kw = dict(samples=samples, progress=False)
     rows, totals = [], {m: [0.0, 0.0] for m in ("reference", "fast", "attribution")}
+    cpu = {}  # kind -> CPU seconds of (reference, fast)
     for kind in KINDS:
         def run(method):
             return timed(lambda: ie.trace(model, PROMPT, SUBJECT, kind=kind, method=method, **kw))
@@ -74,6 +76,7 @@ def speed_table(model, samples: int, hook_batched: bool) -> list[str]:
             totals[name][0] += w
             totals[name][1] += c
         (rw, rc), (fw, fc), (aw, ac) = times.values()
+        cpu[kind] = (rc, fc)
         print(f"  {kind}: reference {rw:.1f}s fast {fw:.2f}s attribution {aw:.2f}s "
               f"diff {diff:.1e}", flush=True)  # fmt: skip
         rows.append(f"| {kind} | {rw:.1f} / {rc:.1f} | {batched} | {fw:.2f} / {fc:.2f} | "
@@ -84,7 +87,8 @@ def speed_table(model, samples: int, hook_batched: bool) -> list[str]:
     _, bw, bc = timed(lambda: ie.trace_all(model, PROMPT, SUBJECT, method="attribution", **kw))
     (rw, rc), (fw, fc), (tw, tc) = totals.values()
     return [
-        work_line(model),
+        work_line(model, samples),
+        throughput_line(model, samples, cpu),
         "",
         f"Prompt {PROMPT!r} ({ntok} tokens), subject {SUBJECT!r}, {samples} noise samples, "
         f"{model.n_layers} layers; seconds per trace, wall / CPU.",
@@ -102,10 +106,12 @@ def speed_table(model, samples: int, hook_batched: bool) -> list[str]:
     ]
 
 
-def work_ratios(model, n_tokens: int, subject_start: int, window: int = 10) -> dict[str, float]:
-    """Reference multiply-adds / fast-engine multiply-adds per kind (matrix multiplies of the
-    layers and the unembedding; attention scores are negligible at this length), counted from
-    the engine's own plans and state sharing: the ceiling of the speed-up at equal efficiency."""
+def multiply_adds(model, n_tokens: int, subject_start: int, samples: int,
+                  window: int = 10) -> dict[str, tuple[float, float]]:
+    """Multiply-adds of one trace per kind, ``(reference, fast)``: the matrix multiplies of the
+    layers and the unembedding (attention scores are negligible at this length), the fast
+    engine's counted from its own plans and state sharing. Their ratio is the ceiling of the
+    speed-up when both run their matrix multiplies equally fast."""
     cfg = model.hf_model.config
     d, kv = cfg.hidden_size, cfg.num_key_value_heads * cfg.hidden_size // cfg.num_attention_heads
     mlp = 3 * d * cfg.intermediate_size
@@ -128,14 +134,40 @@ def work_ratios(model, n_tokens: int, subject_start: int, window: int = 10) -> d
                     cost = 1 + (rows - 1) * 2 * d * kv / unit if j == L - 1 and not first else rows
                     restored_mlp = any(r.layer == j and r.site == "mlp" for r in key)
                     work += cost - (mlp / unit if restored_mlp else 0)
-        out[kind] = ref / work
+        out[kind] = (ref * unit * samples, work * unit * samples)
     return out
 
 
-def work_line(model) -> str:
+def work_line(model, samples: int) -> str:
     start, ntok = model.subject_range(PROMPT, SUBJECT)[0], len(model.tokenize(PROMPT))
-    bound = ", ".join(f"{k} {r:.1f}x" for k, r in work_ratios(model, ntok, start).items())
+    macs = multiply_adds(model, ntok, start, samples)
+    bound = ", ".join(f"{k} {r / f:.1f}x" for k, (r, f) in macs.items())
     return f"Multiply-adds, reference / fast (the ceiling at equal efficiency): {bound}."
+
+
+def throughput_line(model, samples: int, cpu: dict[str, tuple[float, float]]) -> str:
+    """Multiply-adds per CPU second of each method, next to this CPU's matrix-multiply peak:
+    how much of the gap to the goal is left to efficiency rather than to work."""
+    start, ntok = model.subject_range(PROMPT, SUBJECT)[0], len(model.tokenize(PROMPT))
+    macs = multiply_adds(model, ntok, start, samples)
+    rates = ", ".join(f"{k} {macs[k][0] / rc / 1e9:.0f} / {macs[k][1] / fc / 1e9:.0f}"
+                      for k, (rc, fc) in cpu.items())
+    return (f"Multiply-adds per CPU second (GMAC/s), reference / fast: {rates}; one fp32 "
+            f"matrix multiply of the MLP's shape at 1024 rows: {matmul_peak() / 1e9:.0f}.")
+
+
+def matmul_peak() -> float:
+    """Multiply-adds per second of one large fp32 matrix multiply (1024 x 576 by 576 x 1536,
+    the default model's MLP shape at the fast engine's batch size): what this CPU's torch
+    build reaches at best with the current thread count."""
+    x, w = torch.randn(1024, 576), torch.randn(1536, 576)
+    torch.nn.functional.linear(x, w)
+    times = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        torch.nn.functional.linear(x, w)
+        times.append(time.perf_counter() - t0)
+    return 1024 * 576 * 1536 / sorted(times)[len(times) // 2]
 
 
 def known_facts(model, path: Path, n: int) -> list[dict]:
@@ -189,7 +221,8 @@ def attribution_table(model, facts: list[dict], samples: int) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--facts", type=int, default=20)
+    ap.add_argument("--facts", type=int, default=20,
+                    help="known facts in the Pearson part (0: skip that part)")
     ap.add_argument("--samples", type=int, default=10)
     ap.add_argument("--pearson-samples", type=int, default=3,
                     help="noise samples per trace in the Pearson part (both methods)")
@@ -203,9 +236,11 @@ def main() -> None:
     model = ie.load_model()
     print(f"## {model.name} on {platform.machine()}, {torch.get_num_threads()} torch threads\n")
     if args.work_only:
-        return print(work_line(model))
+        return print(work_line(model, args.samples))
     print("\n".join(speed_table(model, args.samples, args.hook_batched)), "\n", flush=True)
     print(f"Peak RSS after the speed part: {peak_rss():.2f} GiB\n", flush=True)
+    if args.facts < 1:
+        return
     facts = known_facts(model, args.data / "known_1000.json", args.facts)
     print("\n".join(attribution_table(model, facts, args.pearson_samples)), "\n")
     print(f"Peak RSS: {peak_rss():.2f} GiB")
