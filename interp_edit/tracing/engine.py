@@ -22,9 +22,9 @@ Where the reference spends its time, and what this engine does instead:
    replaces is not computed; the unembedding runs once at the end, on the last position only.
 
 What is left is bound by matrix-multiply FLOPs: for a prompt whose subject starts at token 0
-it is about a fifth of the reference's multiply-adds for kind ``"resid"`` (each cell still
-recomputes every later layer at every later position), a little more for MLP/attention
-windows. ``benchmarks/bench_trace.py`` measures the ratio.
+it is 1/4.5 of the reference's multiply-adds for kind ``"resid"`` on the default model (each
+cell still recomputes every later layer at every later position), 1/3.9 and 1/3.7 for MLP and
+attention windows. ``benchmarks/bench_trace.py`` counts them and measures the ratio.
 
 Models the layer stepper does not support (anything but Llama-family decoders), and models
 with hooks installed on the bridge, go through the hook layer instead, batching many cells
