@@ -1,14 +1,15 @@
 """Causal tracing benchmark: reference vs fast vs attribution on the default model.
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_trace.py \
-        [--facts 20] [--pearson-samples 3] [--hook-batched] [--work-only] [--data DIR]
+        [--facts 20] [--pearson-samples 3] [--steps] [--work-only] [--data DIR]
 
 1. One fact (10-token prompt, 10 noise samples), kinds resid/mlp/attn: wall and CPU time of the
    reference (one forward pass per cell), the fast engine (per kind, and all three kinds sharing
    runs) and attribution patching; speed-ups; the max abs difference from the reference.
-   ``--hook-batched`` adds the hook-batched fallback (clean run once, 16 cells per pass; kind
-   resid only). CPU time (``time.process_time``, one torch thread) is the steadier yardstick
-   on a shared machine; both are printed.
+   CPU time (``time.process_time``, one torch thread) is the steadier yardstick on a shared
+   machine; both are printed. ``--steps`` adds where the speed comes from (kind resid): each
+   step of the fast engine with its multiply-adds, and CPU time for those that run alone (the
+   hook-batched fallback with and without full logits).
 2. Attribution vs exact: Pearson r per kind between the attribution estimate and the exact
    (fast) grid, over the first ``--facts`` known facts (Meng et al. 2022) that the model
    predicts (top-1 = the known attribute's first token), with ``--pearson-samples`` noise
@@ -29,12 +30,14 @@ import platform
 import resource
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+from torch import Tensor
 
 import interp_edit as ie
 from interp_edit.tracing import engine, reference
-from interp_edit.tracing.inputs import TraceInputs, plan, prepare, select_cells
+from interp_edit.tracing.inputs import plan, prepare, select_cells
 
 PROMPT, SUBJECT = "The Eiffel Tower is located in the city of", "The Eiffel Tower"
 KINDS = ("resid", "mlp", "attn")
@@ -47,17 +50,13 @@ def timed(fn):
     return out, time.perf_counter() - t0, time.process_time() - c0
 
 
-def fallback(inputs: TraceInputs, kind: str):
-    cells = select_cells(inputs, None, None)
-    return reference.run(inputs, (kind,), window=10, sever=None, cells=cells, progress=False,
-                         cells_per_pass=engine._FALLBACK_CELLS_PER_PASS)  # fmt: skip
-
-
-def speed_table(model, samples: int, hook_batched: bool) -> list[str]:
+def speed_table(model, samples: int) -> tuple[list[str], dict[str, tuple[float, float]], Tensor]:
+    """The speed table's lines; CPU seconds of (reference, fast) per kind; the reference's
+    resid grid."""
     ntok = len(model.tokenize(PROMPT))
     kw = dict(samples=samples, progress=False)
     rows, totals = [], {m: [0.0, 0.0] for m in ("reference", "fast", "attribution")}
-    cpu = {}  # kind -> CPU seconds of (reference, fast)
+    cpu, ref_resid = {}, None  # kind -> CPU seconds of (reference, fast)
     for kind in KINDS:
         def run(method):
             return timed(lambda: ie.trace(model, PROMPT, SUBJECT, kind=kind, method=method, **kw))
@@ -67,11 +66,7 @@ def speed_table(model, samples: int, hook_batched: bool) -> list[str]:
         fast, *times["fast"] = run("fast")
         _, *times["attribution"] = run("attribution")
         diff = float((fast.scores - ref.scores).abs().max())
-        batched = "–"
-        if hook_batched and kind == "resid":  # what batching cells through hooks buys
-            inputs = prepare(model, PROMPT, SUBJECT, None, samples, "s3", 1)
-            (fb, _), t_fb, _ = timed(lambda: fallback(inputs, kind))
-            diff, batched = max(diff, float((fb[kind] - ref.scores).abs().max())), f"{t_fb:.1f}"
+        ref_resid = ref.scores if kind == "resid" else ref_resid
         for name, (w, c) in times.items():
             totals[name][0] += w
             totals[name][1] += c
@@ -79,31 +74,52 @@ def speed_table(model, samples: int, hook_batched: bool) -> list[str]:
         cpu[kind] = (rc, fc)
         print(f"  {kind}: reference {rw:.1f}s fast {fw:.2f}s attribution {aw:.2f}s "
               f"diff {diff:.1e}", flush=True)  # fmt: skip
-        rows.append(f"| {kind} | {rw:.1f} / {rc:.1f} | {batched} | {fw:.2f} / {fc:.2f} | "
+        rows.append(f"| {kind} | {rw:.1f} / {rc:.1f} | {fw:.2f} / {fc:.2f} | "
                     f"{aw:.2f} / {ac:.2f} | {rw / fw:.1f}x / {rc / fc:.1f}x | "
                     f"{fw / aw:.0f}x / {fc / ac:.0f}x | {rw / aw:.0f}x / {rc / ac:.0f}x "
                     f"| {diff:.1e} |")  # fmt: skip
     _, aw, ac = timed(lambda: ie.trace_all(model, PROMPT, SUBJECT, **kw))
     _, bw, bc = timed(lambda: ie.trace_all(model, PROMPT, SUBJECT, method="attribution", **kw))
     (rw, rc), (fw, fc), (tw, tc) = totals.values()
-    return [
+    lines = [
         work_line(model, samples),
         throughput_line(model, samples, cpu),
         "",
         f"Prompt {PROMPT!r} ({ntok} tokens), subject {SUBJECT!r}, {samples} noise samples, "
         f"{model.n_layers} layers; seconds per trace, wall / CPU.",
         "",
-        "| kind | reference | hook-batched | fast | attribution | fast vs reference "
+        "| kind | reference | fast | attribution | fast vs reference "
         "| attribution vs fast | attribution vs reference | max abs diff vs reference |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
         *rows,
-        f"| all three (sum) | {rw:.1f} / {rc:.1f} | | {fw:.2f} / {fc:.2f} | {tw:.2f} / {tc:.2f} "
+        f"| all three (sum) | {rw:.1f} / {rc:.1f} | {fw:.2f} / {fc:.2f} | {tw:.2f} / {tc:.2f} "
         f"| {rw / fw:.1f}x / {rc / fc:.1f}x | {fw / tw:.0f}x / {fc / tc:.0f}x "
         f"| {rw / tw:.0f}x / {rc / tc:.0f}x | |",
-        f"| all three (`trace_all`) | | | {aw:.2f} / {ac:.2f} | {bw:.2f} / {bc:.2f} "
+        f"| all three (`trace_all`) | | {aw:.2f} / {ac:.2f} | {bw:.2f} / {bc:.2f} "
         f"| {rw / aw:.1f}x / {rc / ac:.1f}x | {aw / bw:.0f}x / {ac / bc:.0f}x "
         f"| {rw / bw:.0f}x / {rc / bc:.0f}x | |",
     ]
+    return lines, cpu, ref_resid
+
+
+class Costs(NamedTuple):
+    """The default model's matrix sizes in layer-positions: one layer at one position is
+    ``unit`` multiply-adds (q, o; k, v; the MLP)."""
+
+    unit: float
+    unembed: float  # one position's unembedding
+    mlp: float  # one position's MLP
+    kv: float  # one position's k and v projections
+    L: int
+
+    @classmethod
+    def of(cls, model) -> "Costs":
+        cfg = model.hf_model.config
+        d = cfg.hidden_size
+        kv = cfg.num_key_value_heads * d // cfg.num_attention_heads
+        mlp = 3 * d * cfg.intermediate_size
+        unit = 2 * d * d + 2 * d * kv + mlp
+        return cls(unit, d * cfg.vocab_size / unit, mlp / unit, 2 * d * kv / unit, model.n_layers)
 
 
 def multiply_adds(model, n_tokens: int, subject_start: int, samples: int,
@@ -112,11 +128,8 @@ def multiply_adds(model, n_tokens: int, subject_start: int, samples: int,
     layers and the unembedding (attention scores are negligible at this length), the fast
     engine's counted from its own plans and state sharing. Their ratio is the ceiling of the
     speed-up when both run their matrix multiplies equally fast."""
-    cfg = model.hf_model.config
-    d, kv = cfg.hidden_size, cfg.num_key_value_heads * cfg.hidden_size // cfg.num_attention_heads
-    mlp = 3 * d * cfg.intermediate_size
-    unit = 2 * d * d + 2 * d * kv + mlp  # one layer at one position: q, o; k, v; the MLP
-    unembed, L, T = d * cfg.vocab_size / unit, model.n_layers, n_tokens  # in layer-positions
+    c, T = Costs.of(model), n_tokens
+    L, unembed = c.L, c.unembed
     ref = L * T * T * (L + unembed)  # every cell: every layer at every position, full logits
     out = {}
     for kind in KINDS:
@@ -131,10 +144,10 @@ def multiply_adds(model, n_tokens: int, subject_start: int, samples: int,
                 for key in {engine._prefix(p, j) for p in plans if p[0].layer <= j}:
                     first = not engine._prefix(key, j - 1)
                     rows = 1 if first else T - t
-                    cost = 1 + (rows - 1) * 2 * d * kv / unit if j == L - 1 and not first else rows
+                    cost = 1 + (rows - 1) * c.kv if j == L - 1 and not first else rows
                     restored_mlp = any(r.layer == j and r.site == "mlp" for r in key)
-                    work += cost - (mlp / unit if restored_mlp else 0)
-        out[kind] = (ref * unit * samples, work * unit * samples)
+                    work += cost - (c.mlp if restored_mlp else 0)
+        out[kind] = (ref * c.unit * samples, work * c.unit * samples)
     return out
 
 
@@ -143,6 +156,51 @@ def work_line(model, samples: int) -> str:
     macs = multiply_adds(model, ntok, start, samples)
     bound = ", ".join(f"{k} {r / f:.1f}x" for k, (r, f) in macs.items())
     return f"Multiply-adds, reference / fast (the ceiling at equal efficiency): {bound}."
+
+
+def steps_table(model, samples: int, cpu: dict[str, tuple[float, float]],
+                ref_grid: Tensor) -> list[str]:
+    """Where the fast engine's speed comes from, kind ``"resid"``: each step's multiply-adds
+    (counted) and, for the steps that run on their own, CPU time (the reference and the fast
+    engine from the speed table; the hook-batched fallback measured here)."""
+    c, T = Costs.of(model), len(model.tokenize(PROMPT))
+    L, U, S = c.L, c.unembed, samples * c.unit
+    inputs = prepare(model, PROMPT, SUBJECT, None, samples, "s3", 1)
+    cells = select_cells(inputs, None, None)
+
+    def batched(last_logits: bool) -> tuple[float, float]:
+        (grids, _), _, sec = timed(lambda: reference.run(
+            inputs, ("resid",), window=10, sever=None, cells=cells, progress=False,
+            cells_per_pass=engine._FALLBACK_CELLS_PER_PASS, last_logits=last_logits))
+        return sec, float((grids["resid"] - ref_grid).abs().max())
+
+    ref_sec, fast_sec = cpu["resid"]
+    start = model.subject_range(PROMPT, SUBJECT)[0]
+    steps = [  # (what, multiply-adds, (CPU seconds, max abs diff) or None)
+        ("reference: one pass per cell over the samples, logits at every position",
+         L * T * T * (L + U), (ref_sec, 0.0)),
+        (f"+ {engine._FALLBACK_CELLS_PER_PASS} cells per pass, through the hooks",
+         L * T * T * (L + U), batched(False)),
+        ("+ logits at the last position only (the fallback for other models)",
+         L * T * (T * L + U), batched(True)),
+        ("+ layers from the restored one on only (layer stepper; counted, not run alone)",
+         T * (T * L * (L - 1) / 2 + L * U), None),
+        ("+ positions from the restored token on only (cached keys/values; counted)",
+         L * (L - 1) / 2 * T * (T + 1) / 2 + T * L * U, None),
+        ("+ no compute for cells that provably change nothing, shared states, replaced "
+         "MLP rows skipped: the fast engine", multiply_adds(model, T, start, samples)["resid"][1]
+         / S, (fast_sec, None)),
+    ]
+    lines = ["Where the speed comes from (kind resid; each step adds to the ones above):", "",
+             "| step | multiply-adds (G) | vs reference, counted | CPU s | vs reference, "
+             "measured | max abs diff vs reference |", "|---|---|---|---|---|---|"]
+    ref_work = steps[0][1]
+    for what, work, run in steps:
+        sec, diff = run or (None, None)
+        lines.append(f"| {what} | {work * S / 1e9:.0f} | {ref_work / work:.1f}x | "
+                     + (f"{sec:.1f} | {ref_sec / sec:.1f}x" if sec else "– | –")
+                     + (f" | {diff:.1e} |" if diff is not None else " | |"))
+    return lines
 
 
 def throughput_line(model, samples: int, cpu: dict[str, tuple[float, float]]) -> str:
@@ -226,8 +284,9 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=10)
     ap.add_argument("--pearson-samples", type=int, default=3,
                     help="noise samples per trace in the Pearson part (both methods)")
-    ap.add_argument("--hook-batched", action="store_true",
-                    help="also time the hook-batched fallback (kind resid)")
+    ap.add_argument("--steps", action="store_true",
+                    help="also the table of each fast-engine step's gain (kind resid; runs the "
+                         "hook-batched fallback twice)")
     ap.add_argument("--work-only", action="store_true",
                     help="print the multiply-add ratios only (seconds, no tracing)")
     ap.add_argument("--data", type=Path,
@@ -237,7 +296,10 @@ def main() -> None:
     print(f"## {model.name} on {platform.machine()}, {torch.get_num_threads()} torch threads\n")
     if args.work_only:
         return print(work_line(model, args.samples))
-    print("\n".join(speed_table(model, args.samples, args.hook_batched)), "\n", flush=True)
+    lines, cpu, ref_resid = speed_table(model, args.samples)
+    print("\n".join(lines), "\n", flush=True)
+    if args.steps:
+        print("\n".join(steps_table(model, args.samples, cpu, ref_resid)), "\n", flush=True)
     print(f"Peak RSS after the speed part: {peak_rss():.2f} GiB\n", flush=True)
     if args.facts < 1:
         return

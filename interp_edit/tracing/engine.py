@@ -28,7 +28,8 @@ attention windows. ``benchmarks/bench_trace.py`` counts them and measures the ra
 
 Models the layer stepper does not support (anything but Llama-family decoders), and models
 with hooks installed on the bridge, go through the hook layer instead, batching many cells
-per pass (:func:`interp_edit.tracing.reference.hooked_grid`).
+per pass and unembedding the last position only
+(:func:`interp_edit.tracing.reference.hooked_grid`).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def run(inputs: TraceInputs, kinds, *, window, sever, cells, progress):
     if not LlamaStepper.usable(inputs.model):
         return reference.run(
             inputs, kinds, window=window, sever=sever, cells=cells, progress=progress,
-            cells_per_pass=_FALLBACK_CELLS_PER_PASS,
+            cells_per_pass=_FALLBACK_CELLS_PER_PASS, last_logits=True,
         )
     jobs = reference.grid_jobs(inputs, kinds, window, sever, cells)
     scores, low = _fast_grid(inputs, [(t, p) for _, t, _, p in jobs], progress)

@@ -3,8 +3,8 @@ batch of corrupted samples with that cell's activations patched to their clean v
 
 This is the yardstick the fast engine is tested against; keep it short and obvious.
 :func:`hooked_grid` with ``cells_per_pass > 1`` packs several cells into one pass (rows
-``i*S .. (i+1)*S`` belong to cell ``i``): that is the fast method's fallback for models the
-fast engine does not support.
+``i*S .. (i+1)*S`` belong to cell ``i``), and with ``last_logits`` unembeds the last position
+only: that is the fast method's fallback for models the fast engine does not support.
 """
 
 from __future__ import annotations
@@ -61,13 +61,16 @@ def hooked_grid(
     jobs: Sequence[tuple[int, Plan]],
     cells_per_pass: int,
     progress: bool | None,
+    last_logits: bool = False,
 ) -> tuple[Float[Tensor, "n_jobs"], float]:
-    """Score each ``(token, plan)`` job; returns the scores and the corrupted ``low_score``."""
+    """Score each ``(token, plan)`` job; returns the scores and the corrupted ``low_score``.
+    ``last_logits``: unembed the last position only (the plain algorithm unembeds all)."""
     clean, corrupted, low = capture_runs(inputs)
     # filled in place: a small tensor kept per pass would sit on the heap above that pass's
     # freed activations, and glibc's resident memory grew ~1.5 MB per pass (2.6 GiB peak for
     # one reference trace of the default model; 1.1 GiB now)
     S, out = inputs.samples, torch.empty(len(jobs))
+    last = torch.tensor([inputs.n_tokens - 1], device=inputs.model.device) if last_logits else None
     bar = progress_bar(len(jobs), progress, "causal trace")
     for i in range(0, len(jobs), cells_per_pass):
         chunk = jobs[i : i + cells_per_pass]
@@ -76,7 +79,7 @@ def hooked_grid(
         for c, (t, cell_plan) in enumerate(chunk):
             hooks += restore_hooks(t, cell_plan, clean, corrupted, slice(c * S, (c + 1) * S))
         with H.hooked(inputs.model, hooks):
-            logits = inputs.model.logits(inputs.batch(len(chunk) * S))
+            logits = inputs.model.logits(inputs.batch(len(chunk) * S), last)
         p = logits[:, -1].softmax(-1)[:, inputs.target_id]
         out[i : i + len(chunk)] = rearrange(p, "(cell s) -> cell s", s=S).mean(1)
         bar.update(len(chunk))
@@ -100,8 +103,11 @@ def fill_grids(inputs: TraceInputs, kinds, jobs, scores: Tensor) -> dict[str, Te
     return grids
 
 
-def run(inputs: TraceInputs, kinds, *, window, sever, cells, progress, cells_per_pass=1):
-    """``method="reference"``: one forward pass per cell."""
+def run(inputs: TraceInputs, kinds, *, window, sever, cells, progress, cells_per_pass=1,
+        last_logits=False):
+    """``method="reference"``: one forward pass per cell (see :func:`hooked_grid` for the
+    other options)."""
     jobs = grid_jobs(inputs, kinds, window, sever, cells)
-    scores, low = hooked_grid(inputs, [(t, p) for _, t, _, p in jobs], cells_per_pass, progress)
+    scores, low = hooked_grid(inputs, [(t, p) for _, t, _, p in jobs], cells_per_pass, progress,
+                              last_logits)
     return fill_grids(inputs, kinds, jobs, scores), low
