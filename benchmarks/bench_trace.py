@@ -39,8 +39,13 @@ import interp_edit as ie
 from interp_edit.tracing import engine, reference
 from interp_edit.tracing.inputs import plan, prepare, select_cells
 
-PROMPT, SUBJECT = "The Eiffel Tower is located in the city of", "The Eiffel Tower"
+PROMPT, SUBJECT = "The Eiffel Tower is located in the city of", "The Eiffel Tower"  # defaults
 KINDS = ("resid", "mlp", "attn")
+
+
+class Fact(NamedTuple):
+    prompt: str
+    subject: str
 
 
 def timed(fn):
@@ -50,16 +55,17 @@ def timed(fn):
     return out, time.perf_counter() - t0, time.process_time() - c0
 
 
-def speed_table(model, samples: int) -> tuple[list[str], dict[str, tuple[float, float]], Tensor]:
+def speed_table(model, fact: Fact, samples: int
+                ) -> tuple[list[str], dict[str, tuple[float, float]], Tensor]:
     """The speed table's lines; CPU seconds of (reference, fast) per kind; the reference's
     resid grid."""
-    ntok = len(model.tokenize(PROMPT))
+    ntok = len(model.tokenize(fact.prompt))
     kw = dict(samples=samples, progress=False)
     rows, totals = [], {m: [0.0, 0.0] for m in ("reference", "fast", "attribution")}
     cpu, ref_resid = {}, None  # kind -> CPU seconds of (reference, fast)
     for kind in KINDS:
         def run(method):
-            return timed(lambda: ie.trace(model, PROMPT, SUBJECT, kind=kind, method=method, **kw))
+            return timed(lambda: ie.trace(model, *fact, kind=kind, method=method, **kw))
 
         times = {}
         ref, *times["reference"] = run("reference")
@@ -78,14 +84,15 @@ def speed_table(model, samples: int) -> tuple[list[str], dict[str, tuple[float, 
                     f"{aw:.2f} / {ac:.2f} | {rw / fw:.1f}x / {rc / fc:.1f}x | "
                     f"{fw / aw:.0f}x / {fc / ac:.0f}x | {rw / aw:.0f}x / {rc / ac:.0f}x "
                     f"| {diff:.1e} |")  # fmt: skip
-    _, aw, ac = timed(lambda: ie.trace_all(model, PROMPT, SUBJECT, **kw))
-    _, bw, bc = timed(lambda: ie.trace_all(model, PROMPT, SUBJECT, method="attribution", **kw))
+    _, aw, ac = timed(lambda: ie.trace_all(model, *fact, **kw))
+    _, bw, bc = timed(lambda: ie.trace_all(model, *fact, method="attribution", **kw))
     (rw, rc), (fw, fc), (tw, tc) = totals.values()
     lines = [
-        work_line(model, samples),
-        throughput_line(model, samples, cpu),
+        work_line(model, fact, samples),
+        throughput_line(model, fact, samples, cpu),
         "",
-        f"Prompt {PROMPT!r} ({ntok} tokens), subject {SUBJECT!r}, {samples} noise samples, "
+        f"Prompt {fact.prompt!r} ({ntok} tokens), subject {fact.subject!r}, {samples} noise "
+        f"samples, "
         f"{model.n_layers} layers; seconds per trace, wall / CPU.",
         "",
         "| kind | reference | fast | attribution | fast vs reference "
@@ -151,21 +158,39 @@ def multiply_adds(model, n_tokens: int, subject_start: int, samples: int,
     return out
 
 
-def work_line(model, samples: int) -> str:
-    start, ntok = model.subject_range(PROMPT, SUBJECT)[0], len(model.tokenize(PROMPT))
+def work_line(model, fact: Fact, samples: int) -> str:
+    start, ntok = model.subject_range(*fact)[0], len(model.tokenize(fact.prompt))
     macs = multiply_adds(model, ntok, start, samples)
     bound = ", ".join(f"{k} {r / f:.1f}x" for k, (r, f) in macs.items())
     return f"Multiply-adds, reference / fast (the ceiling at equal efficiency): {bound}."
 
 
-def steps_table(model, samples: int, cpu: dict[str, tuple[float, float]],
+def work_spread(model, path: Path, samples: int, n: int = 200) -> str:
+    """The multiply-add ceiling over the first ``n`` known facts' prompts: it depends on where
+    the subject starts (tokens before it cost the fast engine nothing) and on the length."""
+    ratios = {k: [] for k in KINDS}
+    starts = []
+    for rec in json.loads(path.read_text())[:n]:
+        start, ntok = model.subject_range(rec["prompt"], rec["subject"])[0], len(
+            model.tokenize(rec["prompt"]))
+        starts.append(start)
+        for k, (ref, fast) in multiply_adds(model, ntok, start, samples).items():
+            ratios[k].append(ref / fast)
+    spread = ", ".join(f"{k} median {torch.tensor(v).median():.1f}x (min {min(v):.1f}x, "
+                       f"max {max(v):.1f}x)" for k, v in ratios.items())
+    at_zero = sum(s == 0 for s in starts)
+    return (f"Over the first {len(starts)} known facts' prompts ({at_zero} with the subject at "
+            f"token 0): {spread}.")
+
+
+def steps_table(model, fact: Fact, samples: int, cpu: dict[str, tuple[float, float]],
                 ref_grid: Tensor) -> list[str]:
     """Where the fast engine's speed comes from, kind ``"resid"``: each step's multiply-adds
     (counted) and, for the steps that run on their own, CPU time (the reference and the fast
     engine from the speed table; the hook-batched fallback measured here)."""
-    c, T = Costs.of(model), len(model.tokenize(PROMPT))
+    c, T = Costs.of(model), len(model.tokenize(fact.prompt))
     L, U, S = c.L, c.unembed, samples * c.unit
-    inputs = prepare(model, PROMPT, SUBJECT, None, samples, "s3", 1)
+    inputs = prepare(model, *fact, None, samples, "s3", 1)
     cells = select_cells(inputs, None, None)
 
     def batched(last_logits: bool) -> tuple[float, float]:
@@ -175,7 +200,7 @@ def steps_table(model, samples: int, cpu: dict[str, tuple[float, float]],
         return sec, float((grids["resid"] - ref_grid).abs().max())
 
     ref_sec, fast_sec = cpu["resid"]
-    start = model.subject_range(PROMPT, SUBJECT)[0]
+    start = model.subject_range(*fact)[0]
     steps = [  # (what, multiply-adds, (CPU seconds, max abs diff) or None)
         ("reference: one pass per cell over the samples, logits at every position",
          L * T * T * (L + U), (ref_sec, 0.0)),
@@ -203,10 +228,11 @@ def steps_table(model, samples: int, cpu: dict[str, tuple[float, float]],
     return lines
 
 
-def throughput_line(model, samples: int, cpu: dict[str, tuple[float, float]]) -> str:
+def throughput_line(model, fact: Fact, samples: int, cpu: dict[str, tuple[float, float]]
+                    ) -> str:
     """Multiply-adds per CPU second of each method, next to this CPU's matrix-multiply peak:
     how much of the gap to the goal is left to efficiency rather than to work."""
-    start, ntok = model.subject_range(PROMPT, SUBJECT)[0], len(model.tokenize(PROMPT))
+    start, ntok = model.subject_range(*fact)[0], len(model.tokenize(fact.prompt))
     macs = multiply_adds(model, ntok, start, samples)
     rates = ", ".join(f"{k} {macs[k][0] / rc / 1e9:.0f} / {macs[k][1] / fc / 1e9:.0f}"
                       for k, (rc, fc) in cpu.items())
@@ -288,18 +314,24 @@ def main() -> None:
                     help="also the table of each fast-engine step's gain (kind resid; runs the "
                          "hook-batched fallback twice)")
     ap.add_argument("--work-only", action="store_true",
-                    help="print the multiply-add ratios only (seconds, no tracing)")
+                    help="print the multiply-add ratios only, for the prompt and over the first "
+                         "200 known facts (seconds, no tracing)")
+    ap.add_argument("--prompt", default=PROMPT, help="the traced fact's prompt")
+    ap.add_argument("--subject", default=SUBJECT, help="the traced fact's subject")
     ap.add_argument("--data", type=Path,
                     default=Path(__file__).resolve().parents[2] / "shared" / "data")  # fmt: skip
     args = ap.parse_args()
     model = ie.load_model()
     print(f"## {model.name} on {platform.machine()}, {torch.get_num_threads()} torch threads\n")
+    fact = Fact(args.prompt, args.subject)
     if args.work_only:
-        return print(work_line(model, args.samples))
-    lines, cpu, ref_resid = speed_table(model, args.samples)
+        print(work_line(model, fact, args.samples))
+        return print(work_spread(model, args.data / "known_1000.json", args.samples))
+    lines, cpu, ref_resid = speed_table(model, fact, args.samples)
     print("\n".join(lines), "\n", flush=True)
     if args.steps:
-        print("\n".join(steps_table(model, args.samples, cpu, ref_resid)), "\n", flush=True)
+        print("\n".join(steps_table(model, fact, args.samples, cpu, ref_resid)), "\n",
+              flush=True)
     print(f"Peak RSS after the speed part: {peak_rss():.2f} GiB\n", flush=True)
     if args.facts < 1:
         return
