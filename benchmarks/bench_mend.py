@@ -36,6 +36,8 @@ from interp_edit.hooks import capture, hooked
 from interp_edit.models import resid_hook
 from interp_edit.resume import block_input
 
+from _machine import matmul_rate, up_proj, weight_stream  # benchmarks/, beside this script
+
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
@@ -92,7 +94,7 @@ def main() -> None:
     phase = {k: statistics.median(v) for k, v in phases.items()}
     stream_ms, stream_mb = weight_stream(model)
     rows = batch.ids.numel()
-    rates = {(n, dt): matmul_rate(model, n, dt) for n in (rows, 1024)
+    rates = {(n, dt): matmul_rate(up_proj(model), n, dt) for n in (rows, 1024)
              for dt in (torch.float32, torch.bfloat16)}
 
     ms = {k: sorted(1000 * t for t in ts) for k, ts in times.items()}
@@ -122,36 +124,6 @@ def main() -> None:
           f"at 1024 rows fp32 {rates[1024, torch.float32]:.0f}, "
           f"bf16 {rates[1024, torch.bfloat16]:.0f}.")
 
-
-@torch.no_grad()
-def matmul_rate(model, rows: int, dtype: torch.dtype) -> float:
-    """Multiply-adds per second (GMAC/s) of ``rows`` tokens through layer 0's MLP
-    up-projection in ``dtype``: how fast the matrix multiplies of a pass run at that size."""
-    w = model.hf_model.get_submodule("model.layers.0.mlp.up_proj").weight.to(dtype)
-    x = torch.randn(rows, w.shape[1], dtype=dtype)
-    ts = []
-    for _ in range(21):
-        t0 = time.perf_counter()
-        torch.nn.functional.linear(x, w)
-        ts.append(time.perf_counter() - t0)
-    return rows * w.numel() / statistics.median(ts[1:]) / 1e9
-
-
-@torch.no_grad()
-def weight_stream(model) -> tuple[float, float]:
-    """Milliseconds to multiply one vector by every 2-D weight of the model (blocks and the
-    unembedding; the tied embedding once), and the megabytes read: on a memory-bound CPU no
-    pass of the model, an edit's included, can take less."""
-    mats = {p.data_ptr(): p for p in model.hf_model.parameters() if p.ndim == 2}.values()
-    vecs = {w.shape[1]: w.new_ones(1, w.shape[1]) for w in mats}
-    ts = []
-    for _ in range(6):
-        t0 = time.perf_counter()
-        for w in mats:
-            torch.nn.functional.linear(vecs[w.shape[1]], w)
-        ts.append(1000 * (time.perf_counter() - t0))
-    mb = sum(w.numel() * w.element_size() for w in mats) / 1e6
-    return statistics.median(ts[1:]), mb
 
 if __name__ == "__main__":
     main()

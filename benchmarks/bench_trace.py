@@ -39,6 +39,8 @@ import interp_edit as ie
 from interp_edit.tracing import engine, reference
 from interp_edit.tracing.inputs import plan, prepare, select_cells
 
+from _machine import matmul_rate, up_proj  # benchmarks/, beside this script
+
 PROMPT, SUBJECT = "The Eiffel Tower is located in the city of", "The Eiffel Tower"  # defaults
 KINDS = ("resid", "mlp", "attn")
 
@@ -55,7 +57,7 @@ def timed(fn):
     return out, time.perf_counter() - t0, time.process_time() - c0
 
 
-def speed_table(model, fact: Fact, samples: int
+def speed_table(model, fact: Fact, samples: int, macs: dict[str, tuple[float, float]]
                 ) -> tuple[list[str], dict[str, tuple[float, float]], Tensor]:
     """The speed table's lines; CPU seconds of (reference, fast) per kind; the reference's
     resid grid."""
@@ -88,8 +90,8 @@ def speed_table(model, fact: Fact, samples: int
     _, bw, bc = timed(lambda: ie.trace_all(model, *fact, method="attribution", **kw))
     (rw, rc), (fw, fc), (tw, tc) = totals.values()
     lines = [
-        work_line(model, fact, samples),
-        throughput_line(model, fact, samples, cpu),
+        work_line(macs),
+        throughput_line(model, macs, cpu),
         "",
         f"Prompt {fact.prompt!r} ({ntok} tokens), subject {fact.subject!r}, {samples} noise "
         f"samples, "
@@ -129,13 +131,14 @@ class Costs(NamedTuple):
         return cls(unit, d * cfg.vocab_size / unit, mlp / unit, 2 * d * kv / unit, model.n_layers)
 
 
-def multiply_adds(model, n_tokens: int, subject_start: int, samples: int,
-                  window: int = 10) -> dict[str, tuple[float, float]]:
+def multiply_adds(model, fact: Fact, samples: int, window: int = 10
+                  ) -> dict[str, tuple[float, float]]:
     """Multiply-adds of one trace per kind, ``(reference, fast)``: the matrix multiplies of the
     layers and the unembedding (attention scores are negligible at this length), the fast
     engine's counted from its own plans and state sharing. Their ratio is the ceiling of the
     speed-up when both run their matrix multiplies equally fast."""
-    c, T = Costs.of(model), n_tokens
+    c, T = Costs.of(model), len(model.tokenize(fact.prompt))
+    subject_start = model.subject_range(*fact)[0]
     L, unembed = c.L, c.unembed
     ref = L * T * T * (L + unembed)  # every cell: every layer at every position, full logits
     out = {}
@@ -158,9 +161,7 @@ def multiply_adds(model, n_tokens: int, subject_start: int, samples: int,
     return out
 
 
-def work_line(model, fact: Fact, samples: int) -> str:
-    start, ntok = model.subject_range(*fact)[0], len(model.tokenize(fact.prompt))
-    macs = multiply_adds(model, ntok, start, samples)
+def work_line(macs: dict[str, tuple[float, float]]) -> str:
     bound = ", ".join(f"{k} {r / f:.1f}x" for k, (r, f) in macs.items())
     return f"Multiply-adds, reference / fast (the ceiling at equal efficiency): {bound}."
 
@@ -171,10 +172,9 @@ def work_spread(model, path: Path, samples: int, n: int = 200) -> str:
     ratios = {k: [] for k in KINDS}
     starts = []
     for rec in json.loads(path.read_text())[:n]:
-        start, ntok = model.subject_range(rec["prompt"], rec["subject"])[0], len(
-            model.tokenize(rec["prompt"]))
-        starts.append(start)
-        for k, (ref, fast) in multiply_adds(model, ntok, start, samples).items():
+        fact = Fact(rec["prompt"], rec["subject"])
+        starts.append(model.subject_range(*fact)[0])
+        for k, (ref, fast) in multiply_adds(model, fact, samples).items():
             ratios[k].append(ref / fast)
     spread = ", ".join(f"{k} median {torch.tensor(v).median():.1f}x (min {min(v):.1f}x, "
                        f"max {max(v):.1f}x)" for k, v in ratios.items())
@@ -183,8 +183,8 @@ def work_spread(model, path: Path, samples: int, n: int = 200) -> str:
             f"token 0): {spread}.")
 
 
-def steps_table(model, fact: Fact, samples: int, cpu: dict[str, tuple[float, float]],
-                ref_grid: Tensor) -> list[str]:
+def steps_table(model, fact: Fact, samples: int, macs: dict[str, tuple[float, float]],
+                cpu: dict[str, tuple[float, float]], ref_grid: Tensor) -> list[str]:
     """Where the fast engine's speed comes from, kind ``"resid"``: each step's multiply-adds
     (counted) and, for the steps that run on their own, CPU time (the reference and the fast
     engine from the speed table; the hook-batched fallback measured here)."""
@@ -200,7 +200,6 @@ def steps_table(model, fact: Fact, samples: int, cpu: dict[str, tuple[float, flo
         return sec, float((grids["resid"] - ref_grid).abs().max())
 
     ref_sec, fast_sec = cpu["resid"]
-    start = model.subject_range(*fact)[0]
     steps = [  # (what, multiply-adds, (CPU seconds, max abs diff) or None)
         ("reference: one pass per cell over the samples, logits at every position",
          L * T * T * (L + U), (ref_sec, 0.0)),
@@ -213,8 +212,7 @@ def steps_table(model, fact: Fact, samples: int, cpu: dict[str, tuple[float, flo
         ("+ positions from the restored token on only (cached keys/values; counted)",
          L * (L - 1) / 2 * T * (T + 1) / 2 + T * L * U, None),
         ("+ no compute for cells that provably change nothing, shared states, replaced "
-         "MLP rows skipped: the fast engine", multiply_adds(model, T, start, samples)["resid"][1]
-         / S, (fast_sec, None)),
+         "MLP rows skipped: the fast engine", macs["resid"][1] / S, (fast_sec, None)),
     ]
     lines = ["Where the speed comes from (kind resid; each step adds to the ones above):", "",
              "| step | multiply-adds (G) | vs reference, counted | CPU s | vs reference, "
@@ -228,30 +226,16 @@ def steps_table(model, fact: Fact, samples: int, cpu: dict[str, tuple[float, flo
     return lines
 
 
-def throughput_line(model, fact: Fact, samples: int, cpu: dict[str, tuple[float, float]]
-                    ) -> str:
-    """Multiply-adds per CPU second of each method, next to this CPU's matrix-multiply peak:
-    how much of the gap to the goal is left to efficiency rather than to work."""
-    start, ntok = model.subject_range(*fact)[0], len(model.tokenize(fact.prompt))
-    macs = multiply_adds(model, ntok, start, samples)
+def throughput_line(model, macs: dict[str, tuple[float, float]],
+                    cpu: dict[str, tuple[float, float]]) -> str:
+    """Multiply-adds per CPU second of each method, next to one large fp32 multiply of the
+    MLP's shape (1024 rows, the fast engine's batch size): how much of the gap to the goal is
+    left to efficiency rather than to work."""
     rates = ", ".join(f"{k} {macs[k][0] / rc / 1e9:.0f} / {macs[k][1] / fc / 1e9:.0f}"
                       for k, (rc, fc) in cpu.items())
     return (f"Multiply-adds per CPU second (GMAC/s), reference / fast: {rates}; one fp32 "
-            f"matrix multiply of the MLP's shape at 1024 rows: {matmul_peak() / 1e9:.0f}.")
-
-
-def matmul_peak() -> float:
-    """Multiply-adds per second of one large fp32 matrix multiply (1024 x 576 by 576 x 1536,
-    the default model's MLP shape at the fast engine's batch size): what this CPU's torch
-    build reaches at best with the current thread count."""
-    x, w = torch.randn(1024, 576), torch.randn(1536, 576)
-    torch.nn.functional.linear(x, w)
-    times = []
-    for _ in range(10):
-        t0 = time.perf_counter()
-        torch.nn.functional.linear(x, w)
-        times.append(time.perf_counter() - t0)
-    return 1024 * 576 * 1536 / sorted(times)[len(times) // 2]
+            f"matrix multiply of the MLP's shape at 1024 rows: "
+            f"{matmul_rate(up_proj(model), 1024):.0f}.")
 
 
 def known_facts(model, path: Path, n: int) -> list[dict]:
@@ -324,13 +308,14 @@ def main() -> None:
     model = ie.load_model()
     print(f"## {model.name} on {platform.machine()}, {torch.get_num_threads()} torch threads\n")
     fact = Fact(args.prompt, args.subject)
+    macs = multiply_adds(model, fact, args.samples)
     if args.work_only:
-        print(work_line(model, fact, args.samples))
+        print(work_line(macs))
         return print(work_spread(model, args.data / "known_1000.json", args.samples))
-    lines, cpu, ref_resid = speed_table(model, fact, args.samples)
+    lines, cpu, ref_resid = speed_table(model, fact, args.samples, macs)
     print("\n".join(lines), "\n", flush=True)
     if args.steps:
-        print("\n".join(steps_table(model, fact, args.samples, cpu, ref_resid)), "\n",
+        print("\n".join(steps_table(model, fact, args.samples, macs, cpu, ref_resid)), "\n",
               flush=True)
     print(f"Peak RSS after the speed part: {peak_rss():.2f} GiB\n", flush=True)
     if args.facts < 1:

@@ -168,12 +168,16 @@ class Model:
         return ids.to(self.device), last.to(self.device)
 
     def logits(
-        self, ids: Int[Tensor, "batch pos"], positions: Int[Tensor, "k"] | None = None
+        self,
+        ids: Int[Tensor, "batch pos"],
+        positions: Int[Tensor, "k"] | Sequence[int] | None = None,
     ) -> Float[Tensor, "batch k d_vocab"]:
-        """Logits at every position, or at ``positions`` only (the same for every row; the
-        unembedding is skipped elsewhere, which is most of a short prompt's last-layer cost)."""
+        """Logits at every position, or at ``positions`` only (the same for every row; negative
+        indices count from the end, ``[-1]`` is the last position; the unembedding is skipped
+        elsewhere, which is most of a short prompt's last-layer cost)."""
         if positions is None:
             return self.bridge(ids, return_type="logits")
+        positions = torch.as_tensor(positions, device=ids.device)
         if self._keeps_logits:  # Hugging Face's logits_to_keep: unembed those positions only
             return self.bridge(ids, return_type="logits", logits_to_keep=positions)
         return self.bridge(ids, return_type="logits")[:, positions]

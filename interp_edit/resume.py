@@ -105,7 +105,7 @@ def block_input(model: Model, ids: Int[Tensor, "batch pos"], layer: int) -> Bloc
             stepper = LlamaStepper(model, ids.shape[1])
             return BlockInput(layer, stepper.run(stepper.embed(ids), 0, layer), None)
         with record_block_input(model, layer) as rec:
-            model.logits(ids, torch.tensor([ids.shape[1] - 1], device=ids.device))
+            model.logits(ids, [-1])
     return rec.value
 
 

@@ -69,12 +69,13 @@ def _hooked_runs(inputs: TraceInputs, noise: Tensor) -> tuple[Acts, Acts, Tensor
     model, names = inputs.model, all_sites(inputs.n_layers)
     clean: dict[str, Tensor] = {}
     with torch.no_grad(), H.hooked(model, [H.capture(n, clean) for n in names]):
-        model.logits(inputs.batch(1))
+        model.logits(inputs.batch(1), [-1])  # the captures are what counts
     acts: dict[str, Tensor] = {}
     hooks = [H.add_noise(slice(*inputs.subject_range), noise)]
     hooks += [H.capture(n, acts, detach=False) for n in names]
     with H.hooked(model, hooks):
-        probs = model.logits(inputs.batch(inputs.samples))[:, -1].softmax(-1)[:, inputs.target_id]
+        probs = model.logits(inputs.batch(inputs.samples), [-1])[:, -1].softmax(-1)[
+            :, inputs.target_id]
     layers = range(inputs.n_layers)
     by_site = [
         {site: [run[hook(j)] for j in layers] for site, hook in SITE_HOOKS.items()}

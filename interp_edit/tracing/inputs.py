@@ -106,8 +106,7 @@ def prepare(
     _positive_int("samples", samples)
     ids = model.tokenize(prompt)  # raises on an empty prompt or one longer than the context
     start, end = model.subject_range(prompt, subject)
-    last = torch.tensor([len(ids) - 1], device=model.device)  # unembed the last position only
-    probs = model.logits(ids[None].to(model.device), last)[0, -1].softmax(-1)
+    probs = model.logits(ids[None].to(model.device), [-1])[0, -1].softmax(-1)
     if target is None:
         target_id = int(probs.argmax())
         target = model.tokenizer.decode([target_id])

@@ -35,11 +35,11 @@ def capture_runs(inputs: TraceInputs) -> tuple[dict[str, Tensor], dict[str, Tens
     model, names = inputs.model, all_sites(inputs.n_layers)
     clean: dict[str, Tensor] = {}
     with H.hooked(model, [H.capture(n, clean) for n in names]):
-        model.logits(inputs.batch(1))
+        model.logits(inputs.batch(1), [-1])  # the captures are what counts
     corrupted: dict[str, Tensor] = {}
     noise = H.add_noise(slice(*inputs.subject_range), inputs.noise)
     with H.hooked(model, [noise] + [H.capture(n, corrupted) for n in names]):
-        logits = model.logits(inputs.batch(inputs.samples))
+        logits = model.logits(inputs.batch(inputs.samples), [-1])
     return clean, corrupted, logits[:, -1].softmax(-1)[:, inputs.target_id]
 
 
@@ -70,7 +70,7 @@ def hooked_grid(
     # freed activations, and glibc's resident memory grew ~1.5 MB per pass (2.6 GiB peak for
     # one reference trace of the default model; 1.1 GiB now)
     S, out = inputs.samples, torch.empty(len(jobs))
-    last = torch.tensor([inputs.n_tokens - 1], device=inputs.model.device) if last_logits else None
+    last = [-1] if last_logits else None
     bar = progress_bar(len(jobs), progress, "causal trace")
     for i in range(0, len(jobs), cells_per_pass):
         chunk = jobs[i : i + cells_per_pass]
