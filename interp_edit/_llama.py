@@ -103,8 +103,18 @@ class LlamaStepper:
         probe = self.embed.weight[:1][None]  # dtype/device carrier for the rotary module
         cos, sin = _orig(inner.rotary_emb)(probe, positions)
         self.cos, self.sin = cos[0], sin[0]  # [pos, d_head]
+        self._masks: dict[tuple[int, int, int], Tensor] = {}
 
     # ---- pieces --------------------------------------------------------------------------
+    def _causal_mask(self, n_queries: int, n_keys: int, start: int) -> Bool[Tensor, "q k"]:
+        """Query i (position start+i) sees keys 0 .. start+i; built once per shape (a sweep
+        asks for the same few hundreds of times)."""
+        key = (n_queries, n_keys, start)
+        if key not in self._masks:
+            ones = torch.ones(n_queries, n_keys, dtype=torch.bool, device=self.cos.device)
+            self._masks[key] = ones.tril(diagonal=start)
+        return self._masks[key]
+
     def _rope(self, x: Float[Tensor, "b p h d"], start: int) -> Float[Tensor, "b p h d"]:
         """Rotary embedding, ``x * cos + rotate_half(x) * sin`` as Hugging Face computes it
         (the same roundings), without the concatenated copy."""
@@ -161,10 +171,7 @@ class LlamaStepper:
         keys, values = k, v
         if past is not None:
             keys, values = torch.cat((past[0], k), 2), torch.cat((past[1], v), 2)
-        mask = None
-        if q.shape[2] > 1:  # query i (position start+i) sees keys 0 .. start+i
-            mask = torch.ones(q.shape[2], keys.shape[2], dtype=torch.bool, device=x.device)
-            mask = mask.tril(diagonal=start)
+        mask = self._causal_mask(q.shape[2], keys.shape[2], start) if q.shape[2] > 1 else None
         z = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=mask, scale=attn.scaling,
             enable_gqa=self.n_kv != self.n_heads,

@@ -20,7 +20,6 @@ correlation with the exact grid.
 from __future__ import annotations
 
 import torch
-from einops import einsum
 from jaxtyping import Float
 from torch import Tensor
 
@@ -45,10 +44,12 @@ def site_effects(
         grads = iter(torch.autograd.grad(probs.mean(), flat))
     effects = {}
     for site in SITE_HOOKS:
-        delta = torch.stack([c - a[rows].detach() for c, a in zip(clean[site], corrupted[site])])
-        grad = torch.stack([next(grads)[rows] for _ in corrupted[site]])
         # the grad of the mean already carries 1/S: summing over samples gives the mean effect
-        effects[site] = einsum(delta, grad, "layer s pos d, layer s pos d -> layer pos")
+        # (a product and a sum per layer: an einsum over the stacked layers permutes copies)
+        effects[site] = torch.stack([
+            ((c - a[rows].detach()) * next(grads)[rows]).sum((0, 2))
+            for c, a in zip(clean[site], corrupted[site])
+        ])  # [layer, pos]
     return {k: v.float().cpu() for k, v in effects.items()}, float(probs.detach().mean())
 
 
