@@ -12,6 +12,7 @@ path when a bridge hook is installed.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -60,6 +61,63 @@ class RunCache:
     probs: Float[Tensor, "batch"]  # p(target) at the last position
 
 
+class _Layer(NamedTuple):
+    """One decoder layer's Hugging Face modules (weights are read at call time, so an edit
+    applied in place is seen)."""
+
+    input_norm: torch.nn.Module
+    q: torch.nn.Module
+    k: torch.nn.Module
+    v: torch.nn.Module
+    o: torch.nn.Module
+    scaling: float
+    post_norm: torch.nn.Module
+    gate: torch.nn.Module
+    up: torch.nn.Module
+    down: torch.nn.Module
+    act: Callable[[Tensor], Tensor]
+
+
+class _Parts(NamedTuple):
+    layers: list[_Layer]
+    embed: torch.nn.Module
+    norm: torch.nn.Module
+    lm_head: torch.nn.Module
+    rotary: torch.nn.Module
+    n_heads: int
+    n_kv: int
+
+
+_PARTS: "weakref.WeakKeyDictionary[Model, _Parts]" = weakref.WeakKeyDictionary()
+
+
+def _parts(model: Model) -> _Parts:
+    """The model's modules, unwrapped from the bridge once per model (walking the wrappers
+    on every call cost milliseconds per edit)."""
+    if model not in _PARTS:
+        hf = _orig(model.hf_model)
+        inner = _orig(hf.model)
+        layers = []
+        for block in map(_orig, inner.layers):
+            attn, mlp = _orig(block.self_attn), _orig(block.mlp)
+            layers.append(_Layer(
+                _orig(block.input_layernorm), _orig(attn.q_proj), _orig(attn.k_proj),
+                _orig(attn.v_proj), _orig(attn.o_proj), attn.scaling,
+                _orig(block.post_attention_layernorm), _orig(mlp.gate_proj), _orig(mlp.up_proj),
+                _orig(mlp.down_proj), mlp.act_fn,
+            ))  # fmt: skip
+        _PARTS[model] = _Parts(
+            layers, _orig(inner.embed_tokens), _orig(inner.norm), _orig(hf.lm_head),
+            _orig(inner.rotary_emb), hf.config.num_attention_heads,
+            hf.config.num_key_value_heads,
+        )  # fmt: skip
+    return _PARTS[model]
+
+
+def _linear(lin: torch.nn.Module, x: Tensor) -> Tensor:
+    return F.linear(x, lin.weight, lin.bias)
+
+
 def _apply(act: Tensor, patch: Patch | None) -> Tensor:
     if patch is not None:
         act[:, 0] = torch.where(patch.mask[:, None], patch.value, act[:, 0])
@@ -83,25 +141,15 @@ class LlamaStepper:
     @staticmethod
     def usable(model: Model) -> bool:
         """Supported, and no hook is installed on the bridge (the stepper would not run it)."""
-        hook_points = model.bridge.hook_dict.values()
-        return LlamaStepper.supports(model) and not any(
-            hp.fwd_hooks or hp.bwd_hooks for hp in hook_points
-        )
+        return LlamaStepper.supports(model) and not model.has_hooks()
 
     def __init__(self, model: Model, n_tokens: int):
-        hf = _orig(model.hf_model)
-        inner = _orig(hf.model)
-        self.layers = [_orig(layer) for layer in inner.layers]
-        self.attns = [_orig(layer.self_attn) for layer in self.layers]
-        self.mlps = [_orig(layer.mlp) for layer in self.layers]
-        self.embed = _orig(inner.embed_tokens)
-        self.norm = _orig(inner.norm)
-        self.lm_head = _orig(hf.lm_head)
-        self.n_heads = hf.config.num_attention_heads
-        self.n_kv = hf.config.num_key_value_heads
+        parts = _parts(model)
+        self.layers, self.embed, self.norm = parts.layers, parts.embed, parts.norm
+        self.lm_head, self.n_heads, self.n_kv = parts.lm_head, parts.n_heads, parts.n_kv
         positions = torch.arange(n_tokens, device=model.device)[None]
         probe = self.embed.weight[:1][None]  # dtype/device carrier for the rotary module
-        cos, sin = _orig(inner.rotary_emb)(probe, positions)
+        cos, sin = parts.rotary(probe, positions)
         self.cos, self.sin = cos[0], sin[0]  # [pos, d_head]
         self._masks: dict[tuple[int, int, int], Tensor] = {}
 
@@ -126,29 +174,26 @@ class LlamaStepper:
         return out
 
     def _heads(self, proj: torch.nn.Module, x: Tensor, n: int) -> Float[Tensor, "b p h d"]:
-        lin = _orig(proj)
-        return rearrange(F.linear(x, lin.weight, lin.bias), "b p (h d) -> b p h d", h=n)
+        return rearrange(_linear(proj, x), "b p (h d) -> b p h d", h=n)
 
     def _key(self, j: int, x: Float[Tensor, "b p d"]) -> Float[Tensor, "b p d_mlp"]:
         """The input of MLP ``j``'s output projection (``x``: the normalized MLP input)."""
-        mlp = self.mlps[j]
-        gate, up = _orig(mlp.gate_proj), _orig(mlp.up_proj)
-        hidden = mlp.act_fn(F.linear(x, gate.weight, gate.bias))
-        hidden *= F.linear(x, up.weight, up.bias)
+        lay = self.layers[j]
+        hidden = lay.act(_linear(lay.gate, x))
+        hidden *= _linear(lay.up, x)
         return hidden
 
     def _mlp(self, j: int, x: Float[Tensor, "b p d"]) -> Float[Tensor, "b p d"]:
-        down = _orig(self.mlps[j].down_proj)
-        return F.linear(self._key(j, x), down.weight, down.bias)
+        return _linear(self.layers[j].down, self._key(j, x))
 
     def mlp_key(self, j: int, mid: Float[Tensor, "b p d"]) -> Float[Tensor, "b p d_mlp"]:
         """Layer ``j``'s MLP key (``mlp_key_hook``) from its mid-block residual ``x + attn``:
         bit for bit what :meth:`layer` computed."""
-        return self._key(j, _orig(self.layers[j].post_attention_layernorm)(mid))
+        return self._key(j, self.layers[j].post_norm(mid))
 
     def unembed(self, h: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
         """Logits from final-layer hidden states (final norm, unembedding)."""
-        return F.linear(self.norm(h), self.lm_head.weight, self.lm_head.bias)
+        return _linear(self.lm_head, self.norm(h))
 
     def layer(
         self,
@@ -162,25 +207,23 @@ class LlamaStepper:
         """Layer ``j`` on positions ``start .. start+P-1`` of ``x``; ``past`` holds the keys and
         values ``[batch, kv_head, start, d_head]`` of the earlier positions. ``last_only``
         computes the output of the last position only (all that the last layer needs)."""
-        layer, attn, patches = self.layers[j], self.attns[j], patches or {}
-        h = _orig(layer.input_layernorm)(x)
+        lay, patches = self.layers[j], patches or {}
+        h = lay.input_norm(x)
         q_in, q_start = (h[:, -1:], start + x.shape[1] - 1) if last_only else (h, start)
-        q = self._rope(self._heads(attn.q_proj, q_in, self.n_heads), q_start).transpose(1, 2)
-        k = self._rope(self._heads(attn.k_proj, h, self.n_kv), start).transpose(1, 2)
-        v = self._heads(attn.v_proj, h, self.n_kv).transpose(1, 2)
+        q = self._rope(self._heads(lay.q, q_in, self.n_heads), q_start).transpose(1, 2)
+        k = self._rope(self._heads(lay.k, h, self.n_kv), start).transpose(1, 2)
+        v = self._heads(lay.v, h, self.n_kv).transpose(1, 2)
         keys, values = k, v
         if past is not None:
             keys, values = torch.cat((past[0], k), 2), torch.cat((past[1], v), 2)
         mask = self._causal_mask(q.shape[2], keys.shape[2], start) if q.shape[2] > 1 else None
         z = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask, scale=attn.scaling,
+            q, keys, values, attn_mask=mask, scale=lay.scaling,
             enable_gqa=self.n_kv != self.n_heads,
         )
-        o = _orig(attn.o_proj)
-        a = F.linear(rearrange(z, "b h p d -> b p (h d)"), o.weight, o.bias)
-        a = _apply(a, patches.get("attn"))
+        a = _apply(_linear(lay.o, rearrange(z, "b h p d -> b p (h d)")), patches.get("attn"))
         mid = (x[:, -1:] if last_only else x) + a
-        m = self._patched_mlp(j, _orig(layer.post_attention_layernorm)(mid), patches.get("mlp"))
+        m = self._patched_mlp(j, lay.post_norm(mid), patches.get("mlp"))
         return LayerOut(_apply(mid + m, patches.get("resid")), a, m, k, v)
 
     def _patched_mlp(

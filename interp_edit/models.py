@@ -20,6 +20,7 @@ import hashlib
 import importlib.util
 import inspect
 import logging
+import operator
 import os
 import socket
 import time
@@ -41,6 +42,7 @@ _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CHAT_BOS = {"<|im_start|>", "<|endoftext|>", "<|begin_of_text|>"}
 
 log = logging.getLogger(__name__)
+_FWD_HOOKS, _BWD_HOOKS = operator.attrgetter("fwd_hooks"), operator.attrgetter("bwd_hooks")
 
 
 class Model:
@@ -81,6 +83,17 @@ class Model:
         """``hf_model``'s parameters by name, listed once (walking the bridge's module tree
         takes tens of milliseconds; an edit looks parameters up several times)."""
         return dict(self.hf_model.named_parameters())
+
+    @functools.cached_property
+    def hook_points(self) -> tuple[torch.nn.Module, ...]:
+        """Every hook point of the bridge, once (aliases name the same objects; the set is
+        fixed after loading, and building ``bridge.hook_dict`` takes a millisecond)."""
+        return tuple({id(hp): hp for hp in self.bridge.hook_dict.values()}.values())
+
+    def has_hooks(self) -> bool:
+        """Whether any forward or backward hook is installed on the bridge."""
+        points = self.hook_points  # map/attrgetter: the loop runs in C (1200+ points)
+        return any(map(_FWD_HOOKS, points)) or any(map(_BWD_HOOKS, points))
 
     def mlp_out_proj(self, layer: int) -> torch.nn.Module:
         """The HF linear layer that maps MLP keys (``d_mlp``) to the residual stream.
