@@ -1,6 +1,13 @@
 """MEND edit latency on the default model, after the editor is loaded.
 
-    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_mend.py [--editor PATH] [--n 20]
+    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 OMP_WAIT_POLICY=ACTIVE \
+        .venv/bin/python benchmarks/bench_mend.py [--editor PATH] [--n 20]
+
+``OMP_WAIT_POLICY=ACTIVE`` keeps torch's OpenMP threads spinning between parallel regions. An
+edit is about a thousand small matrix multiplies (16 rows), and with the default policy each
+one pays for waking the second thread: ~150 us for a 576 x 192 product that takes 19 us on one
+thread. The policy is read when torch loads, so it must be set in the environment; the table's
+header prints it. Session 5 measured both (README, "MEND").
 
 An edit (``interp_edit.editing.mend``) runs the edit prompt + target (and + the old target, for
 an editor trained with ``contrast``) through the blocks below the first edited one on the
@@ -98,9 +105,10 @@ def main() -> None:
              for dt in (torch.float32, torch.bfloat16)}
 
     ms = {k: sorted(1000 * t for t in ts) for k, ts in times.items()}
+    policy = os.environ.get("OMP_WAIT_POLICY", "unset (spin briefly, then sleep)")
     print(f"MEND edit latency, {model.name}, layers {list(editor.config.layers)}, "
-          f"{torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.1f} "
-          f"on {os.cpu_count()} CPUs\n")
+          f"{torch.get_num_threads()} torch threads, OMP_WAIT_POLICY {policy}, "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs\n")
     print("| | ms |\n|---|---|")
     print(f"| load the editor (once) | {1000 * load_s:.0f} |")
     for (k, generic), v in ms.items():
