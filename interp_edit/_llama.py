@@ -58,7 +58,11 @@ class RunCache:
     mlp: list[Tensor]
     k: list[Tensor]
     v: list[Tensor]
-    probs: Float[Tensor, "batch"]  # p(target) at the last position
+
+    @property
+    def final(self) -> Float[Tensor, "batch d_model"]:
+        """The last block's output at the last position: what the logits are read from."""
+        return self.x[-1][:, -1]
 
 
 class _Layer(NamedTuple):
@@ -266,7 +270,6 @@ class LlamaStepper:
     def full_run(
         self,
         ids: Int[Tensor, "batch pos"],
-        target_id: int,
         noise: Float[Tensor, "batch n_subject d_model"] | None = None,
         subject: tuple[int, int] = (0, 0),
     ) -> RunCache:
@@ -286,4 +289,4 @@ class LlamaStepper:
             vs.append(out.v)
 
         self.run(x, 0, len(self.layers), keep)
-        return RunCache(xs, attn, mlp, ks, vs, self.target_probs(xs[-1][:, -1], target_id))
+        return RunCache(xs, attn, mlp, ks, vs)

@@ -24,7 +24,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from interp_edit import hooks as H
-from interp_edit._llama import LlamaStepper
+from interp_edit._llama import LlamaStepper, RunCache
 from interp_edit.tracing.inputs import TraceInputs, window_layers
 from interp_edit.tracing.reference import SITE_HOOKS, all_sites
 
@@ -39,7 +39,7 @@ def site_effects(
     noise = inputs.noise.clone().requires_grad_(True)  # puts the corrupted run on the graph
     runs = _stepper_runs if LlamaStepper.usable(inputs.model) else _hooked_runs
     with torch.enable_grad():
-        clean, corrupted, probs, rows = runs(inputs, noise)
+        clean, corrupted, probs = runs(inputs, noise)
         flat = [a for site in SITE_HOOKS for a in corrupted[site]]
         grads = iter(torch.autograd.grad(probs.mean(), flat))
     effects = {}
@@ -47,25 +47,31 @@ def site_effects(
         # the grad of the mean already carries 1/S: summing over samples gives the mean effect
         # (a product and a sum per layer: an einsum over the stacked layers permutes copies)
         effects[site] = torch.stack([
-            ((c - a[rows].detach()) * next(grads)[rows]).sum((0, 2))
+            ((c - a.detach()) * next(grads)).sum((0, 2))
             for c, a in zip(clean[site], corrupted[site])
         ])  # [layer, pos]
     return {k: v.float().cpu() for k, v in effects.items()}, float(probs.detach().mean())
 
 
-def _stepper_runs(inputs: TraceInputs, noise: Tensor) -> tuple[Acts, Acts, Tensor, slice]:
-    """Clean and corrupted activations from the Llama layer stepper in one batch, logits at
-    the last position only: row 0 is the clean run (zero noise), rows 1.. the corrupted ones,
-    on the autograd graph."""
-    stepper, S = LlamaStepper(inputs.model, inputs.n_tokens), inputs.samples
-    both = torch.cat((noise.new_zeros(1, *noise.shape[1:]), noise))
-    run = stepper.full_run(inputs.batch(S + 1), inputs.target_id, both, inputs.subject_range)
-    sites = {"resid": run.x[1:], "mlp": run.mlp, "attn": run.attn}
-    clean = {k: [a[:1].detach() for a in acts] for k, acts in sites.items()}
-    return clean, sites, run.probs[1:], slice(1, None)
+def _stepper_runs(inputs: TraceInputs, noise: Tensor) -> tuple[Acts, Acts, Tensor]:
+    """Corrupted activations from the Llama layer stepper, on the autograd graph, logits at the
+    last position only; the clean ones from ``prepare``'s run (no gradient)."""
+    stepper = LlamaStepper(inputs.model, inputs.n_tokens)
+    if inputs.clean is None:
+        with torch.no_grad():
+            clean = stepper.full_run(inputs.batch(1))
+    else:
+        clean = inputs.clean
+    run = stepper.full_run(inputs.batch(inputs.samples), noise, inputs.subject_range)
+    probs = stepper.target_probs(run.final, inputs.target_id)
+    return _sites(clean), _sites(run), probs
 
 
-def _hooked_runs(inputs: TraceInputs, noise: Tensor) -> tuple[Acts, Acts, Tensor, slice]:
+def _sites(run: RunCache) -> Acts:
+    return {"resid": run.x[1:], "mlp": run.mlp, "attn": run.attn}
+
+
+def _hooked_runs(inputs: TraceInputs, noise: Tensor) -> tuple[Acts, Acts, Tensor]:
     """The same through the hook layer, for any model (the clean run apart)."""
     model, names = inputs.model, all_sites(inputs.n_layers)
     clean: dict[str, Tensor] = {}
@@ -82,7 +88,7 @@ def _hooked_runs(inputs: TraceInputs, noise: Tensor) -> tuple[Acts, Acts, Tensor
         {site: [run[hook(j)] for j in layers] for site, hook in SITE_HOOKS.items()}
         for run in (clean, acts)
     ]
-    return by_site[0], by_site[1], probs, slice(None)
+    return by_site[0], by_site[1], probs
 
 
 def run(inputs: TraceInputs, kinds, *, window, sever, cells, progress):

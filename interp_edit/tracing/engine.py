@@ -68,9 +68,9 @@ def _fast_grid(
 ) -> tuple[Float[Tensor, "n_jobs"], float]:
     S, T, L, tid = inputs.samples, inputs.n_tokens, inputs.n_layers, inputs.target_id
     stepper = LlamaStepper(inputs.model, T)
-    clean = stepper.full_run(inputs.batch(1), tid)
-    corrupted = stepper.full_run(inputs.batch(S), tid, inputs.noise, inputs.subject_range)
-    low = float(corrupted.probs.mean())
+    clean = inputs.clean if inputs.clean is not None else stepper.full_run(inputs.batch(1))
+    corrupted = stepper.full_run(inputs.batch(S), inputs.noise, inputs.subject_range)
+    low = float(stepper.target_probs(corrupted.final, tid).mean())
     scores = torch.full((len(jobs),), low)
     by_token: dict[int, list[tuple[int, Plan]]] = defaultdict(list)
     for i, (t, cell_plan) in enumerate(jobs):
@@ -80,7 +80,7 @@ def _fast_grid(
         if not cell_plan:
             continue  # nothing left that reaches the last position: low_score
         if t == T - 1 and Restore(L - 1, "resid", "clean") in cell_plan:
-            scores[i] = clean.probs[0].float().cpu()  # the final state is the clean one
+            scores[i] = inputs.high_score  # the final state is the clean one
             continue
         by_token[t].append((i, cell_plan))
     bar = progress_bar(len(jobs), progress, "causal trace")

@@ -23,6 +23,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from interp_edit._llama import LlamaStepper, RunCache
 from interp_edit.errors import InterpEditError
 from interp_edit.models import Model
 from interp_edit.tracing.noise import resolve_noise
@@ -69,11 +70,13 @@ class TraceInputs:
     subject_range: tuple[int, int]
     target: str
     target_id: int
-    high_score: float  # clean p(target), from a plain forward pass
+    high_score: float  # clean p(target), from the clean pass below
     noise: Float[Tensor, "samples subject_len d_model"]
     noise_std: float
     noise_source: str
     seed: int
+    # the clean pass, every layer cached, where the layer stepper ran it (None: the bridge did)
+    clean: RunCache | None = None
 
     @property
     def samples(self) -> int:
@@ -102,11 +105,19 @@ def prepare(
     noise: str | float | Tensor,
     seed: int,
 ) -> TraceInputs:
-    """Check the inputs and run the clean pass (for the default target and ``high_score``)."""
+    """Check the inputs and run the clean pass (for the default target and ``high_score``).
+    On the layer stepper the pass keeps every layer's activations, so the methods that need
+    the clean run (fast, attribution) do not run it again."""
     _positive_int("samples", samples)
     ids = model.tokenize(prompt)  # raises on an empty prompt or one longer than the context
     start, end = model.subject_range(prompt, subject)
-    probs = model.logits(ids[None].to(model.device), [-1])[0, -1].softmax(-1)
+    clean = None
+    if LlamaStepper.usable(model):
+        stepper = LlamaStepper(model, len(ids))
+        clean = stepper.full_run(ids[None].to(model.device))
+        probs = stepper.unembed(clean.final[0]).softmax(-1)
+    else:
+        probs = model.logits(ids[None].to(model.device), [-1])[0, -1].softmax(-1)
     if target is None:
         target_id = int(probs.argmax())
         target = model.tokenizer.decode([target_id])
@@ -115,7 +126,7 @@ def prepare(
     values, std, source = resolve_noise(model, noise, samples, end - start, seed)
     return TraceInputs(
         model, prompt, subject, ids, (start, end), target, target_id, float(probs[target_id]),
-        values, std, source, int(seed),
+        values, std, source, int(seed), clean,
     )  # fmt: skip
 
 
