@@ -95,3 +95,17 @@ def test_cli_help_lists_subcommands(capsys):
 
     text = build_parser().format_help()
     assert "predict" in text
+
+
+def test_has_hooks_sees_a_hook_on_any_point(tiny):
+    from interp_edit.hooks import capture, hooked
+    from interp_edit.models import mlp_key_hook, resid_hook
+
+    assert not tiny.has_hooks()
+    for name in (resid_hook(0), mlp_key_hook(tiny.n_layers - 1)):
+        with hooked(tiny, [capture(name, {})]):
+            assert tiny.has_hooks()
+        assert not tiny.has_hooks()
+    listed = {id(hp) for hp in tiny.hook_points}  # aliases name the same points
+    assert len(listed) == len(tiny.hook_points)
+    assert all(id(hp) in listed for hp in tiny.bridge.hook_dict.values())
