@@ -19,6 +19,7 @@ import functools
 import hashlib
 import importlib.util
 import inspect
+import json
 import logging
 import operator
 import os
@@ -346,9 +347,9 @@ def _default_gguf() -> Path:
 
 
 def _load_gguf(path: Path, dtype: torch.dtype):
-    """Dequantize a GGUF file once, then load the fp32 safetensors cache."""
-    stat = path.stat()
-    key = f"{path.stem}-{stat.st_size}-{_short(str(stat.st_mtime_ns) + path.name)}"
+    """Dequantize a GGUF file once, then load the fp32 safetensors cache. The cache is keyed
+    by the file's content (0.3 s to hash), so reinstalling the package reuses it."""
+    key = f"{path.stem}-{path.stat().st_size}-{file_digest(path, 8)}"
     cached = cache_dir("models", key)
     if not (cached / "model.safetensors").exists() or not (cached / "config.json").exists():
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -411,18 +412,22 @@ def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return getattr(module, "original_component", module)
 
 
+# config fields that say where and with what the weights were read, not what they are
+_LOCATION_KEYS = ("_name_or_path", "transformers_version")
+
+
 def _fingerprint(model: Model) -> str:
-    """Identifies the base weights: config plus a strided sample of every parameter."""
-    h = hashlib.sha256(model.hf_model.config.to_json_string(use_diff=False).encode())
+    """Identifies the base weights: the config (less where it was read from) plus a strided
+    sample of every parameter. The same weights loaded from another directory or install give
+    the same fingerprint, so saved edits, editors and cached statistics carry over."""
+    config = {k: v for k, v in model.hf_model.config.to_dict().items()
+              if k not in _LOCATION_KEYS}
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     with torch.no_grad():
         for name, p in model.hf_model.named_parameters():
             h.update(name.encode())
             h.update(p.detach().flatten()[::4099].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def _short(s: str) -> str:
-    return hashlib.sha256(s.encode()).hexdigest()[:8]
 
 
 @contextmanager

@@ -109,3 +109,26 @@ def test_has_hooks_sees_a_hook_on_any_point(tiny):
     listed = {id(hp) for hp in tiny.hook_points}  # aliases name the same points
     assert len(listed) == len(tiny.hook_points)
     assert all(id(hp) in listed for hp in tiny.bridge.hook_dict.values())
+
+
+def test_fingerprint_ignores_where_the_weights_were_read(tiny):
+    """A fresh install (or another directory) of the same weights keeps the fingerprint that
+    saved edits, MEND editors and cached statistics are keyed by; the weights do not."""
+    from interp_edit.models import _fingerprint
+
+    config, before = tiny.hf_model.config, tiny.fingerprint
+    old = config._name_or_path
+    try:
+        config._name_or_path = "/somewhere/else/model"
+        assert _fingerprint(tiny) == before
+    finally:
+        config._name_or_path = old
+    w = tiny.mlp_out_proj(0).weight
+    original = w.detach().clone()
+    with torch.no_grad():
+        w[0, 0] += 1.0  # sampled: flatten()[::4099] starts at element 0
+        try:
+            assert _fingerprint(tiny) != before
+        finally:
+            w.copy_(original)
+    assert _fingerprint(tiny) == before
