@@ -23,10 +23,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from interp_edit import hooks as H
 from interp_edit._llama import LlamaStepper, RunCache
 from interp_edit.tracing.inputs import TraceInputs, window_layers
-from interp_edit.tracing.reference import SITE_HOOKS, all_sites
+from interp_edit.tracing.reference import SITE_HOOKS, capture_runs
 
 Acts = dict[str, list[Tensor]]  # site -> one tensor [batch, pos, d_model] per layer
 
@@ -45,7 +44,6 @@ def site_effects(
     effects = {}
     for site in SITE_HOOKS:
         # the grad of the mean already carries 1/S: summing over samples gives the mean effect
-        # (a product and a sum per layer: an einsum over the stacked layers permutes copies)
         effects[site] = torch.stack([
             ((c - a.detach()) * next(grads)).sum((0, 2))
             for c, a in zip(clean[site], corrupted[site])
@@ -57,14 +55,9 @@ def _stepper_runs(inputs: TraceInputs, noise: Tensor) -> tuple[Acts, Acts, Tenso
     """Corrupted activations from the Llama layer stepper, on the autograd graph, logits at the
     last position only; the clean ones from ``prepare``'s run (no gradient)."""
     stepper = LlamaStepper(inputs.model, inputs.n_tokens)
-    if inputs.clean is None:
-        with torch.no_grad():
-            clean = stepper.full_run(inputs.batch(1))
-    else:
-        clean = inputs.clean
     run = stepper.full_run(inputs.batch(inputs.samples), noise, inputs.subject_range)
     probs = stepper.target_probs(run.final, inputs.target_id)
-    return _sites(clean), _sites(run), probs
+    return _sites(inputs.clean_run()), _sites(run), probs
 
 
 def _sites(run: RunCache) -> Acts:
@@ -72,17 +65,8 @@ def _sites(run: RunCache) -> Acts:
 
 
 def _hooked_runs(inputs: TraceInputs, noise: Tensor) -> tuple[Acts, Acts, Tensor]:
-    """The same through the hook layer, for any model (the clean run apart)."""
-    model, names = inputs.model, all_sites(inputs.n_layers)
-    clean: dict[str, Tensor] = {}
-    with torch.no_grad(), H.hooked(model, [H.capture(n, clean) for n in names]):
-        model.logits(inputs.batch(1), [-1])  # the captures are what counts
-    acts: dict[str, Tensor] = {}
-    hooks = [H.add_noise(slice(*inputs.subject_range), noise)]
-    hooks += [H.capture(n, acts, detach=False) for n in names]
-    with H.hooked(model, hooks):
-        probs = model.logits(inputs.batch(inputs.samples), [-1])[:, -1].softmax(-1)[
-            :, inputs.target_id]
+    """The same through the hook layer, for any model."""
+    clean, acts, probs = capture_runs(inputs, noise)
     layers = range(inputs.n_layers)
     by_site = [
         {site: [run[hook(j)] for j in layers] for site, hook in SITE_HOOKS.items()}

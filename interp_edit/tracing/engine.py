@@ -68,7 +68,7 @@ def _fast_grid(
 ) -> tuple[Float[Tensor, "n_jobs"], float]:
     S, T, L, tid = inputs.samples, inputs.n_tokens, inputs.n_layers, inputs.target_id
     stepper = LlamaStepper(inputs.model, T)
-    clean = inputs.clean if inputs.clean is not None else stepper.full_run(inputs.batch(1))
+    clean = inputs.clean_run()
     corrupted = stepper.full_run(inputs.batch(S), inputs.noise, inputs.subject_range)
     low = float(stepper.target_probs(corrupted.final, tid).mean())
     scores = torch.full((len(jobs),), low)

@@ -90,6 +90,14 @@ class TraceInputs:
     def n_layers(self) -> int:
         return self.model.n_layers
 
+    def clean_run(self) -> RunCache:
+        """The clean pass with every layer cached: ``prepare``'s, or (where the stepper did
+        not run it there) one run now."""
+        if self.clean is not None:
+            return self.clean
+        with torch.no_grad():
+            return LlamaStepper(self.model, self.n_tokens).full_run(self.batch(1))
+
     def batch(self, copies: int) -> Int[Tensor, "batch pos"]:
         """The prompt repeated ``copies`` times (one row per corrupted sample)."""
         return self.ids[None].expand(copies, -1).to(self.model.device)

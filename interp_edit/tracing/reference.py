@@ -28,17 +28,21 @@ def all_sites(n_layers: int) -> list[str]:
     return [SITE_HOOKS[site](j) for j in range(n_layers) for site in SITE_HOOKS]
 
 
-@torch.no_grad()
-def capture_runs(inputs: TraceInputs) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
+def capture_runs(
+    inputs: TraceInputs, noise: Tensor | None = None
+) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
     """Clean activations ``[1, pos, d]``, corrupted ones ``[samples, pos, d]`` (every site of
-    every layer) and the corrupted p(target) per sample."""
+    every layer) and the corrupted p(target) per sample. ``noise``: the samples to add, on the
+    autograd graph; the corrupted run is then differentiable (attribution's gradient pass)."""
     model, names = inputs.model, all_sites(inputs.n_layers)
     clean: dict[str, Tensor] = {}
-    with H.hooked(model, [H.capture(n, clean) for n in names]):
+    with torch.no_grad(), H.hooked(model, [H.capture(n, clean) for n in names]):
         model.logits(inputs.batch(1), [-1])  # the captures are what counts
+    grad = noise is not None
     corrupted: dict[str, Tensor] = {}
-    noise = H.add_noise(slice(*inputs.subject_range), inputs.noise)
-    with H.hooked(model, [noise] + [H.capture(n, corrupted) for n in names]):
+    hooks = [H.add_noise(slice(*inputs.subject_range), noise if grad else inputs.noise)]
+    hooks += [H.capture(n, corrupted, detach=not grad) for n in names]
+    with torch.set_grad_enabled(grad), H.hooked(model, hooks):
         logits = model.logits(inputs.batch(inputs.samples), [-1])
     return clean, corrupted, logits[:, -1].softmax(-1)[:, inputs.target_id]
 
