@@ -47,6 +47,7 @@ class LayerOut(NamedTuple):
     mlp: Float[Tensor, "batch pos d_model"]
     k: Float[Tensor, "batch kv_head pos d_head"]  # after rotary
     v: Float[Tensor, "batch kv_head pos d_head"]
+    key: Float[Tensor, "batch pos d_mlp"] | None  # the MLP key (None where a patch skipped rows)
 
 
 @dataclass(frozen=True)
@@ -187,14 +188,6 @@ class LlamaStepper:
         hidden *= _linear(lay.up, x)
         return hidden
 
-    def _mlp(self, j: int, x: Float[Tensor, "b p d"]) -> Float[Tensor, "b p d"]:
-        return _linear(self.layers[j].down, self._key(j, x))
-
-    def mlp_key(self, j: int, mid: Float[Tensor, "b p d"]) -> Float[Tensor, "b p d_mlp"]:
-        """Layer ``j``'s MLP key (``mlp_key_hook``) from its mid-block residual ``x + attn``:
-        bit for bit what :meth:`layer` computed."""
-        return self._key(j, self.layers[j].post_norm(mid))
-
     def unembed(self, h: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
         """Logits from final-layer hidden states (final norm, unembedding)."""
         return _linear(self.lm_head, self.norm(h))
@@ -227,22 +220,24 @@ class LlamaStepper:
         )
         a = _apply(_linear(lay.o, rearrange(z, "b h p d -> b p (h d)")), patches.get("attn"))
         mid = (x[:, -1:] if last_only else x) + a
-        m = self._patched_mlp(j, lay.post_norm(mid), patches.get("mlp"))
-        return LayerOut(_apply(mid + m, patches.get("resid")), a, m, k, v)
+        m, key = self._patched_mlp(j, lay.post_norm(mid), patches.get("mlp"))
+        return LayerOut(_apply(mid + m, patches.get("resid")), a, m, k, v, key)
 
     def _patched_mlp(
         self, j: int, x: Float[Tensor, "batch pos d_model"], patch: Patch | None
-    ) -> Float[Tensor, "batch pos d_model"]:
-        """The MLP output, with ``patch`` applied; rows whose output the patch replaces are
-        not computed (an MLP-window trace replaces many)."""
+    ) -> tuple[Float[Tensor, "batch pos d_model"], Float[Tensor, "batch pos d_mlp"] | None]:
+        """The MLP output, with ``patch`` applied, and its key (``None`` when the patch
+        replaced some rows: those are not computed, as an MLP-window trace replaces many)."""
+        down = self.layers[j].down
         if patch is None or not bool(patch.mask.any()):
-            return _apply(self._mlp(j, x), patch)
+            key = self._key(j, x)
+            return _apply(_linear(down, key), patch), key
         keep = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         keep[:, 0] = ~patch.mask
         out = torch.empty_like(x)
-        out[keep] = self._mlp(j, x[keep][None])[0]
+        out[keep] = _linear(down, self._key(j, x[keep][None]))[0]
         out[:, 0][patch.mask] = patch.value[patch.mask]
-        return out
+        return out, None
 
     def run(
         self,

@@ -205,9 +205,12 @@ class AppliedEdit:
         info: dict[str, Any] | None = None,
         *,
         owned: bool = False,
+        snapshot: Mapping[str, Tensor] | None = None,
     ) -> "AppliedEdit":
         """Record ``deltas`` and apply them to ``model`` (the common path for weight editors).
-        ``owned``: the editor hands its fresh tensors over, so they are kept, not copied."""
+        ``owned``: the editor hands its fresh tensors over, so they are kept, not copied.
+        ``snapshot``: copies of the current weights the editor already made; kept for
+        :meth:`undo` instead of copying them again (a weight-sized copy costs milliseconds)."""
         out = cls(
             model=None,
             method=method,
@@ -218,7 +221,7 @@ class AppliedEdit:
             model_name=model.name,
             fingerprint=model.fingerprint,
         )
-        return out.apply(model)
+        return out.apply(model, snapshot)
 
     @classmethod
     def in_context(
@@ -238,8 +241,9 @@ class AppliedEdit:
         """The prompt as the edited model sees it (the IKE context prepended, if any)."""
         return self.context + prompt if self.context else prompt
 
-    def apply(self, model: Model) -> "AppliedEdit":
-        """Apply the stored deltas to ``model`` (which must be the model they were made for)."""
+    def apply(self, model: Model, snapshot: Mapping[str, Tensor] | None = None) -> "AppliedEdit":
+        """Apply the stored deltas to ``model`` (which must be the model they were made for).
+        ``snapshot``: see :meth:`from_deltas`."""
         if self.applied:
             raise InterpEditError("this edit is already applied; undo() it first")
         if self.fingerprint and model.fingerprint != self.fingerprint:
@@ -247,13 +251,17 @@ class AppliedEdit:
                 f"this edit was made for {self.model_name!r} (fingerprint {self.fingerprint}), "
                 f"not {model.name!r} (fingerprint {model.fingerprint}); load the right model"
             )
+        params, snapshot = {n: get_parameter(model, n) for n in self.deltas}, snapshot or {}
+        for name, delta in self.deltas.items():  # every check before any weight changes
+            if params[name].shape != delta.shape:
+                raise ModelMismatchError(f"delta for {name} has shape {tuple(delta.shape)}, "
+                                         f"parameter has {tuple(params[name].shape)}")
+            if name in snapshot and not torch.equal(snapshot[name], params[name]):
+                raise InterpEditError(f"the snapshot of {name} is not its current value")
         with torch.no_grad():
             for name, delta in self.deltas.items():
-                p = get_parameter(model, name)
-                if p.shape != delta.shape:
-                    raise ModelMismatchError(f"delta for {name} has shape {tuple(delta.shape)}, "
-                                             f"parameter has {tuple(p.shape)}")
-                self._originals[name] = p.detach().clone()
+                p = params[name]
+                self._originals[name] = snapshot[name] if name in snapshot else p.detach().clone()
                 p.add_(delta.to(p))
         self.model = model
         _edit_stack(model).append(self)

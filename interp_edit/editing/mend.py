@@ -444,11 +444,11 @@ def _stepper_factors(model: Model, layers: Sequence[int], batch: TargetBatch,
                      rows: Sequence[int], away: Sequence[int], start: BlockInput,
                      skip: Callable[[Tensor], bool] | None) -> FactorPass:
     stepper = stepper_for(model, start)
-    outs, mids = {}, {}
+    outs, keys = {}, {}
 
     def keep(j: int, x_j: Tensor, out: LayerOut) -> None:
         if j in layers:
-            outs[j], mids[j] = out.out, x_j + out.attn  # as LlamaStepper.layer adds them
+            outs[j], keys[j] = out.out, out.key.detach()
 
     x = start.hidden.detach().requires_grad_()  # the graph starts here (weights are frozen)
     with torch.enable_grad():
@@ -458,7 +458,7 @@ def _stepper_factors(model: Model, layers: Sequence[int], batch: TargetBatch,
             return FactorPass(None, logits.detach(), start)
         grads = torch.autograd.grad(_loss(batch, logits, rows, away), [outs[j] for j in layers])
     with torch.no_grad():
-        factors = {j: _nonzero(stepper.mlp_key(j, mids[j]), g) for j, g in zip(layers, grads)}
+        factors = {j: _nonzero(keys[j], g) for j, g in zip(layers, grads)}
     return FactorPass(factors, logits.detach(), start)
 
 
@@ -567,4 +567,5 @@ def apply_mend(model: Model, requests: Sequence[EditRequest], hp: MENDHparams) -
             "editor_steps": editor.info.get("step"),
             "edit_lr": [round(float(x), 8) for x in editor.log_lr.detach().exp()],
             "passes": used}
-    return AppliedEdit.from_deltas(model, "mend", requests, hp, deltas, info=info, owned=True)
+    return AppliedEdit.from_deltas(model, "mend", requests, hp, deltas, info=info, owned=True,
+                                   snapshot=original)

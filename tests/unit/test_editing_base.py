@@ -60,6 +60,22 @@ def test_undo_is_bit_exact_and_ordered(fm):
         e1.undo()
 
 
+def test_snapshot_is_kept_for_undo_and_checked(fm):
+    m = fm.model
+    name = parameter_name(m, m.mlp_out_proj(1))
+    w = dict(m.hf_model.named_parameters())[name]
+    before, delta = w.detach().clone(), 0.01 * torch.ones_like(w)
+    e = AppliedEdit.from_deltas(m, "toy", [_req(fm)], _ToyHparams(), {name: delta},
+                                snapshot={name: before})
+    assert e._originals[name] is before  # no second copy
+    e.undo()
+    assert torch.equal(w, before)
+    with pytest.raises(InterpEditError, match="snapshot of .* is not its current value"):
+        AppliedEdit.from_deltas(m, "toy", [_req(fm)], _ToyHparams(), {name: delta},
+                                snapshot={name: before + 1})
+    assert torch.equal(w, before)
+
+
 def test_save_load_apply_roundtrip(fm, tmp_path, tiny):
     m = fm.model
     before = _weights(m)
