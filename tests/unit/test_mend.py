@@ -195,6 +195,9 @@ def test_checkpoint_resumes_exactly(fm, data, tmp_path):
     resumed = train_editor(fm.model, data[0], data[1], cfg, out=tmp_path / "b.safetensors",
                            progress=False)
     assert [r["step"] for r in resumed.history] == [0, 6, 12]
+    untimed = [[{k: v for k, v in r.items() if k != "seconds"} for r in run.history]
+               for run in (straight, resumed)]
+    assert untimed[0] == untimed[1]  # the same validation metrics and losses at every step
     a = MENDEditor.load(tmp_path / "a.safetensors.ckpt" / "editor.safetensors").state_dict()
     b = MENDEditor.load(tmp_path / "b.safetensors.ckpt" / "editor.safetensors").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
