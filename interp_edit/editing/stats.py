@@ -82,7 +82,7 @@ def second_moments(
     missing = [l for l, p in paths.items() if refresh or not p.exists()]
     if missing:
         t0 = time.perf_counter()
-        chunks = _chunks(model, corpus, n_tokens, seq_len, seed, precision, progress)
+        chunks = _chunks(model, corpus, n_tokens, seq_len, seed, progress)
         with autocast(model, precision):
             moments, count = _accumulate(model, missing, chunks, batch_size, progress)
         seconds = time.perf_counter() - t0
@@ -149,7 +149,7 @@ def autocast(model: Model, precision: str):
 def _corpus_identity(corpus: str | os.PathLike, seed: int) -> str:
     """A file-name-safe identity: the content digest for a file, the name for the rest."""
     if str(corpus) == GENERATED:
-        return f"generated-v2-s{seed}"
+        return f"generated-v3-s{seed}"  # v3: sampled in fp32 on the layer stepper
     path = Path(os.fspath(corpus)).expanduser()
     if path.is_file():
         return f"file-{path.stem[:40]}-{file_digest(path)}"
@@ -162,11 +162,11 @@ def _corpus_identity(corpus: str | os.PathLike, seed: int) -> str:
     return "hf-" + raw.replace("/", "--").replace(":", "-")
 
 
-def _chunks(model: Model, corpus, n_tokens: int, seq_len: int, seed: int, precision: str,
+def _chunks(model: Model, corpus, n_tokens: int, seq_len: int, seed: int,
             progress: bool | None) -> Tensor:
     """``[n_chunks, seq_len]`` token ids: the corpus token stream cut into chunks."""
     if str(corpus) == GENERATED:
-        return _generated(model, -(-n_tokens // seq_len), seq_len, seed, precision, progress)
+        return _generated(model, -(-n_tokens // seq_len), seq_len, seed, progress)
     path = Path(os.fspath(corpus)).expanduser()
     texts = _read_file(path) if path.is_file() else _read_hf_dataset(str(corpus))
     stream: list[int] = []
@@ -180,18 +180,17 @@ def _chunks(model: Model, corpus, n_tokens: int, seq_len: int, seed: int, precis
     return rearrange(torch.tensor(stream[: n * seq_len]), "(n t) -> n t", t=seq_len)
 
 
-def _generated(model: Model, n: int, seq_len: int, seed: int, precision: str,
-               progress: bool | None) -> Tensor:
-    """``n`` sequences of ``seq_len`` tokens sampled from the model, cached per model."""
-    name = f"generated-v2-s{seed}-{precision}-{n}x{seq_len}.safetensors"
+def _generated(model: Model, n: int, seq_len: int, seed: int, progress: bool | None) -> Tensor:
+    """``n`` sequences of ``seq_len`` tokens sampled from the model (fp32, whatever the
+    statistics' precision: the same text either way), cached per model."""
+    name = f"generated-v3-s{seed}-{n}x{seq_len}.safetensors"
     path = cache_dir("corpora", model.fingerprint) / name
     if path.exists():
         return load_file(str(path))["ids"]
     log.warning("sampling %d tokens from %s for key statistics (once; cached)", n * seq_len,
                 model.name)
-    with autocast(model, precision):
-        rows = sample_token_ids(model, n, seq_len - 1, seed=seed, exact=True, batch_size=128,
-                                progress=_show(progress))
+    rows = sample_token_ids(model, n, seq_len - 1, seed=seed, exact=True, batch_size=128,
+                            progress=_show(progress))
     ids = torch.tensor([r[:seq_len] for r in rows], dtype=torch.long)
     save_file({"ids": ids}, str(path))
     return ids

@@ -1,0 +1,23 @@
+"""Text sampled from the model: the layer-stepper sampler draws what Hugging Face generate
+draws (the same seed, the same scores up to float rounding, the same RNG calls)."""
+
+import pytest
+import torch
+
+from interp_edit._llama import LlamaStepper
+from interp_edit.editing.keys import sample_token_ids
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_stepper_sampler_draws_what_generate_draws(tiny, monkeypatch, exact):
+    kw = dict(n=12, length=9, seed=4, exact=exact, batch_size=5, starters=("the", "a", "of"))
+    assert LlamaStepper.supports(tiny)
+    state = torch.random.get_rng_state()
+    fast = sample_token_ids(tiny, **kw)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is untouched
+    monkeypatch.setattr(LlamaStepper, "supports", staticmethod(lambda model: False))
+    assert fast == sample_token_ids(tiny, **kw)  # through model.hf_model.generate
+    assert len(fast) == 12 and all(tiny.tokenizer.eos_token_id not in row for row in fast)
+    if exact:  # never stopped: the starter token and 9 new ones
+        assert all(len(row) == 1 + 9 for row in fast)
+    assert len({tuple(row) for row in fast}) > 1  # sampled, not greedy
