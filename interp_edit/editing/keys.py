@@ -49,9 +49,13 @@ def sample_token_ids(
     from tqdm.auto import tqdm
     from transformers import GenerationConfig
 
+    # plain top-k at temperature 1, whatever the model's own generation config asks for
+    # (generate fills every unset field from it, e.g. an instruct model's temperature)
     cfg = GenerationConfig(do_sample=True, top_k=top_k, max_new_tokens=length,
                            min_new_tokens=length if exact else 0,
-                           pad_token_id=model.tokenizer.pad_token_id)
+                           pad_token_id=model.tokenizer.pad_token_id, temperature=1.0,
+                           top_p=1.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
+                           repetition_penalty=1.0, no_repeat_ngram_size=0)
     devices = [model.device] if model.device.type == "cuda" else []
     eos = model.tokenizer.eos_token_id
     doc = document_start(model)

@@ -21,3 +21,15 @@ def test_stepper_sampler_draws_what_generate_draws(tiny, monkeypatch, exact):
     if exact:  # never stopped: the starter token and 9 new ones
         assert all(len(row) == 1 + 9 for row in fast)
     assert len({tuple(row) for row in fast}) > 1  # sampled, not greedy
+
+
+def test_the_models_own_sampling_settings_do_not_apply(tiny, monkeypatch):
+    """Plain top-k at temperature 1 on both paths, though generate would otherwise take an
+    instruct model's temperature / top-p / repetition penalty from its generation config."""
+    kw = dict(n=6, length=8, seed=2, starters=("the",))
+    plain = sample_token_ids(tiny, **kw)
+    for name, value in dict(temperature=0.3, top_p=0.5, repetition_penalty=1.5).items():
+        monkeypatch.setattr(tiny.hf_model.generation_config, name, value)
+    assert sample_token_ids(tiny, **kw) == plain
+    monkeypatch.setattr(LlamaStepper, "supports", staticmethod(lambda model: False))
+    assert sample_token_ids(tiny, **kw) == plain
