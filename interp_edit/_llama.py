@@ -200,10 +200,14 @@ class LlamaStepper:
         past: tuple[Tensor, Tensor] | None = None,
         patches: dict[str, Patch] | None = None,
         last_only: bool = False,
+        cache: tuple[Tensor, Tensor] | None = None,
     ) -> LayerOut:
         """Layer ``j`` on positions ``start .. start+P-1`` of ``x``; ``past`` holds the keys and
         values ``[batch, kv_head, start, d_head]`` of the earlier positions. ``last_only``
-        computes the output of the last position only (all that the last layer needs)."""
+        computes the output of the last position only (all that the last layer needs).
+        ``cache`` (instead of ``past``): buffers ``[batch, kv_head, capacity, d_head]`` holding
+        the earlier positions; this slice's keys and values are written into them and read
+        from there (decoding without a concatenation per step, :meth:`extend`)."""
         lay, patches = self.layers[j], patches or {}
         h = lay.input_norm(x)
         q_in, q_start = (h[:, -1:], start + x.shape[1] - 1) if last_only else (h, start)
@@ -211,7 +215,11 @@ class LlamaStepper:
         k = self._rope(self._heads(lay.k, h, self.n_kv), start).transpose(1, 2)
         v = self._heads(lay.v, h, self.n_kv).transpose(1, 2)
         keys, values = k, v
-        if past is not None:
+        if cache is not None:
+            end = start + x.shape[1]
+            cache[0][:, :, start:end], cache[1][:, :, start:end] = k, v
+            keys, values = cache[0][:, :, :end], cache[1][:, :, :end]
+        elif past is not None:
             keys, values = torch.cat((past[0], k), 2), torch.cat((past[1], v), 2)
         mask = self._causal_mask(q.shape[2], keys.shape[2], start) if q.shape[2] > 1 else None
         z = F.scaled_dot_product_attention(
@@ -256,25 +264,22 @@ class LlamaStepper:
             x = out.out
         return x
 
+    def kv_buffers(self, batch: int) -> list[tuple[Tensor, Tensor]]:
+        """Empty key/value buffers for :meth:`extend`, one pair per layer, with room for
+        every position this stepper was built for."""
+        shape = (batch, self.n_kv, *self.cos.shape)  # [batch, kv_head, n_tokens, d_head]
+        return [(self.cos.new_empty(shape), self.cos.new_empty(shape)) for _ in self.layers]
+
     def extend(
-        self,
-        ids: Int[Tensor, "batch new"],
-        start: int,
-        past: list[tuple[Tensor, Tensor]] | None = None,
-    ) -> tuple[Float[Tensor, "batch d_model"], list[tuple[Tensor, Tensor]]]:
-        """Decoding: tokens ``ids`` at positions ``start ..`` after the cached keys and values
-        of positions ``0 .. start-1`` (``past``, one pair per layer; ``None`` when
-        ``start == 0``). Returns the last block's output at the last position and the cache
-        grown by the new positions."""
-        x, grown = self.embed(ids), []
-        for j in range(len(self.layers)):
-            out = self.layer(j, x, start, past[j] if past else None,
-                             last_only=j == len(self.layers) - 1)
-            k, v = (out.k, out.v) if not past else (
-                torch.cat((past[j][0], out.k), 2), torch.cat((past[j][1], out.v), 2))
-            grown.append((k, v))
-            x = out.out
-        return x[:, -1], grown
+        self, ids: Int[Tensor, "batch new"], start: int, cache: list[tuple[Tensor, Tensor]]
+    ) -> Float[Tensor, "batch d_model"]:
+        """Decoding: tokens ``ids`` at positions ``start ..``, attending to positions
+        ``0 .. start-1`` in ``cache`` (:meth:`kv_buffers`), which then holds theirs too.
+        Returns the last block's output at the last position."""
+        x = self.embed(ids)
+        for j, buffers in enumerate(cache):
+            x = self.layer(j, x, start, last_only=j == len(cache) - 1, cache=buffers).out
+        return x[:, -1]
 
     def target_probs(
         self, h: Float[Tensor, "batch d_model"], target_id: int

@@ -94,10 +94,9 @@ def _sample_on_stepper(model: Model, ids: Int[Tensor, "rows prompt"], length: in
     stepper with a key/value cache. A sequence that draws the end token goes on (the caller
     cuts it there), which changes no other row."""
     stepper = LlamaStepper(model, ids.shape[1] + length)
-    out, new, start, past = [ids], ids, 0, None
+    out, new, start, cache = [ids], ids, 0, stepper.kv_buffers(ids.shape[0])
     for _ in range(length):
-        final, past = stepper.extend(new, start, past)
-        scores = stepper.unembed(final).float()
+        scores = stepper.unembed(stepper.extend(new, start, cache)).float()
         scores[:, list(banned)] = -math.inf
         scores.masked_fill_(scores < scores.topk(top_k).values[:, -1:], -math.inf)
         start, new = start + new.shape[1], torch.multinomial(scores.softmax(-1), 1)
