@@ -9,6 +9,12 @@ one pays for waking the second thread: ~150 us for a 576 x 192 product that take
 thread. The policy is read when torch loads, so it must be set in the environment; the table's
 header prints it. Session 5 measured both (README, "MEND").
 
+``MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=4000000000`` (glibc) keep freed
+memory in the heap instead of returning it to the system, so the weight-sized and
+vocabulary-wide tensors each edit allocates do not page-fault on first touch again (session
+6: 13–20 ms an edit). Also the user's choice (the process keeps its peak memory); the header
+prints them.
+
 An edit (``interp_edit.editing.mend``) runs the edit prompt + target (and + the old target, for
 an editor trained with ``contrast``) through the blocks below the first edited one on the
 layer stepper without gradients, then the edited blocks with gradients, the unembedding only
@@ -20,9 +26,11 @@ k = 1 (MEND's one pass) and 3 (the default) on the first ``--n`` counterfact-val
 edit undone before the next), after one warm-up edit, on the layer stepper and, side by side,
 on the bridge path that models without the stepper take (forced by installing a hook that
 does nothing; it still unembeds only the target positions and resumes later passes from the
-first edited block), and splits one pass into its phases,
-next to a plain forward pass of the same tokens through the bridge (on a busy CPU every number
-scales with the load). Prints a markdown table (pasted into README.md, "MEND") with the torch
+first edited block), and splits one pass into its phases: the ranges the library marks with
+``torch.profiler.record_function`` ("mend: ...", "edit: ..."), timed by the profiler over 10
+edits (which adds its own overhead per operation, most in the many small ones below the
+edit), next to a plain forward pass of the same tokens through the bridge (on a busy CPU
+every number scales with the load). Prints a markdown table (pasted into README.md, "MEND") with the torch
 thread count and the load average, since the CPU is shared.
 """
 
@@ -37,11 +45,9 @@ from pathlib import Path
 import torch
 
 import interp_edit as ie
-from interp_edit.editing.mend import (
-    TargetBatch, default_editor_path, gradient_factors, load_editor)
+from interp_edit.editing.mend import TargetBatch, default_editor_path, load_editor
 from interp_edit.hooks import capture, hooked
 from interp_edit.models import resid_hook
-from interp_edit.resume import block_input
 
 from _machine import matmul_rate, up_proj, weight_stream  # benchmarks/, beside this script
 
@@ -78,27 +84,23 @@ def main() -> None:
             if (passes, generic) == (3, False):
                 used.append(edit.info["passes"])
 
-    req = requests[1]  # one edit, phase by phase
+    # one pass, phase by phase: the ranges the library marks with record_function, measured
+    # by the profiler over 10 edits (passes=1, layer stepper; the profiler adds a little)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for req in requests[1:11]:
+            ie.edit(model, req, method="mend", editor=str(path), passes=1).undo()
+    marked = {e.key: e.cpu_time_total / e.count / 1000 for e in prof.key_averages()
+              if e.key.startswith(("mend: ", "edit: "))}
+    req = requests[1]
     away = [req.target_true] if editor.config.contrast else None
-    rows = [(req.text, req.target_new), *([(req.text, req.target_true)] if away else [])]
-    batch = TargetBatch.build(model, *zip(*rows))
-    phases = {"below": [], "factors": [], "editor": [], "floor": []}
-    for _ in range(5):
+    batch = TargetBatch.build(model, [req.text] * (2 if away else 1),
+                              [req.target_new, *(away or [])])
+    floor = []
+    for _ in range(5):  # for scale: one plain forward pass of the same tokens
         t0 = time.perf_counter()
-        block_input(model, batch.ids, min(editor.config.layers))
-        t1 = time.perf_counter()
-        factors = gradient_factors(model, editor.config.layers, [req.text], [req.target_new],
-                                   away)
-        t2 = time.perf_counter()
         with torch.no_grad():
-            editor(factors)
-        t3 = time.perf_counter()
-        with torch.no_grad():  # for scale: one plain forward pass of the same tokens
             model.logits(batch.ids)
-        t4 = time.perf_counter()
-        for key, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
-            phases[key].append(1000 * dt)
-    phase = {k: statistics.median(v) for k, v in phases.items()}
+        floor.append(1000 * (time.perf_counter() - t0))
     stream_ms, stream_mb = weight_stream(model)
     rows = batch.ids.numel()
     rates = {(n, dt): matmul_rate(up_proj(model), n, dt) for n in (rows, 1024)
@@ -106,8 +108,10 @@ def main() -> None:
 
     ms = {k: sorted(1000 * t for t in ts) for k, ts in times.items()}
     policy = os.environ.get("OMP_WAIT_POLICY", "unset (spin briefly, then sleep)")
+    malloc = {k: os.environ[k] for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+              if k in os.environ} or "glibc defaults"
     print(f"MEND edit latency, {model.name}, layers {list(editor.config.layers)}, "
-          f"{torch.get_num_threads()} torch threads, OMP_WAIT_POLICY {policy}, "
+          f"{torch.get_num_threads()} torch threads, OMP_WAIT_POLICY {policy}, malloc {malloc}, "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs\n")
     print("| | ms |\n|---|---|")
     print(f"| load the editor (once) | {1000 * load_s:.0f} |")
@@ -117,13 +121,10 @@ def main() -> None:
         path_used = "bridge path (a hook installed)" if generic else "layer stepper"
         print(f"| edit, {what}, {path_used}: median of {len(v)} (min / max) "
               f"| {statistics.median(v):.0f} ({v[0]:.0f} / {v[-1]:.0f}) |")
-    first = min(editor.config.layers)
-    print(f"| of one pass: blocks 0–{first - 1}, no gradient (median of 5) | {phase['below']:.0f} |")
-    print(f"| of one pass: gradient factors (all of the above, then blocks {first}–"
-          f"{model.n_layers - 1}, target logits, backward) | {phase['factors']:.0f} |")
-    print(f"| of one pass: editor network | {phase['editor']:.0f} |")
+    for what, ms_ in marked.items():
+        print(f"| of one pass (profiler, mean of 10): {what} | {ms_:.1f} |")
     print(f"| for scale: one no-grad forward pass of the same tokens (bridge) "
-          f"| {phase['floor']:.0f} |")
+          f"| {statistics.median(floor):.0f} |")
     print(f"| the floor of any pass: every weight matrix read once ({stream_mb:.0f} MB, one "
           f"matrix-vector product each; {stream_mb / stream_ms:.1f} GB/s; median of 5) "
           f"| {stream_ms:.0f} |")

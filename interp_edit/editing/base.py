@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+from torch.profiler import record_function
 
 from interp_edit.errors import InterpEditError, ModelMismatchError
 from interp_edit.models import Model
@@ -258,7 +259,7 @@ class AppliedEdit:
                                          f"parameter has {tuple(params[name].shape)}")
             if name in snapshot and not torch.equal(snapshot[name], params[name]):
                 raise InterpEditError(f"the snapshot of {name} is not its current value")
-        with torch.no_grad():
+        with torch.no_grad(), record_function("edit: apply the deltas"):
             for name, delta in self.deltas.items():
                 p = params[name]
                 self._originals[name] = snapshot[name] if name in snapshot else p.detach().clone()

@@ -59,6 +59,7 @@ from jaxtyping import Float, Int
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from interp_edit._cache import cache_dir
 from interp_edit._llama import LayerOut, LlamaStepper
@@ -283,7 +284,7 @@ class MENDEditor(nn.Module):
         if run.factors is None:  # done, and asked to stop there
             return EditorStep({}, True, run.start)
         done = is_done(run.logits)
-        with torch.no_grad():
+        with torch.no_grad(), record_function("mend: editor network"):
             steps = self(run.factors)
         names = {layer: parameter_name(model, model.mlp_out_proj(layer)) for layer in steps}
         return EditorStep({names[layer]: d for layer, d in steps.items()}, done, run.start)
@@ -421,7 +422,8 @@ def batch_factors(
     MLP output plus a residual, so the same vector); otherwise on the bridge, with a capture
     hook for ``u_t`` and zero tensors added to the MLP outputs for ``δ_t``."""
     if start is None and LlamaStepper.usable(model):
-        start = block_input(model, batch.ids, min(layers))  # the stepper's
+        with record_function("mend: blocks below the edit"):
+            start = block_input(model, batch.ids, min(layers))  # the stepper's
     if start is not None and start.kwargs is None:
         return _stepper_factors(model, layers, batch, rows, away, start, skip)
     return _hooked_factors(model, layers, batch, rows, away, start, skip)
@@ -452,11 +454,15 @@ def _stepper_factors(model: Model, layers: Sequence[int], batch: TargetBatch,
 
     x = start.hidden.detach().requires_grad_()  # the graph starts here (weights are frozen)
     with torch.enable_grad():
-        x = stepper.run(x, start.layer, model.n_layers, keep)
-        logits = stepper.unembed(x[:, batch.keep])
+        with record_function("mend: edited blocks, forward"):
+            x = stepper.run(x, start.layer, model.n_layers, keep)
+        with record_function("mend: unembedding at the targets"):
+            logits = stepper.unembed(x[:, batch.keep])
         if skip is not None and skip(logits.detach()):
             return FactorPass(None, logits.detach(), start)
-        grads = torch.autograd.grad(_loss(batch, logits, rows, away), [outs[j] for j in layers])
+        with record_function("mend: backward"):
+            grads = torch.autograd.grad(_loss(batch, logits, rows, away),
+                                        [outs[j] for j in layers])
     with torch.no_grad():
         factors = {j: _nonzero(keys[j], g) for j, g in zip(layers, grads)}
     return FactorPass(factors, logits.detach(), start)
