@@ -44,8 +44,8 @@ def sample_token_ids(
     Seeded; the global RNG state is left untouched.
 
     Llama-family models sample on the layer stepper (:func:`_sample_on_stepper`: the tokens
-    ``generate`` draws, up to float rounding; 1.4x faster on a 2-core CPU at 128 rows);
-    others through ``generate``."""
+    ``generate`` draws, up to float rounding; 1.6x faster on a 2-core CPU at 128 rows, see
+    ``benchmarks/bench_sampling.py``), others through ``generate``."""
     from tqdm.auto import tqdm
     from transformers import GenerationConfig
 
@@ -98,7 +98,8 @@ def _sample_on_stepper(model: Model, ids: Int[Tensor, "rows prompt"], length: in
     for _ in range(length):
         scores = stepper.unembed(stepper.extend(new, start, cache)).float()
         scores[:, list(banned)] = -math.inf
-        scores.masked_fill_(scores < scores.topk(top_k).values[:, -1:], -math.inf)
+        kth = scores.topk(min(top_k, scores.shape[-1])).values[:, -1:]
+        scores.masked_fill_(scores < kth, -math.inf)
         start, new = start + new.shape[1], torch.multinomial(scores.softmax(-1), 1)
         out.append(new)
     return torch.cat(out, 1)
