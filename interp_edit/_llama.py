@@ -281,6 +281,28 @@ class LlamaStepper:
             x = self.layer(j, x, start, last_only=j == len(cache) - 1, cache=buffers).out
         return x[:, -1]
 
+    def decode(
+        self,
+        ids: Int[Tensor, "batch prompt"],
+        length: int,
+        choose: Callable[[Float[Tensor, "batch d_vocab"]], Int[Tensor, "batch 1"]],
+        stop: int | None = None,
+    ) -> Int[Tensor, "batch total"]:
+        """``ids`` followed by ``length`` tokens, each ``choose(scores)`` of the fp32 logits at
+        the last position, with a key/value cache; fewer when every row has chosen ``stop``.
+        The stepper must have room for ``prompt + length`` positions."""
+        cache, out, new, start = self.kv_buffers(ids.shape[0]), [ids], ids, 0
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        for _ in range(length):
+            scores = self.unembed(self.extend(new, start, cache)).float()
+            start, new = start + new.shape[1], choose(scores)
+            out.append(new)
+            if stop is not None:
+                done |= new[:, 0] == stop
+                if bool(done.all()):
+                    break
+        return torch.cat(out, 1)
+
     def target_probs(
         self, h: Float[Tensor, "batch d_model"], target_id: int
     ) -> Float[Tensor, "batch"]:

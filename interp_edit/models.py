@@ -246,8 +246,20 @@ class Model:
 
     @torch.no_grad()
     def generate(self, prompt: str, max_new_tokens: int = 20) -> str:
-        """Greedy continuation (plain loop, no sampling), returned without the prompt."""
-        ids = self._encode(prompt)[0]
+        """Greedy continuation, returned without the prompt; it ends at the end-of-text token.
+        On a Llama-family model with no hook installed it decodes on the layer stepper with a
+        key/value cache (the same tokens up to float rounding, ~3x faster on a CPU); otherwise
+        it runs the whole sequence through the hooks once per new token."""
+        from interp_edit._llama import LlamaStepper  # (that module imports this one)
+
+        ids, eos = self._encode(prompt)[0], self.tokenizer.eos_token_id
+        if LlamaStepper.usable(self):
+            with torch.no_grad():
+                row = LlamaStepper(self, len(ids) + max_new_tokens).decode(
+                    torch.tensor([ids], device=self.device), max_new_tokens,
+                    lambda scores: scores.argmax(-1, keepdim=True), stop=eos)[0, len(ids):]
+            new = row.tolist()
+            return self.tokenizer.decode(new[: new.index(eos)] if eos in new else new)
         new: list[int] = []
         for _ in range(max_new_tokens):
             x = torch.tensor([ids + new], device=self.device)

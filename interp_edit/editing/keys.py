@@ -93,16 +93,14 @@ def _sample_on_stepper(model: Model, ids: Int[Tensor, "rows prompt"], length: in
     largest at -inf, softmax, ``torch.multinomial`` on the global RNG), on the layer
     stepper with a key/value cache. A sequence that draws the end token goes on (the caller
     cuts it there), which changes no other row."""
-    stepper = LlamaStepper(model, ids.shape[1] + length)
-    out, new, start, cache = [ids], ids, 0, stepper.kv_buffers(ids.shape[0])
-    for _ in range(length):
-        scores = stepper.unembed(stepper.extend(new, start, cache)).float()
+
+    def draw(scores: Float[Tensor, "rows d_vocab"]) -> Int[Tensor, "rows 1"]:
         scores[:, list(banned)] = -math.inf
         kth = scores.topk(min(top_k, scores.shape[-1])).values[:, -1:]
         scores.masked_fill_(scores < kth, -math.inf)
-        start, new = start + new.shape[1], torch.multinomial(scores.softmax(-1), 1)
-        out.append(new)
-    return torch.cat(out, 1)
+        return torch.multinomial(scores.softmax(-1), 1)
+
+    return LlamaStepper(model, ids.shape[1] + length).decode(ids, length, draw)
 
 
 def document_start(model: Model) -> list[int]:

@@ -132,3 +132,19 @@ def test_fingerprint_ignores_where_the_weights_were_read(tiny):
         finally:
             w.copy_(original)
     assert _fingerprint(tiny) == before
+
+
+def test_generate_on_the_stepper_equals_the_hooked_loop(fm, tiny):
+    """Greedy decoding with a key/value cache gives the text of one full pass per token
+    through the bridge (forced by a hook that does nothing), and ends at the end token."""
+    from interp_edit.hooks import capture, hooked
+    from interp_edit.models import resid_hook
+
+    for model, prompt in ((fm.model, fm.facts[0].prompt), (fm.model, fm.facts[5].prompt),
+                          (tiny, "the a of")):
+        fast = model.generate(prompt, 12)
+        with hooked(model, [capture(resid_hook(0), {})]):
+            assert model.generate(prompt, 12) == fast
+    assert fm.model.generate(fm.facts[0].prompt, 0) == ""
+    fact = fm.facts[0]
+    assert fm.model.generate(fact.prompt, 3).split()[0] == fact.attribute

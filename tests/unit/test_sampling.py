@@ -33,3 +33,19 @@ def test_the_models_own_sampling_settings_do_not_apply(tiny, monkeypatch):
     assert sample_token_ids(tiny, **kw) == plain
     monkeypatch.setattr(LlamaStepper, "supports", staticmethod(lambda model: False))
     assert sample_token_ids(tiny, **kw) == plain
+
+
+def test_decode_stops_once_every_row_has_chosen_the_stop_token(tiny):
+    picks = iter([[9, 7], [7, 9], [8, 8]])
+    seen = []
+
+    def choose(scores):
+        seen.append(scores.shape)
+        return torch.tensor(next(picks))[:, None]
+
+    stepper = LlamaStepper(tiny, 8)
+    out = stepper.decode(torch.tensor([[3, 4], [5, 6]]), 5, choose, stop=9)
+    assert out.tolist() == [[3, 4, 9, 7], [5, 6, 7, 9]]  # row 0 stopped first, row 1 next
+    assert seen == [(2, len(tiny.tokenizer))] * 2
+    greedy = stepper.decode(torch.tensor([[3, 4]]), 4, lambda s: s.argmax(-1, keepdim=True))
+    assert greedy.shape == (1, 6)  # no stop token: every step
