@@ -1,8 +1,10 @@
 """A layer stepper for Hugging Face Llama-family decoders: runs one decoder layer at a time on
 a slice of positions ``start .. start+P-1``, reading the keys/values of earlier positions from
 a cache, and lets the caller replace the attention output, MLP output or block output at the
-slice's first position. The fast tracing engine is built on it, and MEND computes its
-gradient factors with it (:mod:`interp_edit.editing.mend`, :mod:`interp_edit.resume`).
+slice's first position. The fast tracing engine is built on it, MEND computes its
+gradient factors with it (:mod:`interp_edit.editing.mend`, :mod:`interp_edit.resume`), and
+sampling and greedy generation decode on it with a key/value cache (:meth:`LlamaStepper.decode`;
+:func:`interp_edit.editing.keys.sample_token_ids`, :meth:`interp_edit.models.Model.generate`).
 
 It calls the model's own RMSNorm and rotary modules and its own weights (through
 ``torch.nn.functional``), so the numbers match a plain forward pass up to float rounding.
