@@ -556,7 +556,7 @@ def apply_mend(model: Model, requests: Sequence[EditRequest], hp: MENDHparams) -
         while used < hp.passes:
             with torch.no_grad():
                 for name, d in deltas.items():
-                    params[name].copy_(original[name] + d)
+                    torch.add(original[name], d, out=params[name])  # no temporary
             # blocks below the edit are unchanged: resume; no backward pass once it holds
             step = editor.step(model, requests, start, stop_if_done=True)
             if step.done:  # the passes so far did it
