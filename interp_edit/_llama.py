@@ -209,7 +209,7 @@ class LlamaStepper:
         computes the output of the last position only (all that the last layer needs).
         ``cache`` (instead of ``past``): buffers ``[batch, kv_head, capacity, d_head]`` holding
         the earlier positions; this slice's keys and values are written into them and read
-        from there (decoding without a concatenation per step, :meth:`extend`)."""
+        from there (decoding without a concatenation per step, :meth:`decode`)."""
         lay, patches = self.layers[j], patches or {}
         h = lay.input_norm(x)
         q_in, q_start = (h[:, -1:], start + x.shape[1] - 1) if last_only else (h, start)
@@ -266,23 +266,6 @@ class LlamaStepper:
             x = out.out
         return x
 
-    def kv_buffers(self, batch: int) -> list[tuple[Tensor, Tensor]]:
-        """Empty key/value buffers for :meth:`extend`, one pair per layer, with room for
-        every position this stepper was built for."""
-        shape = (batch, self.n_kv, *self.cos.shape)  # [batch, kv_head, n_tokens, d_head]
-        return [(self.cos.new_empty(shape), self.cos.new_empty(shape)) for _ in self.layers]
-
-    def extend(
-        self, ids: Int[Tensor, "batch new"], start: int, cache: list[tuple[Tensor, Tensor]]
-    ) -> Float[Tensor, "batch d_model"]:
-        """Decoding: tokens ``ids`` at positions ``start ..``, attending to positions
-        ``0 .. start-1`` in ``cache`` (:meth:`kv_buffers`), which then holds theirs too.
-        Returns the last block's output at the last position."""
-        x = self.embed(ids)
-        for j, buffers in enumerate(cache):
-            x = self.layer(j, x, start, last_only=j == len(cache) - 1, cache=buffers).out
-        return x[:, -1]
-
     def decode(
         self,
         ids: Int[Tensor, "batch prompt"],
@@ -291,13 +274,18 @@ class LlamaStepper:
         stop: int | None = None,
     ) -> Int[Tensor, "batch total"]:
         """``ids`` followed by ``length`` tokens, each ``choose(scores)`` of the fp32 logits at
-        the last position, with a key/value cache; fewer when every row has chosen ``stop``.
-        The stepper must have room for ``prompt + length`` positions."""
-        cache, out, new, start = self.kv_buffers(ids.shape[0]), [ids], ids, 0
+        the last position; fewer when every row has chosen ``stop``. Each step's keys and
+        values go into buffers sized for every position this stepper was built for, which
+        must be at least ``prompt + length``."""
+        shape = (ids.shape[0], self.n_kv, *self.cos.shape)  # [batch, kv_head, n_tokens, d_head]
+        cache = [(self.cos.new_empty(shape), self.cos.new_empty(shape)) for _ in self.layers]
+        out, new, start = [ids], ids, 0
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         for _ in range(length):
-            scores = self.unembed(self.extend(new, start, cache)).float()
-            start, new = start + new.shape[1], choose(scores)
+            x = self.embed(new)
+            for j, buffers in enumerate(cache):
+                x = self.layer(j, x, start, last_only=j == len(cache) - 1, cache=buffers).out
+            start, new = start + new.shape[1], choose(self.unembed(x[:, -1]).float())
             out.append(new)
             if stop is not None:
                 done |= new[:, 0] == stop

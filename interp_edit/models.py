@@ -254,12 +254,10 @@ class Model:
 
         ids, eos = self._encode(prompt)[0], self.tokenizer.eos_token_id
         if LlamaStepper.usable(self):
-            with torch.no_grad():
-                row = LlamaStepper(self, len(ids) + max_new_tokens).decode(
-                    torch.tensor([ids], device=self.device), max_new_tokens,
-                    lambda scores: scores.argmax(-1, keepdim=True), stop=eos)[0, len(ids):]
-            new = row.tolist()
-            return self.tokenizer.decode(new[: new.index(eos)] if eos in new else new)
+            row = LlamaStepper(self, len(ids) + max_new_tokens).decode(
+                torch.tensor([ids], device=self.device), max_new_tokens,
+                lambda scores: scores.argmax(-1, keepdim=True), stop=eos)[0, len(ids):].tolist()
+            return self.tokenizer.decode(row[: row.index(eos)] if eos in row else row)
         new: list[int] = []
         for _ in range(max_new_tokens):
             x = torch.tensor([ids + new], device=self.device)
