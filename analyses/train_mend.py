@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 
 import interp_edit as ie
-from interp_edit.editing.mend import MENDEditor, default_editor_path
+from interp_edit.editing.mend import BELOW, MENDEditor, default_editor_path
 from interp_edit.editing.mend_train import TrainConfig, train_editor
 from interp_edit.evaluation import EvalReport
 from interp_edit.plotting.style import TEXT_WIDTH, new_figure, style
@@ -52,6 +52,9 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=200, help="held-out records to evaluate")
     parser.add_argument("--passes", default="1,3",
                         help="editor passes to evaluate (MENDHparams.passes), comma-separated")
+    parser.add_argument("--below", default="auto", choices=BELOW,
+                        help="precision of the blocks below the edit (MENDHparams.below); "
+                        "results of a value other than auto go to passes<k>-<value>/")
     parser.add_argument("--eval-only", action="store_true", help="evaluate the trained editor")
     parser.add_argument("--redraw", action="store_true", help="only redraw from the editor")
     args = parser.parse_args()
@@ -67,12 +70,14 @@ def main() -> None:
     if not args.redraw:
         for k in (int(x) for x in args.passes.split(",")):
             report = ie.evaluate(model, val[VAL_POOL:], method="mend", editor=str(path),
-                                 passes=k, n=args.n)
-            report.save(RESULTS / f"passes{k}")
+                                 passes=k, below=args.below, n=args.n)
+            report.save(RESULTS / (f"passes{k}" + ("" if args.below == "auto" else
+                                                   f"-{args.below}")))
             print(f"passes={k}\n" + report.to_markdown())
     editor = MENDEditor.load(path, model)
     reports = {int(d.name[6:]): EvalReport.load(d / "mend.json")
-               for d in sorted(RESULTS.glob("passes*")) if (d / "mend.json").exists()}
+               for d in sorted(RESULTS.glob("passes*"))
+               if d.name[6:].isdigit() and (d / "mend.json").exists()}
     history = full_history(path, editor)
     draw(editor, history, ROOT / "figures" / "mend_training.png")
     write_table(editor, history, reports, ROOT / "figures" / "mend_training.md")

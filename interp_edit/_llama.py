@@ -20,7 +20,7 @@ from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
+from einops import einsum, rearrange
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
@@ -121,8 +121,69 @@ def _parts(model: Model) -> _Parts:
     return _PARTS[model]
 
 
-def _linear(lin: torch.nn.Module, x: Tensor) -> Tensor:
-    return F.linear(x, lin.weight, lin.bias)
+class LowPrecisionLinear(NamedTuple):
+    """A linear layer's weights copied to another dtype, for inference: on CPU packed in
+    oneDNN's blocked layout once (``packed``), so that each multiply does not reorder the
+    whole matrix again (at 16 rows: 27 blocks' multiplies 24 → 18 ms, ``benchmarks/
+    bench_mend.py``); elsewhere a plain copy."""
+
+    stamp: tuple
+    weight: Tensor
+    bias: Tensor | None
+    packed: bool
+
+    def __call__(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_out"]:
+        if self.packed:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
+_LOW: "weakref.WeakKeyDictionary[torch.nn.Module, LowPrecisionLinear]" = (
+    weakref.WeakKeyDictionary())
+
+
+def _stamp(t: Tensor | None) -> tuple[int, int] | None:
+    return None if t is None else (t._version, t.data_ptr())
+
+
+def _pack(w: Tensor) -> Tensor | None:
+    """``w`` in oneDNN's blocked layout (the private op inductor freezes CPU weights with);
+    None where that is not available."""
+    if w.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(w, 16)
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def low_precision_weights(lin: torch.nn.Module, dtype: torch.dtype) -> LowPrecisionLinear:
+    """``lin`` in ``dtype``, copied once and kept (one copy per module) until its weights
+    change: an in-place change bumps a tensor's version counter and a replaced tensor has
+    another address, and either makes a new copy. (A change made through ``.data`` bumps
+    neither and is not seen.)"""
+    w, b = lin.weight, lin.bias
+    stamp = (dtype, _stamp(w), _stamp(b))
+    entry = _LOW.get(lin)
+    if entry is None or entry.stamp != stamp:
+        with torch.no_grad():
+            low, bias = w.to(dtype), None if b is None else b.to(dtype)
+            packed = _pack(low)
+            entry = LowPrecisionLinear(stamp, low if packed is None else packed, bias,
+                                       packed is not None)
+        _LOW[lin] = entry
+    return entry
+
+
+def low_precision_supported(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bfloat16 matrices natively (CUDA with bf16, or a CPU
+    with AMX tiles or AVX-512 BF16), so that a bf16 copy of the weights is faster to use."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # private, hence getattr
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
 def _apply(act: Tensor, patch: Patch | None) -> Tensor:
@@ -150,8 +211,13 @@ class LlamaStepper:
         """Supported, and no hook is installed on the bridge (the stepper would not run it)."""
         return LlamaStepper.supports(model) and not model.has_hooks()
 
-    def __init__(self, model: Model, n_tokens: int):
+    def __init__(self, model: Model, n_tokens: int, precision: torch.dtype | None = None):
         parts = _parts(model)
+        # matrix multiplies in ``precision`` (weights copied once, see low_precision_weights;
+        # inputs cast, outputs cast back: the residual stream, norms and attention keep the
+        # model's dtype); None: the model's own weights
+        self.dtype = parts.embed.weight.dtype
+        self.precision = None if precision in (None, self.dtype) else precision
         self.layers, self.embed, self.norm = parts.layers, parts.embed, parts.norm
         self.lm_head, self.n_heads, self.n_kv = parts.lm_head, parts.n_heads, parts.n_kv
         positions = torch.arange(n_tokens, device=model.device)[None]
@@ -161,6 +227,15 @@ class LlamaStepper:
         self._masks: dict[tuple[int, int, int], Tensor] = {}
 
     # ---- pieces --------------------------------------------------------------------------
+    def _linear(self, lin: torch.nn.Module, x: Tensor) -> Tensor:
+        if self.precision is None:
+            return F.linear(x, lin.weight, lin.bias)
+        return low_precision_weights(lin, self.precision)(self._narrow(x)).to(self.dtype)
+
+    def _narrow(self, x: Tensor) -> Tensor:
+        """``x`` in the multiplies' dtype (cast once where several multiplies read it)."""
+        return x if self.precision is None else x.to(self.precision)
+
     def _causal_mask(self, n_queries: int, n_keys: int, start: int) -> Bool[Tensor, "q k"]:
         """Query i (position start+i) sees keys 0 .. start+i; built once per shape (a sweep
         asks for the same few hundreds of times)."""
@@ -181,18 +256,27 @@ class LlamaStepper:
         return out
 
     def _heads(self, proj: torch.nn.Module, x: Tensor, n: int) -> Float[Tensor, "b p h d"]:
-        return rearrange(_linear(proj, x), "b p (h d) -> b p h d", h=n)
+        return rearrange(self._linear(proj, x), "b p (h d) -> b p h d", h=n)
 
     def _key(self, j: int, x: Float[Tensor, "b p d"]) -> Float[Tensor, "b p d_mlp"]:
         """The input of MLP ``j``'s output projection (``x``: the normalized MLP input)."""
-        lay = self.layers[j]
-        hidden = lay.act(_linear(lay.gate, x))
-        hidden *= _linear(lay.up, x)
+        lay, x = self.layers[j], self._narrow(x)
+        hidden = lay.act(self._linear(lay.gate, x))
+        hidden *= self._linear(lay.up, x)
         return hidden
 
     def unembed(self, h: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
         """Logits from final-layer hidden states (final norm, unembedding)."""
-        return _linear(self.lm_head, self.norm(h))
+        return self._linear(self.lm_head, self.norm(h))
+
+    def token_logits(
+        self, h: Float[Tensor, "n d_model"], ids: Int[Tensor, "n k"]
+    ) -> Float[Tensor, "n k"]:
+        """The logits of ``ids`` only, from final-layer hidden states: ``k`` rows of the
+        unembedding instead of all of it."""
+        w = self.lm_head.weight[ids]  # [n, k, d_model]
+        out = einsum(self.norm(h), w, "n d, n k d -> n k")
+        return out if self.lm_head.bias is None else out + self.lm_head.bias[ids]
 
     def layer(
         self,
@@ -211,7 +295,7 @@ class LlamaStepper:
         the earlier positions; this slice's keys and values are written into them and read
         from there (decoding without a concatenation per step, :meth:`decode`)."""
         lay, patches = self.layers[j], patches or {}
-        h = lay.input_norm(x)
+        h = self._narrow(lay.input_norm(x))
         q_in, q_start = (h[:, -1:], start + x.shape[1] - 1) if last_only else (h, start)
         q = self._rope(self._heads(lay.q, q_in, self.n_heads), q_start).transpose(1, 2)
         k = self._rope(self._heads(lay.k, h, self.n_kv), start).transpose(1, 2)
@@ -228,7 +312,7 @@ class LlamaStepper:
             q, keys, values, attn_mask=mask, scale=lay.scaling,
             enable_gqa=self.n_kv != self.n_heads,
         )
-        a = _apply(_linear(lay.o, rearrange(z, "b h p d -> b p (h d)")), patches.get("attn"))
+        a = _apply(self._linear(lay.o, rearrange(z, "b h p d -> b p (h d)")), patches.get("attn"))
         mid = (x[:, -1:] if last_only else x) + a
         m, key = self._patched_mlp(j, lay.post_norm(mid), patches.get("mlp"))
         return LayerOut(_apply(mid + m, patches.get("resid")), a, m, k, v, key)
@@ -241,11 +325,11 @@ class LlamaStepper:
         down = self.layers[j].down
         if patch is None or not bool(patch.mask.any()):
             key = self._key(j, x)
-            return _apply(_linear(down, key), patch), key
+            return _apply(self._linear(down, key), patch), key
         keep = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         keep[:, 0] = ~patch.mask
         out = torch.empty_like(x)
-        out[keep] = _linear(down, self._key(j, x[keep][None]))[0]
+        out[keep] = self._linear(down, self._key(j, x[keep][None]))[0]
         out[:, 0][patch.mask] = patch.value[patch.mask]
         return out, None
 

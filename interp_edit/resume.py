@@ -97,12 +97,16 @@ def record_block_input(model: Model, layer: int) -> Iterator[_Recording]:
         handle.remove()
 
 
-def block_input(model: Model, ids: Int[Tensor, "batch pos"], layer: int) -> BlockInput:
-    """The input of block ``layer`` for ``ids`` (no gradient; see the module docstring)."""
+def block_input(
+    model: Model, ids: Int[Tensor, "batch pos"], layer: int, precision: torch.dtype | None = None
+) -> BlockInput:
+    """The input of block ``layer`` for ``ids`` (no gradient; see the module docstring).
+    ``precision``: the blocks' matrix multiplies in that dtype (layer stepper only; see
+    :class:`interp_edit._llama.LlamaStepper`), an approximation for callers that can take it."""
     model._check_layer(layer)
     with torch.no_grad():
         if LlamaStepper.usable(model):
-            stepper = LlamaStepper(model, ids.shape[1])
+            stepper = LlamaStepper(model, ids.shape[1], precision)
             return BlockInput(layer, stepper.run(stepper.embed(ids), 0, layer), None)
         with record_block_input(model, layer) as rec:
             model.logits(ids, [-1])

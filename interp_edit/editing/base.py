@@ -206,12 +206,15 @@ class AppliedEdit:
         info: dict[str, Any] | None = None,
         *,
         owned: bool = False,
-        snapshot: Mapping[str, Tensor] | None = None,
+        added_to: Mapping[str, Tensor] | None = None,
     ) -> "AppliedEdit":
         """Record ``deltas`` and apply them to ``model`` (the common path for weight editors).
         ``owned``: the editor hands its fresh tensors over, so they are kept, not copied.
-        ``snapshot``: copies of the current weights the editor already made; kept for
-        :meth:`undo` instead of copying them again (a weight-sized copy costs milliseconds)."""
+        ``added_to``: the editor has already set every edited weight to
+        ``torch.add(added_to[name], deltas[name])`` (what :meth:`apply` computes, bit for
+        bit) and hands over ``added_to``, its copies of the weights before: they are kept for
+        :meth:`undo`, and nothing is copied or added again (MEND's passes, where each
+        weight-sized copy or add costs milliseconds)."""
         out = cls(
             model=None,
             method=method,
@@ -222,7 +225,13 @@ class AppliedEdit:
             model_name=model.name,
             fingerprint=model.fingerprint,
         )
-        return out.apply(model, snapshot)
+        if added_to is None:
+            return out.apply(model)
+        if added_to.keys() != out.deltas.keys():
+            raise InterpEditError("added_to must hold the weights before of exactly the edited "
+                                  f"parameters ({sorted(out.deltas)}), not {sorted(added_to)}")
+        out._originals.update(added_to)
+        return out._attach(model)
 
     @classmethod
     def in_context(
@@ -242,9 +251,8 @@ class AppliedEdit:
         """The prompt as the edited model sees it (the IKE context prepended, if any)."""
         return self.context + prompt if self.context else prompt
 
-    def apply(self, model: Model, snapshot: Mapping[str, Tensor] | None = None) -> "AppliedEdit":
-        """Apply the stored deltas to ``model`` (which must be the model they were made for).
-        ``snapshot``: see :meth:`from_deltas`."""
+    def apply(self, model: Model) -> "AppliedEdit":
+        """Apply the stored deltas to ``model`` (which must be the model they were made for)."""
         if self.applied:
             raise InterpEditError("this edit is already applied; undo() it first")
         if self.fingerprint and model.fingerprint != self.fingerprint:
@@ -252,18 +260,19 @@ class AppliedEdit:
                 f"this edit was made for {self.model_name!r} (fingerprint {self.fingerprint}), "
                 f"not {model.name!r} (fingerprint {model.fingerprint}); load the right model"
             )
-        params, snapshot = {n: get_parameter(model, n) for n in self.deltas}, snapshot or {}
+        params = {n: get_parameter(model, n) for n in self.deltas}
         for name, delta in self.deltas.items():  # every check before any weight changes
             if params[name].shape != delta.shape:
                 raise ModelMismatchError(f"delta for {name} has shape {tuple(delta.shape)}, "
                                          f"parameter has {tuple(params[name].shape)}")
-            if name in snapshot and not torch.equal(snapshot[name], params[name]):
-                raise InterpEditError(f"the snapshot of {name} is not its current value")
         with torch.no_grad(), record_function("edit: apply the deltas"):
             for name, delta in self.deltas.items():
                 p = params[name]
-                self._originals[name] = snapshot[name] if name in snapshot else p.detach().clone()
+                self._originals[name] = p.detach().clone()
                 p.add_(delta.to(p))
+        return self._attach(model)
+
+    def _attach(self, model: Model) -> "AppliedEdit":
         self.model = model
         _edit_stack(model).append(self)
         return self

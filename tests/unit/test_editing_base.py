@@ -60,19 +60,30 @@ def test_undo_is_bit_exact_and_ordered(fm):
         e1.undo()
 
 
-def test_snapshot_is_kept_for_undo_and_checked(fm):
+def test_weights_added_by_the_editor_are_kept_for_undo(fm):
+    """from_deltas(added_to=...): the editor already wrote before + delta; the edit equals
+    one applied the ordinary way, keeps the editor's copy for undo and undoes bit for bit."""
     m = fm.model
     name = parameter_name(m, m.mlp_out_proj(1))
     w = dict(m.hf_model.named_parameters())[name]
-    before, delta = w.detach().clone(), 0.01 * torch.ones_like(w)
+    before, delta = w.detach().clone(), 0.01 * torch.randn_like(w)
+    plain = AppliedEdit.from_deltas(m, "toy", [_req(fm)], _ToyHparams(), {name: delta})
+    edited = w.detach().clone()
+    plain.undo()
+    with torch.no_grad():
+        torch.add(before, delta, out=w)
     e = AppliedEdit.from_deltas(m, "toy", [_req(fm)], _ToyHparams(), {name: delta},
-                                snapshot={name: before})
+                                added_to={name: before})
+    assert torch.equal(w, edited)
     assert e._originals[name] is before  # no second copy
     e.undo()
     assert torch.equal(w, before)
-    with pytest.raises(InterpEditError, match="snapshot of .* is not its current value"):
+    e.apply(m)  # re-applied the ordinary way
+    assert torch.equal(w, edited)
+    e.undo()
+    with pytest.raises(InterpEditError, match="exactly the edited parameters"):
         AppliedEdit.from_deltas(m, "toy", [_req(fm)], _ToyHparams(), {name: delta},
-                                snapshot={name: before + 1})
+                                added_to={})
     assert torch.equal(w, before)
 
 

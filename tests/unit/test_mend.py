@@ -266,19 +266,40 @@ def test_more_passes_go_on_until_the_new_target_wins(fm, tmp_path):
     path = MENDEditor(cfg).save(tmp_path / "untrained.safetensors")
     new = next(a for a in RELATIONS[f.relation][1] if a != f.attribute)
     req = ie.EditRequest(f.template, f.subject, new, f.attribute)
+    before = {k: v.detach().clone() for k, v in m.hf_model.named_parameters()}
     p_new = []
     for passes in (1, 4):
         edit = ie.edit(m, [req], method="mend", editor=str(path), passes=passes)
         p_new.append(m.next_token_probs(f.prompt, new))
         edit.undo()
     assert edit.info["passes"] > 1 and p_new[1] > p_new[0]
+    assert all(torch.equal(v, before[k]) for k, v in m.hf_model.named_parameters())
     with pytest.raises(InterpEditError, match="passes"):
         ie.edit(m, [req], method="mend", editor=str(path), passes=0)
 
 
+def test_blocks_below_the_edit_in_bf16_give_nearly_the_same_edit(fm, tmp_path):
+    """below="bfloat16" rounds only the edited blocks' input: the edit is within a few
+    percent of below="model" (not equal), and the choice is recorded."""
+    m, f = fm.model, fm.facts[3]
+    cfg = MENDConfig.for_model(m, (2, 3), "given", rank=4, init_edit_lr=0.02, contrast=True)
+    path = MENDEditor(cfg).save(tmp_path / "untrained.safetensors")
+    req = ie.EditRequest(f.template, f.subject, "Rome", f.attribute)
+    edits = {}
+    for below in ("model", "bfloat16"):
+        edits[below] = ie.edit(m, [req], method="mend", editor=str(path), passes=1, below=below)
+        edits[below].undo()
+        assert edits[below].info["below"] == below
+    for name, d in edits["model"].deltas.items():
+        other = edits["bfloat16"].deltas[name]
+        assert not torch.equal(d, other) and float((d - other).norm() / d.norm()) < 0.05
+    with pytest.raises(InterpEditError, match="below"):
+        ie.edit(m, [req], method="mend", editor=str(path), below="fp8")
+
+
 def test_stepper_factors_equal_the_hooked_ones(fm):
     """The layer-stepper pass (used when no hook is installed) and the bridge pass with capture
-    and delta hooks give the same factors, logits and decision, fresh and resumed."""
+    and delta hooks give the same factors, logits and log-probs, fresh and resumed."""
     from interp_edit.editing.mend import _hooked_factors, _stepper_factors
     from interp_edit.resume import block_input
 
@@ -286,16 +307,41 @@ def test_stepper_factors_equal_the_hooked_ones(fm):
     batch = TargetBatch.build(m, [fm.facts[2].prompt, fm.facts[2].prompt, fm.facts[9].prompt],
                               ["Oslo", fm.facts[2].attribute, "Rome Paris"])
     rows, away = [0, 2], [1]
-    hooked_run = _hooked_factors(m, layers, batch, rows, away, None, None)
-    stepper_run = _stepper_factors(m, layers, batch, rows, away, block_input(m, batch.ids, 1),
-                                   None)
-    resumed = _hooked_factors(m, layers, batch, rows, away, hooked_run.start, None)
-    skipped = _stepper_factors(m, layers, batch, rows, away, stepper_run.start, lambda _: True)
-    assert skipped.factors is None and torch.equal(skipped.logits, stepper_run.logits)
+    hooked_run = _hooked_factors(m, layers, batch, rows, away, None)
+    stepper_run = _stepper_factors(m, layers, batch, rows, away, block_input(m, batch.ids, 1))
+    resumed = _hooked_factors(m, layers, batch, rows, away, hooked_run.start)
     torch.testing.assert_close(stepper_run.logits, hooked_run.logits, rtol=0, atol=1e-5)
     for run in (stepper_run, resumed):
+        torch.testing.assert_close(run.logprobs, hooked_run.logprobs, rtol=0, atol=1e-5)
         for layer in layers:
             (u, d), (u_ref, d_ref) = run.factors[layer], hooked_run.factors[layer]
             assert u.shape == u_ref.shape and u.shape[0] > 0
             torch.testing.assert_close(u, u_ref, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(d, d_ref, rtol=1e-4, atol=1e-7)
+
+
+def test_check_gaps_read_two_unembedding_rows_where_the_normaliser_cancels(fm):
+    """The check between passes: where both answers are one token after the same prompt the
+    gap is logit(new) − logit(old) (two rows of the unembedding); it equals the gap of the
+    full log-softmax, and pairs without that shape take the full path (same numbers again)."""
+    from interp_edit.editing.mend import _gaps_from
+    from interp_edit.resume import block_input, record_block_input
+
+    m, f, g = fm.model, fm.facts[2], fm.facts[9]
+    batch = TargetBatch.build(m, [f.prompt, f.prompt, g.prompt, g.prompt],
+                              ["Oslo", f.attribute, "Rome Paris", g.attribute])
+    one, many = (0, 1), (2, 3)
+    assert batch.one_token_after_same_prompt(*one)
+    assert not batch.one_token_after_same_prompt(*many)
+    start = block_input(m, batch.ids, 2)
+    with torch.no_grad():
+        full = batch.logprob_gaps(m.logits(batch.ids, batch.keep), [one, many])
+    short = _gaps_from(m, batch, start, [one])
+    mixed = _gaps_from(m, batch, start, [one, many])
+    with record_block_input(m, 2) as rec:  # a bridge input: always the full path
+        m.logits(batch.ids, [-1])
+    bridge = _gaps_from(m, batch, rec.value, [one, many])
+    for gaps in (short, mixed[:1], bridge[:1]):
+        torch.testing.assert_close(gaps, full[:1], rtol=0, atol=1e-5)
+    for gaps in (mixed[1:], bridge[1:]):
+        torch.testing.assert_close(gaps, full[1:], rtol=0, atol=1e-5)

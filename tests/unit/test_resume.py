@@ -78,3 +78,34 @@ def test_record_checks_the_layer(fm):
     with pytest.raises(InterpEditError):
         with record_block_input(fm.model, fm.model.n_layers):
             pass
+
+
+def test_low_precision_block_input_uses_bf16_copies_that_follow_the_weights(fm, ids):
+    """block_input(precision=bf16) multiplies with bf16 copies of the weights (packed for
+    oneDNN on CPU: the same numbers as a plain bf16 multiply), close to the fp32 input but not
+    equal to it; a copy is made once and remade when its weight changes in place."""
+    import torch.nn.functional as F
+
+    from interp_edit._llama import _parts, low_precision_weights
+
+    m = fm.model
+    exact = block_input(m, ids, 3).hidden
+    low = block_input(m, ids, 3, torch.bfloat16).hidden
+    assert low.dtype == exact.dtype and not torch.equal(low, exact)
+    assert float((low - exact).norm() / exact.norm()) < 0.02
+    up = _parts(m).layers[1].up
+    copy = low_precision_weights(up, torch.bfloat16)
+    assert low_precision_weights(up, torch.bfloat16) is copy  # kept
+    x = torch.randn(5, up.weight.shape[1]).to(torch.bfloat16)
+    assert torch.equal(copy(x), F.linear(x, up.weight.to(torch.bfloat16)))
+    before = up.weight.detach().clone()
+    with torch.no_grad():
+        up.weight.add_(1.0)
+    try:
+        again = low_precision_weights(up, torch.bfloat16)
+        assert again is not copy
+        assert torch.equal(again(x), F.linear(x, up.weight.to(torch.bfloat16)))
+        assert not torch.equal(block_input(m, ids, 3, torch.bfloat16).hidden, low)
+    finally:
+        with torch.no_grad():
+            up.weight.copy_(before)
