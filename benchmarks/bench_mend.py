@@ -23,8 +23,10 @@ network (and the preconditioner), and adds ΔW to the edited projections. A furt
 (``passes`` > 1) resumes from the first edited block and stops after its forward pass once
 p(new) > p(true). Times ``ie.edit(model, [req], method="mend", editor=..., passes=k)`` for
 k = 1 (MEND's one pass) and 3 (the default) on the first ``--n`` counterfact-val records (each
-edit undone before the next), after one warm-up edit, on the layer stepper and, side by side,
-on the bridge path that models without the stepper take (forced by installing a hook that
+edit undone before the next), after one warm-up edit (which also makes the bf16 copies of the
+weights below the edit), on the layer stepper with ``below="auto"`` (the default: bf16 on a
+CPU with AMX or AVX-512 BF16, as this one) and ``below="model"`` (fp32 throughout) and on
+the bridge path that models without the stepper take (forced by installing a hook that
 does nothing; it still unembeds only the target positions and resumes later passes from the
 first edited block), and splits one pass into its phases: the ranges the library marks with
 ``torch.profiler.record_function`` ("mend: ...", "edit: ..."), timed by the profiler over 10
@@ -69,26 +71,30 @@ def main() -> None:
     requests = [r.request for r in ie.load_counterfact(args.data)[: args.n + 1]]
 
     ie.edit(model, requests[0], method="mend", editor=str(path)).undo()  # warm-up
-    # (passes, generic): generic=True installs a hook that does nothing, which sends the edit
-    # down the bridge path every model takes (the layer stepper does not run bridge hooks)
-    times: dict[tuple[int, bool], list[float]] = {(1, False): [], (3, False): [],
-                                                  (1, True): [], (3, True): []}
-    used = []
+    # (passes, generic, below): generic=True installs a hook that does nothing, which sends
+    # the edit down the bridge path every model takes (the layer stepper does not run bridge
+    # hooks, and below does not apply there)
+    configs = [(1, False, "auto"), (3, False, "auto"), (1, False, "model"), (3, False, "model"),
+               (1, True, "auto"), (3, True, "auto")]
+    times: dict[tuple[int, bool, str], list[float]] = {c: [] for c in configs}
+    used, resolved = [], ""
     for req in requests[1:]:
-        for (passes, generic), ts in times.items():
+        for (passes, generic, below), ts in times.items():
             with hooked(model, [capture(resid_hook(0), {})] if generic else []):
                 t0 = time.perf_counter()
-                edit = ie.edit(model, req, method="mend", editor=str(path), passes=passes)
+                edit = ie.edit(model, req, method="mend", editor=str(path), passes=passes,
+                               below=below)
                 ts.append(time.perf_counter() - t0)
             edit.undo()
-            if (passes, generic) == (3, False):
+            if (passes, generic, below) == (3, False, "auto"):
                 used.append(edit.info["passes"])
+                resolved = edit.info["below"]
 
-    # one pass, phase by phase: the ranges the library marks with record_function, measured
-    # by the profiler over 10 edits (passes=1, layer stepper; the profiler adds a little)
+    # phase by phase: the ranges the library marks with record_function, measured by the
+    # profiler over 10 edits (default passes, layer stepper; the profiler adds a little)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for req in requests[1:11]:
-            ie.edit(model, req, method="mend", editor=str(path), passes=1).undo()
+            ie.edit(model, req, method="mend", editor=str(path)).undo()
     marked = {e.key: e.cpu_time_total / e.count / 1000 for e in prof.key_averages()
               if e.key.startswith(("mend: ", "edit: "))}
     req = requests[1]
@@ -115,14 +121,16 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs\n")
     print("| | ms |\n|---|---|")
     print(f"| load the editor (once) | {1000 * load_s:.0f} |")
-    for (k, generic), v in ms.items():
+    for (k, generic, below), v in ms.items():
         what = (f"passes={k} (default; {statistics.mean(used):.1f} used on average)" if k > 1
                 else "passes=1 (MEND)")
-        path_used = "bridge path (a hook installed)" if generic else "layer stepper"
+        note = f" ({resolved})" if below == "auto" else ""
+        path_used = ("bridge path (a hook installed)" if generic
+                     else f"layer stepper, below={below}{note}")
         print(f"| edit, {what}, {path_used}: median of {len(v)} (min / max) "
               f"| {statistics.median(v):.0f} ({v[0]:.0f} / {v[-1]:.0f}) |")
     for what, ms_ in marked.items():
-        print(f"| of one pass (profiler, mean of 10): {what} | {ms_:.1f} |")
+        print(f"| per call (profiler, 10 edits): {what} | {ms_:.1f} |")
     print(f"| for scale: one no-grad forward pass of the same tokens (bridge) "
           f"| {statistics.median(floor):.0f} |")
     print(f"| the floor of any pass: every weight matrix read once ({stream_mb:.0f} MB, one "

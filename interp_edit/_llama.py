@@ -10,6 +10,12 @@ It calls the model's own RMSNorm and rotary modules and its own weights (through
 ``torch.nn.functional``), so the numbers match a plain forward pass up to float rounding.
 Hooks on the TransformerBridge are *not* run here; the engine falls back to the hook-based
 path when a bridge hook is installed.
+
+``LlamaStepper(model, n, precision=torch.bfloat16)`` multiplies with bf16 copies of the
+weights (made once per module and remade when a weight changes, :func:`low_precision_weights`)
+while the residual stream, the norms and attention stay in the model's dtype: an
+approximation for callers that can take it (MEND's blocks below the edit,
+``MENDHparams.below``), never used by tracing.
 """
 
 from __future__ import annotations
@@ -124,8 +130,9 @@ def _parts(model: Model) -> _Parts:
 class LowPrecisionLinear(NamedTuple):
     """A linear layer's weights copied to another dtype, for inference: on CPU packed in
     oneDNN's blocked layout once (``packed``), so that each multiply does not reorder the
-    whole matrix again (at 16 rows: 27 blocks' multiplies 24 → 18 ms, ``benchmarks/
-    bench_mend.py``); elsewhere a plain copy."""
+    whole matrix again (the multiplies of 27 blocks of the default model's shapes at 16 rows,
+    bf16 on this project's AMX CPU: 24 ms plain, 18 ms packed; an ad-hoc measurement of
+    session 7); elsewhere a plain copy."""
 
     stamp: tuple
     weight: Tensor

@@ -570,8 +570,9 @@ class MENDHparams:
             raise InterpEditError(f"below={self.below!r}: use one of {', '.join(BELOW)}")
 
     def below_dtype(self, model: Model) -> torch.dtype | None:
-        """The dtype of the multiplies below the edit on ``model`` (None: the model's own)."""
-        if self.below == "model":
+        """The dtype of the multiplies below the edit on ``model`` (None: the model's own,
+        also wherever the layer stepper does not run)."""
+        if self.below == "model" or not LlamaStepper.usable(model):
             return None
         if self.below == "auto" and not low_precision_supported(model.device):
             return None
