@@ -20,6 +20,7 @@ approximation for callers that can take it (MEND's blocks below the edit,
 
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
@@ -182,6 +183,7 @@ def low_precision_weights(lin: torch.nn.Module, dtype: torch.dtype) -> LowPrecis
     return entry
 
 
+@functools.lru_cache(maxsize=None)  # the CPU probes cost a fraction of a millisecond each
 def low_precision_supported(device: torch.device) -> bool:
     """Whether ``device`` multiplies bfloat16 matrices natively (CUDA with bf16, or a CPU
     with AMX tiles or AVX-512 BF16), so that a bf16 copy of the weights is faster to use."""
@@ -235,9 +237,13 @@ class LlamaStepper:
 
     # ---- pieces --------------------------------------------------------------------------
     def _linear(self, lin: torch.nn.Module, x: Tensor) -> Tensor:
+        return self._multiply(lin, self._narrow(x)).to(self.dtype)
+
+    def _multiply(self, lin: torch.nn.Module, x: Tensor) -> Tensor:
+        """``lin(x)`` for ``x`` already in the multiplies' dtype, the result left in it."""
         if self.precision is None:
             return F.linear(x, lin.weight, lin.bias)
-        return low_precision_weights(lin, self.precision)(self._narrow(x)).to(self.dtype)
+        return low_precision_weights(lin, self.precision)(x)
 
     def _narrow(self, x: Tensor) -> Tensor:
         """``x`` in the multiplies' dtype (cast once where several multiplies read it)."""
@@ -266,10 +272,12 @@ class LlamaStepper:
         return rearrange(self._linear(proj, x), "b p (h d) -> b p h d", h=n)
 
     def _key(self, j: int, x: Float[Tensor, "b p d"]) -> Float[Tensor, "b p d_mlp"]:
-        """The input of MLP ``j``'s output projection (``x``: the normalized MLP input)."""
+        """The input of MLP ``j``'s output projection (``x``: the normalized MLP input), in
+        the multiplies' dtype (with a ``precision``, the activation and product are taken in
+        it too: the output projection reads them in it anyway)."""
         lay, x = self.layers[j], self._narrow(x)
-        hidden = lay.act(self._linear(lay.gate, x))
-        hidden *= self._linear(lay.up, x)
+        hidden = lay.act(self._multiply(lay.gate, x))
+        hidden *= self._multiply(lay.up, x)
         return hidden
 
     def unembed(self, h: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:

@@ -15,6 +15,7 @@ p(first target token | prompt). Multi-token targets are scored in full by
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -93,8 +94,25 @@ class Model:
 
     def has_hooks(self) -> bool:
         """Whether any forward or backward hook is installed on the bridge."""
+        known = getattr(self, "_hooks_known", None)
+        if known is not None:
+            return known
         points = self.hook_points  # map/attrgetter: the loop runs in C (1200+ points)
         return any(map(_FWD_HOOKS, points)) or any(map(_BWD_HOOKS, points))
+
+    @contextlib.contextmanager
+    def hooks_fixed(self) -> Iterator[None]:
+        """Inside the block :meth:`has_hooks` answers from one look at the hook points: for
+        library code that installs no hook and calls no user code while it runs (an edit
+        asks several times, and each look costs ~0.7 ms on the default model)."""
+        if getattr(self, "_hooks_known", None) is not None:  # nested: the outer look holds
+            yield
+            return
+        self._hooks_known = self.has_hooks()
+        try:
+            yield
+        finally:
+            self._hooks_known = None
 
     def mlp_out_proj(self, layer: int) -> torch.nn.Module:
         """The HF linear layer that maps MLP keys (``d_mlp``) to the residual stream.

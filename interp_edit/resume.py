@@ -107,7 +107,12 @@ def block_input(
     with torch.no_grad():
         if LlamaStepper.usable(model):
             stepper = LlamaStepper(model, ids.shape[1], precision)
-            return BlockInput(layer, stepper.run(stepper.embed(ids), 0, layer), None)
+            # rows that repeat (an edit's prompt, once with each answer, cut before the
+            # answer) run once
+            unique, inverse = torch.unique(ids, dim=0, return_inverse=True)
+            if len(unique) == len(ids):
+                return BlockInput(layer, stepper.run(stepper.embed(ids), 0, layer), None)
+            return BlockInput(layer, stepper.run(stepper.embed(unique), 0, layer)[inverse], None)
         with record_block_input(model, layer) as rec:
             model.logits(ids, [-1])
     return rec.value

@@ -359,6 +359,13 @@ class TargetBatch:
         return torch.arange(start - 1, start - 1 + n, device=self.ids.device)
 
     @functools.cached_property
+    def width(self) -> int:
+        """How many positions a pass needs: up to the last prediction position (a row's last
+        target token predicts nothing, so the one-token answers of the same prompt leave
+        identical rows of prompt tokens)."""
+        return max(start + n - 1 for start, n in self.spans)
+
+    @functools.cached_property
     def keep(self) -> Int[Tensor, "k"]:
         """Every row's prediction positions, sorted: the only logits a score needs."""
         return torch.unique(torch.cat([self.positions(i) for i in range(len(self.spans))]))
@@ -425,11 +432,13 @@ def _gaps_from(model: Model, batch: TargetBatch, start: BlockInput,
     with torch.no_grad(), record_function("mend: check the edit"):
         if start.kwargs is None and all(batch.one_token_after_same_prompt(*p) for p in pairs):
             stepper = stepper_for(model, start)
-            h = stepper.run(start.hidden, start.layer, model.n_layers)
             news, olds = [i for i, _ in pairs], [j for _, j in pairs]
             where = torch.tensor([batch.spans[i][0] - 1 for i in news])  # shared position
+            # the old rows equal the new ones up to there: only the new ones run
+            h = stepper.run(start.hidden[news, : int(where.max()) + 1], start.layer,
+                            model.n_layers)
             ids = torch.stack([batch.ids[news, where + 1], batch.ids[olds, where + 1]], -1)
-            logits = stepper.token_logits(h[news, where], ids)  # [pairs, (new, old)]
+            logits = stepper.token_logits(h[torch.arange(len(news)), where], ids)
             return logits[:, 0] - logits[:, 1]
         return batch.logprob_gaps(logits_from(model, start, batch.keep), pairs)
 
@@ -463,7 +472,7 @@ def batch_factors(
     hook for ``u_t`` and zero tensors added to the MLP outputs for ``δ_t``."""
     if start is None and LlamaStepper.usable(model):
         with record_function("mend: blocks below the edit"):
-            start = block_input(model, batch.ids, min(layers), below)  # the stepper's
+            start = block_input(model, batch.ids[:, : batch.width], min(layers), below)
     if start is not None and start.kwargs is None:
         return _stepper_factors(model, layers, batch, rows, away, start)
     return _hooked_factors(model, layers, batch, rows, away, start)
@@ -605,6 +614,11 @@ def _load_cached(path: str, stamp: tuple[int, int] | None) -> MENDEditor:
 def apply_mend(model: Model, requests: Sequence[EditRequest], hp: MENDHparams) -> AppliedEdit:
     """Edit with a trained editor: one forward/backward pass for the gradient factors, one pass
     of the editor network, then ΔW added to the edited projections."""
+    with model.hooks_fixed():  # the edit installs none and runs no user code
+        return _apply_mend(model, requests, hp)
+
+
+def _apply_mend(model: Model, requests: Sequence[EditRequest], hp: MENDHparams) -> AppliedEdit:
     editor = load_editor(model, hp.editor)
     params = model.parameters_by_name
     below = hp.below_dtype(model)

@@ -337,11 +337,41 @@ def test_check_gaps_read_two_unembedding_rows_where_the_normaliser_cancels(fm):
     with torch.no_grad():
         full = batch.logprob_gaps(m.logits(batch.ids, batch.keep), [one, many])
     short = _gaps_from(m, batch, start, [one])
+    cut = _gaps_from(m, batch, block_input(m, batch.ids[:, : batch.width], 2), [one])
     mixed = _gaps_from(m, batch, start, [one, many])
     with record_block_input(m, 2) as rec:  # a bridge input: always the full path
         m.logits(batch.ids, [-1])
     bridge = _gaps_from(m, batch, rec.value, [one, many])
-    for gaps in (short, mixed[:1], bridge[:1]):
+    for gaps in (short, cut, mixed[:1], bridge[:1]):
         torch.testing.assert_close(gaps, full[:1], rtol=0, atol=1e-5)
     for gaps in (mixed[1:], bridge[1:]):
         torch.testing.assert_close(gaps, full[1:], rtol=0, atol=1e-5)
+
+
+def test_passes_stop_at_the_last_prediction_position(fm):
+    """TargetBatch.width: a pass needs the positions up to the last one that predicts a target
+    token. Cut there, the factors, log-probs and logits equal the whole batch's (a row's last
+    token predicts nothing, so its gradient is zero), and the two one-token answers of one
+    prompt leave equal rows (which block_input then runs once)."""
+    from interp_edit.editing.mend import _stepper_factors
+    from interp_edit.resume import block_input
+
+    m, f, g = fm.model, fm.facts[2], fm.facts[9]
+    pair = TargetBatch.build(m, [f.prompt, f.prompt], ["Oslo", f.attribute])
+    assert pair.one_token_after_same_prompt(0, 1)
+    assert pair.width == pair.spans[0][0] == len(m.tokenize(f.prompt))
+    assert torch.equal(pair.ids[0, : pair.width], pair.ids[1, : pair.width])
+    batch = TargetBatch.build(m, [f.prompt, f.prompt, g.prompt],
+                              ["Oslo", f.attribute, "Rome Paris"])
+    assert batch.width == max(s + n - 1 for s, n in batch.spans) < batch.ids.shape[1]
+    layers, rows, away = (1, 3), [0, 2], [1]
+    whole = _stepper_factors(m, layers, batch, rows, away, block_input(m, batch.ids, 1))
+    cut = _stepper_factors(m, layers, batch, rows, away,
+                           block_input(m, batch.ids[:, : batch.width], 1))
+    torch.testing.assert_close(cut.logits, whole.logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(cut.logprobs, whole.logprobs, rtol=0, atol=1e-5)
+    for layer in layers:
+        (u, d), (u_ref, d_ref) = cut.factors[layer], whole.factors[layer]
+        assert u.shape == u_ref.shape and u.shape[0] > 0
+        torch.testing.assert_close(u, u_ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(d, d_ref, rtol=1e-4, atol=1e-7)

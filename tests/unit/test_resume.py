@@ -109,3 +109,34 @@ def test_low_precision_block_input_uses_bf16_copies_that_follow_the_weights(fm, 
     finally:
         with torch.no_grad():
             up.weight.copy_(before)
+
+
+def test_repeated_rows_run_once_with_the_same_block_input(fm, ids):
+    """block_input runs a row that repeats once (an edit's prompt with its new and its old
+    answer): the repeats get that row's hidden states, and each equals the row run alone."""
+    m = fm.model
+    repeated = ids[[0, 1, 0, 0]]
+    start = block_input(m, repeated, 3)
+    assert start.hidden.shape[:2] == repeated.shape
+    assert torch.equal(start.hidden[0], start.hidden[2])
+    assert torch.equal(start.hidden[0], start.hidden[3])
+    for row in (0, 1):
+        alone = block_input(m, ids[row : row + 1], 3).hidden[0]
+        torch.testing.assert_close(start.hidden[row], alone, rtol=0, atol=1e-5)
+
+
+def test_hooks_fixed_answers_from_one_look(fm):
+    """Model.hooks_fixed: has_hooks answers from the look taken on entry (nested blocks keep
+    the outer one's) and looks again after the block."""
+    m = fm.model
+    assert not m.has_hooks()
+    with m.hooks_fixed():
+        with hooked(m, [capture(mlp_key_hook(0), {})]):
+            assert not m.has_hooks()  # the look taken on entry
+        with m.hooks_fixed():
+            assert not m.has_hooks()
+    with hooked(m, [capture(mlp_key_hook(0), {})]):
+        assert m.has_hooks()
+        with m.hooks_fixed():
+            assert m.has_hooks()
+    assert not m.has_hooks()
