@@ -6,6 +6,9 @@
 1. One fact (10-token prompt, 10 noise samples), kinds resid/mlp/attn: wall and CPU time of the
    reference (one forward pass per cell), the fast engine (per kind, and all three kinds sharing
    runs) and attribution patching; speed-ups; the max abs difference from the reference.
+   Then attribution with ``precision="auto"`` (bf16 multiplies where the CPU has them) per
+   kind: its CPU time, its speed-up over fast and reference, and how far its grid is from the
+   fp32 one (Pearson r over the computed cells, the low_score difference).
    CPU time (``time.process_time``, one torch thread) is the steadier yardstick on a shared
    machine; both are printed. ``--steps`` adds where the speed comes from (kind resid): each
    step of the fast engine with its multiply-adds, and CPU time for those that run alone (the
@@ -63,7 +66,8 @@ def speed_table(model, fact: Fact, samples: int, macs: dict[str, tuple[float, fl
     resid grid."""
     ntok = len(model.tokenize(fact.prompt))
     kw = dict(samples=samples, progress=False)
-    rows, totals = [], {m: [0.0, 0.0] for m in ("reference", "fast", "attribution")}
+    rows, low_rows = [], []
+    totals = {m: [0.0, 0.0] for m in ("reference", "fast", "attribution")}
     cpu, ref_resid = {}, None  # kind -> CPU seconds of (reference, fast)
     for kind in KINDS:
         def run(method):
@@ -72,7 +76,15 @@ def speed_table(model, fact: Fact, samples: int, macs: dict[str, tuple[float, fl
         times = {}
         ref, *times["reference"] = run("reference")
         fast, *times["fast"] = run("fast")
-        _, *times["attribution"] = run("attribution")
+        attr, *times["attribution"] = run("attribution")
+        # the screen with precision="auto" (bf16 multiplies where the CPU has them)
+        low, _, lc = timed(lambda: ie.trace(model, *fact, kind=kind, method="attribution",
+                                            precision="auto", **kw))
+        keep = ~attr.scores.isnan()
+        low_rows.append(f"| {kind} | {times['attribution'][1]:.2f} | {lc:.2f} ({low.precision}) "
+                        f"| {times['fast'][1] / lc:.0f}x | {times['reference'][1] / lc:.0f}x "
+                        f"| {pearson(attr.scores[keep], low.scores[keep]):.4f} "
+                        f"| {abs(low.low_score - attr.low_score):.1e} |")
         diff = float((fast.scores - ref.scores).abs().max())
         ref_resid = ref.scores if kind == "resid" else ref_resid
         for name, (w, c) in times.items():
@@ -107,6 +119,14 @@ def speed_table(model, fact: Fact, samples: int, macs: dict[str, tuple[float, fl
         f"| all three (`trace_all`) | | {aw:.2f} / {ac:.2f} | {bw:.2f} / {bc:.2f} "
         f"| {rw / aw:.1f}x / {rc / ac:.1f}x | {aw / bw:.0f}x / {ac / bc:.0f}x "
         f"| {rw / bw:.0f}x / {rc / bc:.0f}x | |",
+        "",
+        "Attribution with `precision=\"auto\"` (bf16 multiplies, forward and backward, where "
+        "the CPU has them) next to the default fp32 one; CPU seconds:",
+        "",
+        "| kind | attribution fp32 | attribution auto | fast vs auto | reference vs auto "
+        "| Pearson r, auto vs fp32 grid | abs diff of low_score |",
+        "|---|---|---|---|---|---|---|",
+        *low_rows,
     ]
     return lines, cpu, ref_resid
 

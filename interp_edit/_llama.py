@@ -31,6 +31,7 @@ from einops import einsum, rearrange
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from interp_edit.errors import InterpEditError
 from interp_edit.models import Model
 
 SITES = ("attn", "mlp", "resid")
@@ -129,11 +130,11 @@ def _parts(model: Model) -> _Parts:
 
 
 class LowPrecisionLinear(NamedTuple):
-    """A linear layer's weights copied to another dtype, for inference: on CPU packed in
-    oneDNN's blocked layout once (``packed``), so that each multiply does not reorder the
-    whole matrix again (the multiplies of 27 blocks of the default model's shapes at 16 rows,
-    bf16 on this project's AMX CPU: 24 ms plain, 18 ms packed; an ad-hoc measurement of
-    session 7); elsewhere a plain copy."""
+    """A linear layer's weights copied to another dtype (or their transpose, for a backward
+    pass): on CPU packed in oneDNN's blocked layout once (``packed``), so that each multiply
+    does not reorder the whole matrix again (the multiplies of 27 blocks of the default
+    model's shapes at 16 rows, bf16 on this project's AMX CPU: 24 ms plain, 18 ms packed; an
+    ad-hoc measurement of session 7); elsewhere a plain copy."""
 
     stamp: tuple
     weight: Tensor
@@ -146,8 +147,8 @@ class LowPrecisionLinear(NamedTuple):
         return F.linear(x, self.weight, self.bias)
 
 
-_LOW: "weakref.WeakKeyDictionary[torch.nn.Module, LowPrecisionLinear]" = (
-    weakref.WeakKeyDictionary())
+# module -> {(dtype, transposed): copy}
+_LOW: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
 def _stamp(t: Tensor | None) -> tuple[int, int] | None:
@@ -165,22 +166,72 @@ def _pack(w: Tensor) -> Tensor | None:
         return None
 
 
-def low_precision_weights(lin: torch.nn.Module, dtype: torch.dtype) -> LowPrecisionLinear:
-    """``lin`` in ``dtype``, copied once and kept (one copy per module) until its weights
-    change: an in-place change bumps a tensor's version counter and a replaced tensor has
-    another address, and either makes a new copy. (A change made through ``.data`` bumps
-    neither and is not seen.)"""
-    w, b = lin.weight, lin.bias
-    stamp = (dtype, _stamp(w), _stamp(b))
-    entry = _LOW.get(lin)
+def low_precision_weights(lin: torch.nn.Module, dtype: torch.dtype,
+                          transposed: bool = False) -> LowPrecisionLinear:
+    """``lin`` in ``dtype`` (``transposed``: its weight's transpose and no bias, which
+    multiplies an output gradient back to the input), copied once and kept (one copy per
+    module) until its weights change: an in-place change bumps a tensor's version counter and
+    a replaced tensor has another address, and either makes a new copy. (A change made
+    through ``.data`` bumps neither and is not seen.)"""
+    w, b = lin.weight, None if transposed else lin.bias
+    stamp = (_stamp(w), _stamp(b))
+    copies = _LOW.setdefault(lin, {})
+    entry = copies.get((dtype, transposed))
     if entry is None or entry.stamp != stamp:
         with torch.no_grad():
-            low, bias = w.to(dtype), None if b is None else b.to(dtype)
+            low = (w.t().contiguous() if transposed else w).to(dtype)
+            bias = None if b is None else b.to(dtype)
             packed = _pack(low)
             entry = LowPrecisionLinear(stamp, low if packed is None else packed, bias,
                                        packed is not None)
-        _LOW[lin] = entry
+        copies[(dtype, transposed)] = entry
     return entry
+
+
+def low_precision_linear(lin: torch.nn.Module, x: Float[Tensor, "... d_in"],
+                         dtype: torch.dtype) -> Float[Tensor, "... d_out"]:
+    """``lin(x)`` with ``lin``'s weights in ``dtype`` (``x`` already in it), differentiable in
+    ``x`` (the weights get no gradient): packed copies multiply through
+    :class:`_PackedMultiply`, plain ones through ``F.linear``."""
+    entry = low_precision_weights(lin, dtype)
+    if entry.packed and torch.is_grad_enabled() and x.requires_grad:
+        return _PackedMultiply.apply(x, entry, lin)
+    return entry(x)
+
+
+class _PackedMultiply(torch.autograd.Function):
+    """A packed multiply with its input gradient: ``grad @ W``, a packed multiply by the
+    transposed copy (oneDNN's packed op has no derivative of its own)."""
+
+    @staticmethod
+    def forward(x: Tensor, entry: LowPrecisionLinear, lin: torch.nn.Module) -> Tensor:
+        return entry(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.lin, ctx.dtype = inputs[2], inputs[0].dtype
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        back = low_precision_weights(ctx.lin, ctx.dtype, transposed=True)
+        return back(grad.to(ctx.dtype).contiguous()), None, None
+
+
+PRECISIONS = ("auto", "bfloat16", "model")
+
+
+def resolve_precision(model: Model, setting: str) -> torch.dtype | None:
+    """The dtype of the layer stepper's matrix multiplies for a precision ``setting``:
+    ``"bfloat16"``; ``"model"`` (None: the model's own weights); ``"auto"``: bfloat16 where the
+    hardware multiplies it natively (:func:`low_precision_supported`), else the model's. None
+    also wherever the stepper does not run (other architectures, a bridge hook installed)."""
+    if setting not in PRECISIONS:
+        raise InterpEditError(f"precision {setting!r}: use one of {', '.join(PRECISIONS)}")
+    if setting == "model" or not LlamaStepper.usable(model):
+        return None
+    if setting == "auto" and not low_precision_supported(model.device):
+        return None
+    return torch.bfloat16
 
 
 @functools.lru_cache(maxsize=None)  # the CPU probes cost a fraction of a millisecond each
@@ -243,7 +294,7 @@ class LlamaStepper:
         """``lin(x)`` for ``x`` already in the multiplies' dtype, the result left in it."""
         if self.precision is None:
             return F.linear(x, lin.weight, lin.bias)
-        return low_precision_weights(lin, self.precision)(x)
+        return low_precision_linear(lin, x, self.precision)
 
     def _narrow(self, x: Tensor) -> Tensor:
         """``x`` in the multiplies' dtype (cast once where several multiplies read it)."""

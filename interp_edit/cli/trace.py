@@ -20,6 +20,8 @@ def register(sub) -> None:
     p.add_argument("--noise", default="s3", help="'sK' (K x subject-embedding std) or a float std")
     p.add_argument("--window", type=int, default=10, help="layers per mlp/attn window (default 10)")
     p.add_argument("--method", default="fast", choices=["fast", "reference", "attribution"])
+    p.add_argument("--precision", default="model", choices=["model", "bfloat16", "auto"],
+                   help="multiplies of --method attribution (default: the model's dtype)")
     p.add_argument("--sever", default=None, choices=["mlp", "attn"], help="severed paths (resid)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--top", type=int, default=5, help="how many top cells to print (default 5)")
@@ -36,7 +38,7 @@ def run(args) -> int:
     result = trace(
         model, args.prompt, args.subject, target=args.target, kind=args.kind,
         samples=args.samples, noise=noise, window=args.window, method=args.method,
-        sever=args.sever, seed=args.seed, progress=True,
+        sever=args.sever, seed=args.seed, precision=args.precision, progress=True,
     )  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -46,7 +48,7 @@ def run(args) -> int:
     first = traces[0]
     print(f"{model.name}: {args.prompt!r} -> {first.target!r}  subject tokens "
           f"{first.subject_range}  p(clean)={first.high_score:.4f}  "
-          f"p(corrupted)={first.low_score:.4f}  ({first.method})")  # fmt: skip
+          f"p(corrupted)={first.low_score:.4f}  ({first.method}, {first.precision})")  # fmt: skip
     for r in traces:
         print(f"  top {r.kind} cells (token, layer, score):")
         for t, layer, score in r.top_cells(args.top):

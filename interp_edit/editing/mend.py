@@ -62,7 +62,7 @@ from torch import Tensor, nn
 from torch.profiler import record_function
 
 from interp_edit._cache import cache_dir
-from interp_edit._llama import LayerOut, LlamaStepper, low_precision_supported
+from interp_edit._llama import PRECISIONS, LayerOut, LlamaStepper, resolve_precision
 from interp_edit.editing.base import AppliedEdit, EditRequest, parameter_name, register_editor
 from interp_edit.errors import InterpEditError, ModelMismatchError
 from interp_edit.hooks import add_delta, capture, hooked
@@ -72,7 +72,7 @@ from interp_edit.resume import (
 
 FORMAT = "interp_edit.MENDEditor/1"
 LAYER_CHOICES = ("last", "traced", "given")
-BELOW = ("auto", "bfloat16", "model")  # MENDHparams.below
+BELOW = PRECISIONS  # MENDHparams.below
 Factors = tuple[Float[Tensor, "n d_in"], Float[Tensor, "n d_out"]]  # (u_t, δ_t) per token
 
 
@@ -581,11 +581,7 @@ class MENDHparams:
     def below_dtype(self, model: Model) -> torch.dtype | None:
         """The dtype of the multiplies below the edit on ``model`` (None: the model's own,
         also wherever the layer stepper does not run)."""
-        if self.below == "model" or not LlamaStepper.usable(model):
-            return None
-        if self.below == "auto" and not low_precision_supported(model.device):
-            return None
-        return torch.bfloat16
+        return resolve_precision(model, self.below)
 
 
 def load_editor(model: Model, editor: str | os.PathLike | None = None) -> MENDEditor:

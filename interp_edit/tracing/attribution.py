@@ -31,14 +31,17 @@ Acts = dict[str, list[Tensor]]  # site -> one tensor [batch, pos, d_model] per l
 
 
 def site_effects(
-    inputs: TraceInputs,
+    inputs: TraceInputs, precision: torch.dtype | None = None,
 ) -> tuple[dict[str, Float[Tensor, "n_layers n_tokens"]], float]:
     """First-order effect of restoring each site, ``{site: [n_layers, n_tokens]}``, and the
-    corrupted score ``low_score``."""
+    corrupted score ``low_score``. ``precision``: the dtype of the matrix multiplies, forward
+    and backward (layer stepper only; None: the model's)."""
     noise = inputs.noise.clone().requires_grad_(True)  # puts the corrupted run on the graph
-    runs = _stepper_runs if LlamaStepper.usable(inputs.model) else _hooked_runs
     with torch.enable_grad():
-        clean, corrupted, probs = runs(inputs, noise)
+        if LlamaStepper.usable(inputs.model):
+            clean, corrupted, probs = _stepper_runs(inputs, noise, precision)
+        else:
+            clean, corrupted, probs = _hooked_runs(inputs, noise)
         flat = [a for site in SITE_HOOKS for a in corrupted[site]]
         grads = iter(torch.autograd.grad(probs.mean(), flat))
     effects = {}
@@ -51,13 +54,20 @@ def site_effects(
     return {k: v.float().cpu() for k, v in effects.items()}, float(probs.detach().mean())
 
 
-def _stepper_runs(inputs: TraceInputs, noise: Tensor) -> tuple[Acts, Acts, Tensor]:
+def _stepper_runs(inputs: TraceInputs, noise: Tensor, precision: torch.dtype | None,
+                  ) -> tuple[Acts, Acts, Tensor]:
     """Corrupted activations from the Llama layer stepper, on the autograd graph, logits at the
-    last position only; the clean ones from ``prepare``'s run (no gradient)."""
-    stepper = LlamaStepper(inputs.model, inputs.n_tokens)
+    last position only; the clean ones from ``prepare``'s run (no gradient), or with a
+    ``precision`` from a clean run in it (so that clean - corrupted holds no rounding
+    difference where the noise changed nothing)."""
+    stepper = LlamaStepper(inputs.model, inputs.n_tokens, precision)
     run = stepper.full_run(inputs.batch(inputs.samples), noise, inputs.subject_range)
     probs = stepper.target_probs(run.final, inputs.target_id)
-    return _sites(inputs.clean_run()), _sites(run), probs
+    if precision is None:
+        return _sites(inputs.clean_run()), _sites(run), probs
+    with torch.no_grad():
+        clean = stepper.full_run(inputs.batch(1))
+    return _sites(clean), _sites(run), probs
 
 
 def _sites(run: RunCache) -> Acts:
@@ -75,8 +85,8 @@ def _hooked_runs(inputs: TraceInputs, noise: Tensor) -> tuple[Acts, Acts, Tensor
     return by_site[0], by_site[1], probs
 
 
-def run(inputs: TraceInputs, kinds, *, window, sever, cells, progress):
-    effects, low = site_effects(inputs)
+def run(inputs: TraceInputs, kinds, *, window, sever, cells, progress, precision=None):
+    effects, low = site_effects(inputs, precision)
     L, T = inputs.n_layers, inputs.n_tokens
     keep = torch.zeros(T, L, dtype=torch.bool)
     keep[tuple(torch.tensor(cells).T)] = True

@@ -23,7 +23,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from interp_edit._llama import LlamaStepper, RunCache
+from interp_edit._llama import PRECISIONS, LlamaStepper, RunCache
 from interp_edit.errors import InterpEditError
 from interp_edit.models import Model
 from interp_edit.tracing.noise import resolve_noise
@@ -138,9 +138,15 @@ def prepare(
     )  # fmt: skip
 
 
-def check_options(kinds: Sequence[str], method: str, window: int, sever: str | None) -> None:
+def check_options(kinds: Sequence[str], method: str, window: int, sever: str | None,
+                  precision: str = "model") -> None:
     if method not in METHODS:
         raise InterpEditError(f"unknown method {method!r}: choose one of {METHODS}")
+    if precision not in PRECISIONS:
+        raise InterpEditError(f"unknown precision {precision!r}: choose one of {PRECISIONS}")
+    if precision == "bfloat16" and method != "attribution":
+        raise InterpEditError(f"precision='bfloat16' applies to method='attribution' only: "
+                              f"method={method!r} is exact and runs in the model's dtype")
     for kind in kinds:
         if kind not in KINDS:
             raise InterpEditError(f"unknown kind {kind!r}: choose one of {KINDS} or 'all'")

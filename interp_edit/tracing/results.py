@@ -58,6 +58,7 @@ class TraceResult:
     model_name: str
     method: str  # "fast" | "reference" | "attribution"
     sever: str | None = None  # None | "mlp" | "attn" (kind "resid" only)
+    precision: str = "model"  # the multiplies' dtype: "model" | "bfloat16" (attribution only)
 
     @property
     def indirect_effect(self) -> Float[Tensor, "n_tokens n_layers"]:

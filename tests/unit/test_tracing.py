@@ -216,6 +216,49 @@ def test_attribution_correlates_with_exact(fm, fact, ref_set):
         ie.trace(fm.model, fact.prompt, fact.subject, method="attribution", sever="mlp")
 
 
+def test_attribution_in_bf16_stays_close_to_fp32(fm, fact):
+    """precision="bfloat16": the screen multiplies (forward and backward) with bf16 copies of
+    the weights; its grid moves by rounding only, and the result says what ran. The exact
+    methods refuse it; an unknown precision is named."""
+    kw = dict(window=3, samples=4, method="attribution")
+    fp32 = ie.trace_all(fm.model, fact.prompt, fact.subject, **kw)
+    bf16 = ie.trace_all(fm.model, fact.prompt, fact.subject, precision="bfloat16", **kw)
+    assert fp32.resid.precision == "model" and bf16.resid.precision == "bfloat16"
+    for kind in KINDS:
+        a, b = fp32[kind].scores.flatten(), bf16[kind].scores.flatten()
+        keep = ~a.isnan()
+        assert torch.equal(keep, ~b.isnan()) and not torch.equal(a[keep], b[keep])
+        assert torch.corrcoef(torch.stack([a[keep], b[keep]]))[0, 1] > 0.98, kind
+        assert bf16[kind].low_score == pytest.approx(fp32[kind].low_score, rel=0.05)
+    with pytest.raises(ie.InterpEditError, match="method='attribution' only"):
+        ie.trace(fm.model, fact.prompt, fact.subject, precision="bfloat16")
+    with pytest.raises(ie.InterpEditError, match="precision 'fp8'"):
+        ie.trace(fm.model, fact.prompt, fact.subject, method="attribution", precision="fp8")
+
+
+def test_low_precision_linear_has_the_bf16_input_gradient():
+    """The packed bf16 multiply (oneDNN, which has no derivative) gets its input gradient from
+    a packed copy of the transposed weights: the same as autograd through a plain bf16
+    F.linear."""
+    import torch.nn.functional as F
+
+    from interp_edit._llama import low_precision_linear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(48, 80)
+    x = torch.randn(2, 5, 48).to(torch.bfloat16).requires_grad_()
+    out = low_precision_linear(lin, x, torch.bfloat16)
+    g = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, x, g)
+    x2 = x.detach().requires_grad_()
+    plain = F.linear(x2, lin.weight.to(torch.bfloat16), lin.bias.to(torch.bfloat16))
+    (grad_plain,) = torch.autograd.grad(plain, x2, g)
+    torch.testing.assert_close(out, plain, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(grad.float(), grad_plain.float(), rtol=1e-2, atol=1e-2)
+    with torch.no_grad():
+        assert not low_precision_linear(lin, x, torch.bfloat16).requires_grad
+
+
 def test_save_load_round_trip(tmp_path, ref_set):
     r = ref_set.attn
     r.save(tmp_path / "one.npz")
@@ -223,7 +266,7 @@ def test_save_load_round_trip(tmp_path, ref_set):
     assert torch.equal(back.scores, r.scores)
     for name in ("low_score", "high_score", "tokens", "token_ids", "subject_range", "target",
                  "target_id", "kind", "window", "noise_std", "noise_source", "samples", "seed",
-                 "model_name", "method", "sever", "prompt", "subject"):
+                 "model_name", "method", "sever", "precision", "prompt", "subject"):
         assert getattr(back, name) == getattr(r, name), name
     ref_set.save(tmp_path / "set")  # .npz added, as numpy does
     both = ie.tracing.TraceSet.load(tmp_path / "set.npz")
