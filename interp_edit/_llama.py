@@ -15,7 +15,10 @@ path when a bridge hook is installed.
 weights (made once per module and remade when a weight changes, :func:`low_precision_weights`)
 while the residual stream, the norms and attention stay in the model's dtype: an
 approximation for callers that can take it (MEND's blocks below the edit,
-``MENDHparams.below``), never used by tracing.
+``MENDHparams.below``; the attribution screen with ``trace(..., precision="bfloat16")``, whose
+backward pass multiplies by packed copies of the transposed weights), never by the exact
+tracing methods. :func:`resolve_precision` turns a ``"auto" | "bfloat16" | "model"`` setting
+into that dtype for both.
 """
 
 from __future__ import annotations
