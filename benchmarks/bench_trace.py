@@ -69,6 +69,8 @@ def speed_table(model, fact: Fact, samples: int, macs: dict[str, tuple[float, fl
     rows, low_rows = [], []
     totals = {m: [0.0, 0.0] for m in ("reference", "fast", "attribution")}
     cpu, ref_resid = {}, None  # kind -> CPU seconds of (reference, fast)
+    # the bf16 copies of the weights are made once per process (as for MEND's warm-up edit)
+    ie.trace(model, *fact, method="attribution", precision="auto", **kw)
     for kind in KINDS:
         def run(method):
             return timed(lambda: ie.trace(model, *fact, kind=kind, method=method, **kw))
