@@ -16,8 +16,9 @@ vocabulary-wide tensors each edit allocates do not page-fault on first touch aga
 prints them.
 
 An edit (``interp_edit.editing.mend``) runs the edit prompt + target (and + the old target, for
-an editor trained with ``contrast``) through the blocks below the first edited one on the
-layer stepper without gradients, then the edited blocks with gradients, the unembedding only
+an editor trained with ``contrast``), up to the last position that predicts a target token,
+through the blocks below the first edited one on the layer stepper without gradients (rows
+that repeat there, a one-token fact's two, run once), then the edited blocks with gradients, the unembedding only
 at the target positions, a backward pass to the first edited block, one pass of the editor
 network (and the preconditioner), and adds ΔW to the edited projections. A further pass
 (``passes`` > 1) resumes from the first edited block and stops after its forward pass once

@@ -66,6 +66,7 @@ class Model:
         self.d_model: int = cfg.d_model
         self.n_ctx: int = cfg.n_ctx
         self.fingerprint: str = _fingerprint(self)
+        self._hooks_known: bool | None = None  # has_hooks' answer inside hooks_fixed()
 
     def __repr__(self) -> str:
         return f"Model({self.name!r}, n_layers={self.n_layers}, d_model={self.d_model})"
@@ -94,9 +95,8 @@ class Model:
 
     def has_hooks(self) -> bool:
         """Whether any forward or backward hook is installed on the bridge."""
-        known = getattr(self, "_hooks_known", None)
-        if known is not None:
-            return known
+        if self._hooks_known is not None:
+            return self._hooks_known
         points = self.hook_points  # map/attrgetter: the loop runs in C (1200+ points)
         return any(map(_FWD_HOOKS, points)) or any(map(_BWD_HOOKS, points))
 
@@ -105,7 +105,7 @@ class Model:
         """Inside the block :meth:`has_hooks` answers from one look at the hook points: for
         library code that installs no hook and calls no user code while it runs (an edit
         asks several times, and each look costs ~0.7 ms on the default model)."""
-        if getattr(self, "_hooks_known", None) is not None:  # nested: the outer look holds
+        if self._hooks_known is not None:  # nested: the outer look holds
             yield
             return
         self._hooks_known = self.has_hooks()
