@@ -25,6 +25,8 @@ def register(sub) -> None:
     p.add_argument("--noise", default="s3", help="'sK' (K x subject embedding std) or a float")
     p.add_argument("--window", type=int, default=10, help="MLP/attention window (default 10)")
     p.add_argument("--method", default="fast", choices=["fast", "reference", "attribution"])
+    p.add_argument("--precision", default="model", choices=["model", "bfloat16", "auto"],
+                   help="multiplies of --method attribution (default: the model's dtype)")
     p.add_argument("--exact-sample", type=int, default=None,
                    help="with --method attribution: also trace N random facts exactly")
     p.add_argument("--cache-dir", type=Path, default=None, help="per-fact trace cache")
@@ -42,7 +44,7 @@ def run(args) -> int:
     facts = ie.load_known_facts(args.path)
     avg = ie.trace_dataset(
         model, facts, kinds, samples=args.samples, noise=noise, window=args.window,
-        method=args.method, sever=args.sever, limit=args.limit, exact_sample=args.exact_sample,
+        method=args.method, precision=args.precision, sever=args.sever, limit=args.limit, exact_sample=args.exact_sample,
         cache_dir=args.cache_dir,
     )
     out = args.out

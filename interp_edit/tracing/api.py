@@ -85,7 +85,7 @@ def trace(
             target=inputs.target, target_id=inputs.target_id, kind=k, window=int(window),
             noise_std=inputs.noise_std, noise_source=inputs.noise_source, samples=samples,
             seed=inputs.seed, model_name=model.name, method=method, sever=sever,
-            precision="model" if dtype is None else str(dtype).removeprefix("torch."),
+            precision="model" if dtype is None else "bfloat16",
         )  # fmt: skip
         for k in kinds
     }

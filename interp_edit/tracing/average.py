@@ -86,6 +86,7 @@ class Condition:
     kind: str = "resid"
     sever: str | None = None
     method: str = "fast"
+    precision: str = "model"  # the multiplies' dtype: "model" | "bfloat16" (attribution only)
 
     @property
     def exact(self) -> bool:
@@ -93,8 +94,11 @@ class Condition:
 
     @property
     def slug(self) -> str:
-        """A file-name-safe name: ``mlp``, ``resid-sever-attn``, ``attn-attribution``."""
-        return "-".join([self.kind, *(["sever", self.sever] if self.sever else []), self.method])
+        """A file-name-safe name: ``mlp``, ``resid-sever-attn``, ``attn-attribution``,
+        ``attn-attribution-bfloat16``."""
+        low = [self.precision] if self.precision != "model" else []
+        return "-".join([self.kind, *(["sever", self.sever] if self.sever else []), self.method,
+                         *low])
 
 
 @dataclass(frozen=True)

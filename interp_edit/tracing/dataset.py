@@ -44,10 +44,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from interp_edit import _cache
+from interp_edit._llama import resolve_precision
 from interp_edit.errors import InterpEditError, SubjectNotFoundError
 from interp_edit.models import Model
 from interp_edit.tracing import noise as _noise
 from interp_edit.tracing.api import trace
+from interp_edit.tracing.inputs import check_options
 from interp_edit.tracing.average import (
     GROUPS,
     KINDS,
@@ -81,6 +83,7 @@ def trace_dataset(
     window: int = 10,
     seed: int = 1,
     method: str = "fast",
+    precision: str = "model",
     sever: bool = False,
     limit: int | None = None,
     exact_sample: int | None = None,
@@ -93,13 +96,19 @@ def trace_dataset(
     ``kinds``: any of ``"resid"``, ``"mlp"``, ``"attn"`` (or ``"all"``). ``sever=True`` adds
     the hidden-state traces with the MLP and with the attention path severed (ROME Fig. 3),
     computed at the last subject token only (other groups are NaN for those conditions).
-    ``limit`` keeps the first ``limit`` facts. Other arguments are passed to :func:`trace`.
+    ``limit`` keeps the first ``limit`` facts. ``precision`` (``method="attribution"`` only:
+    ``"auto"`` or ``"bfloat16"`` screen with bf16 multiplies) is resolved once and is part of
+    each cached trace's name, so an fp32 and a bf16 screen never reuse each other's files.
+    Other arguments are passed to :func:`trace`.
     """
     facts = list(facts)
     _check_facts(facts)
     kinds = KINDS if kinds == "all" else (kinds,) if isinstance(kinds, str) else tuple(kinds)
     if bad := [k for k in kinds if k not in KINDS]:
         raise InterpEditError(f"unknown kinds {bad}: choose from {KINDS} or 'all'")
+    check_options(kinds, method, window, None, precision)
+    dtype = resolve_precision(model, precision) if method == "attribution" else None
+    ran = "model" if dtype is None else "bfloat16"  # what the traces run (a cache key)
     if exact_sample and method != "attribution":
         raise InterpEditError("exact_sample adds an exact pass to method='attribution'; "
                               f"with method={method!r} every fact is already traced exactly")
@@ -119,7 +128,7 @@ def trace_dataset(
     trace_dir = root / f"{model_slug}-{_cache.stable_hash(settings)}"
     trace_dir.mkdir(parents=True, exist_ok=True)
 
-    conditions = _conditions(kinds, sever, method)
+    conditions = _conditions(kinds, sever, method, ran)
     jobs = [(i, c) for i in range(len(kept)) for c in conditions]
     if exact_sample:
         sample = sorted(random.Random(seed).sample(range(len(kept)), min(exact_sample, len(kept))))
@@ -142,7 +151,7 @@ def trace_dataset(
             last_subject = [model.subject_range(f.prompt, f.subject)[1] - 1] if c.sever else None
             r = trace(model, f.prompt, f.subject, target=f.attribute, kind=c.kind,
                       window=window, samples=samples, noise=std, seed=seed, method=c.method,
-                      sever=c.sever, positions=last_subject, progress=False)
+                      precision=c.precision, sever=c.sever, positions=last_subject, progress=False)
             # the trace saw a float std: record where it came from (the dataset's subjects)
             _save_atomic(dataclasses.replace(r, noise_source=source), path_of(i, c))
             bar.update()
@@ -201,10 +210,11 @@ def predicted_facts(
     return kept, torch.cat(probs) if probs else torch.zeros(0, dtype=torch.float64)
 
 
-def _conditions(kinds: Sequence[str], sever: bool, method: str) -> list[Condition]:
-    conds = [Condition(k, None, method) for k in kinds]
+def _conditions(kinds: Sequence[str], sever: bool, method: str,
+                precision: str = "model") -> list[Condition]:
+    conds = [Condition(k, None, method, precision) for k in kinds]
     if sever:
-        conds += [Condition("resid", s, method) for s in ("mlp", "attn")]
+        conds += [Condition("resid", s, method, precision) for s in ("mlp", "attn")]
     return conds
 
 

@@ -213,3 +213,25 @@ def test_attribution_screen_with_an_exact_sample(fm, tmp_path):
     assert avg.stats("resid").n[-1] == 2 and avg.stats("resid", method="attribution").n[-1] == 4
     with pytest.raises(InterpEditError, match="exact_sample"):
         _run(fm, facts, tmp_path, exact_sample=2)
+
+
+def test_bf16_screen_is_cached_apart_from_the_fp32_one(fm, tmp_path):
+    """precision="bfloat16" screens with bf16 multiplies; the precision is part of each cached
+    trace's name, so the fp32 screen in the same cache directory is computed, not reused, and
+    the two differ by rounding only. The exact methods refuse it."""
+    facts = list(fm.facts[:3])
+    fp32 = _run(fm, facts, tmp_path, kinds=("resid",), method="attribution")
+    bf16 = _run(fm, facts, tmp_path, kinds=("resid",), method="attribution",
+                precision="bfloat16")
+    assert [c.slug for c in bf16.conditions] == ["resid-attribution-bfloat16"]
+    assert [c.slug for c in fp32.conditions] == ["resid-attribution"]
+    a = fp32.fact_effects("resid", method="attribution")
+    b = bf16.fact_effects("resid", method="attribution")
+    keep = ~a.isnan()
+    assert torch.equal(keep, ~b.isnan()) and not torch.equal(a[keep], b[keep])
+    assert torch.corrcoef(torch.stack([a[keep], b[keep]]))[0, 1] > 0.98
+    files = sorted(p.name for p in tmp_path.rglob("*.npz"))
+    assert sum(f.endswith("-resid-attribution-bfloat16.npz") for f in files) == 3
+    assert sum(f.endswith("-resid-attribution.npz") for f in files) == 3
+    with pytest.raises(InterpEditError, match="attribution' only"):
+        _run(fm, facts, tmp_path, precision="bfloat16")
