@@ -65,7 +65,10 @@ def trace(
             the model's). In bf16 the screen runs ~1.5x faster on such a CPU and its grid,
             ``low_score`` included, moves by rounding (Pearson r >= 0.998 with the fp32 grid on
             the benchmark fact; README). The exact methods always run in the model's dtype
-            and refuse ``"bfloat16"``. The result's ``precision`` records what ran.
+            and refuse ``"bfloat16"``. The result's ``precision`` records what ran. The bf16
+            copies of the weights (two per matrix: as is and transposed, for the backward
+            pass; ~540 MB on the default model) are made on first use and kept while the
+            model lives.
         progress: show a progress bar (``None``: on a terminal, for runs longer than 3 s).
     """
     kinds = KINDS if kind == "all" else (kind,)
