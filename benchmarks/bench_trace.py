@@ -1,7 +1,7 @@
 """Causal tracing benchmark: reference vs fast vs attribution on the default model.
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_trace.py \
-        [--facts 20] [--pearson-samples 3] [--steps] [--work-only] [--data DIR]
+        [--facts 20] [--pearson-samples 3] [--pearson-only] [--steps] [--work-only] [--data DIR]
 
 1. One fact (10-token prompt, 10 noise samples), kinds resid/mlp/attn: wall and CPU time of the
    reference (one forward pass per cell), the fast engine (per kind, and all three kinds sharing
@@ -17,7 +17,8 @@
    (fast) grid, over the first ``--facts`` known facts (Meng et al. 2022) that the model
    predicts (top-1 = the known attribute's first token), with ``--pearson-samples`` noise
    samples; only cells at or after the subject's first token enter (earlier cells equal
-   ``low_score`` exactly in both).
+   ``low_score`` exactly in both); for the default fp32 screen and ``precision="auto"``.
+   ``--pearson-only`` runs this part alone.
 3. Peak RSS of the process.
 The first line counts multiply-adds, reference / fast, from the engine's own plans: the
 ceiling of the speed-up when both run their matrix multiplies equally fast. The second divides
@@ -276,36 +277,49 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def attribution_table(model, facts: list[dict], samples: int) -> list[str]:
-    per_kind = {k: [] for k in KINDS}
-    pooled = {k: ([], []) for k in KINDS}
-    t_exact = t_att = 0.0
+    """Pearson r of the attribution grid with the exact one, per kind, for the default fp32
+    screen and for ``precision="auto"`` (bf16 multiplies where the CPU has them)."""
+    screens = {"model": "fp32", "auto": "auto"}
+    per_kind = {(p, k): [] for p in screens for k in KINDS}
+    pooled = {(p, k): ([], []) for p in screens for k in KINDS}
+    seconds = {"exact": 0.0, **{p: 0.0 for p in screens}}
+    ran = "model"
     for rec in facts:
         kw = dict(target=rec["attribute"], samples=samples, progress=False)
         exact, _, dt = timed(lambda: ie.trace_all(model, rec["prompt"], rec["subject"], **kw))
-        t_exact += dt
-        approx, _, dt = timed(lambda: ie.trace_all(model, rec["prompt"], rec["subject"],
-                                                   method="attribution", **kw))  # fmt: skip
-        t_att += dt
+        seconds["exact"] += dt
         start = exact.resid.subject_range[0]
-        for k in KINDS:
-            e, a = exact[k].indirect_effect[start:], approx[k].indirect_effect[start:]
-            per_kind[k].append(pearson(a, e))
-            pooled[k][0].append(a.flatten())
-            pooled[k][1].append(e.flatten())
-        rs = " ".join(f"{k} {per_kind[k][-1]:.2f}" for k in KINDS)
-        print(f"  fact {len(per_kind['resid'])}/{len(facts)} {rec['prompt']!r}: r {rs}", flush=True)
+        for p in screens:
+            approx, _, dt = timed(lambda: ie.trace_all(
+                model, rec["prompt"], rec["subject"], method="attribution", precision=p, **kw))
+            seconds[p] += dt
+            ran = approx.resid.precision if p == "auto" else ran
+            for k in KINDS:
+                e, a = exact[k].indirect_effect[start:], approx[k].indirect_effect[start:]
+                per_kind[p, k].append(pearson(a, e))
+                pooled[p, k][0].append(a.flatten())
+                pooled[p, k][1].append(e.flatten())
+        rs = " ".join(f"{k} {per_kind['model', k][-1]:.2f}/{per_kind['auto', k][-1]:.2f}"
+                      for k in KINDS)
+        print(f"  fact {len(per_kind['model', 'resid'])}/{len(facts)} {rec['prompt']!r}: "
+              f"r fp32/auto {rs}", flush=True)
+    t_exact, t32, tauto = seconds["exact"], seconds["model"], seconds["auto"]
     lines = [
         f"{len(facts)} known facts the model predicts, {samples} samples; CPU time: exact "
-        f"(fast, `trace_all`) {t_exact:.0f} s in all, attribution {t_att:.1f} s "
-        f"({t_exact / t_att:.0f}x faster).",
+        f"(fast, `trace_all`) {t_exact:.0f} s in all, attribution fp32 {t32:.1f} s "
+        f"({t_exact / t32:.0f}x faster), attribution `precision=\"auto\"` ({ran} here) "
+        f"{tauto:.1f} s ({t_exact / tauto:.0f}x faster; the first fact also made the bf16 "
+        f"copies).",
         "",
-        "| kind | Pearson r, mean over facts | median | min | r, all cells pooled |",
-        "|---|---|---|---|---|",
+        "| kind | screen | Pearson r, mean over facts | median | min | r, all cells pooled |",
+        "|---|---|---|---|---|---|",
     ]
     for k in KINDS:
-        rs = torch.tensor(per_kind[k])
-        pool = pearson(torch.cat(pooled[k][0]), torch.cat(pooled[k][1]))
-        lines.append(f"| {k} | {rs.mean():.2f} | {rs.median():.2f} | {rs.min():.2f} | {pool:.2f} |")
+        for p, name in screens.items():
+            rs = torch.tensor(per_kind[p, k])
+            pool = pearson(torch.cat(pooled[p, k][0]), torch.cat(pooled[p, k][1]))
+            lines.append(f"| {k} | {name} | {rs.mean():.2f} | {rs.median():.2f} | "
+                         f"{rs.min():.2f} | {pool:.2f} |")
     return lines
 
 
@@ -322,6 +336,8 @@ def main() -> None:
     ap.add_argument("--work-only", action="store_true",
                     help="print the multiply-add ratios only, for the prompt and over the first "
                          "200 known facts (seconds, no tracing)")
+    ap.add_argument("--pearson-only", action="store_true",
+                    help="skip the speed table: only the Pearson part")
     ap.add_argument("--prompt", default=PROMPT, help="the traced fact's prompt")
     ap.add_argument("--subject", default=SUBJECT, help="the traced fact's subject")
     ap.add_argument("--data", type=Path,
@@ -334,12 +350,13 @@ def main() -> None:
     if args.work_only:
         print(work_line(macs))
         return print(work_spread(model, args.data / "known_1000.json", args.samples))
-    lines, cpu, ref_resid = speed_table(model, fact, args.samples, macs)
-    print("\n".join(lines), "\n", flush=True)
-    if args.steps:
-        print("\n".join(steps_table(model, fact, args.samples, macs, cpu, ref_resid)), "\n",
-              flush=True)
-    print(f"Peak RSS after the speed part: {peak_rss():.2f} GiB\n", flush=True)
+    if not args.pearson_only:
+        lines, cpu, ref_resid = speed_table(model, fact, args.samples, macs)
+        print("\n".join(lines), "\n", flush=True)
+        if args.steps:
+            print("\n".join(steps_table(model, fact, args.samples, macs, cpu, ref_resid)),
+                  "\n", flush=True)
+        print(f"Peak RSS after the speed part: {peak_rss():.2f} GiB\n", flush=True)
     if args.facts < 1:
         return
     facts = known_facts(model, args.data / "known_1000.json", args.facts)

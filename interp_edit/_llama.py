@@ -408,12 +408,15 @@ class LlamaStepper:
         first: int,
         stop: int,
         visit: Callable[[int, Tensor, LayerOut], None] | None = None,
+        last_only: bool = False,
     ) -> Float[Tensor, "batch pos d_model"]:
         """Layers ``first .. stop-1`` on every position of ``x`` (the input of layer
         ``first``); returns the last one's output. ``visit(j, x_j, out_j)`` sees each layer's
-        input and outputs on the way."""
+        input and outputs on the way. ``last_only``: layer ``stop-1`` computes the last
+        position's output only (``[batch, 1, d_model]``; the others' keys and values are all
+        it needs of them), for callers that read nothing else."""
         for j in range(first, stop):
-            out = self.layer(j, x, 0)
+            out = self.layer(j, x, 0, last_only=last_only and j == stop - 1)
             if visit is not None:
                 visit(j, x, out)
             x = out.out

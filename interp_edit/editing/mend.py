@@ -434,11 +434,14 @@ def _gaps_from(model: Model, batch: TargetBatch, start: BlockInput,
             stepper = stepper_for(model, start)
             news, olds = [i for i, _ in pairs], [j for _, j in pairs]
             where = torch.tensor([batch.spans[i][0] - 1 for i in news])  # shared position
-            # the old rows equal the new ones up to there: only the new ones run
+            # the old rows equal the new ones up to there: only the new ones run, and where
+            # they share that position, the last block computes it alone
+            same = bool((where == where[0]).all())
             h = stepper.run(start.hidden[news, : int(where.max()) + 1], start.layer,
-                            model.n_layers)
+                            model.n_layers, last_only=same)
             ids = torch.stack([batch.ids[news, where + 1], batch.ids[olds, where + 1]], -1)
-            logits = stepper.token_logits(h[torch.arange(len(news)), where], ids)
+            final = h[:, -1] if same else h[torch.arange(len(news)), where]
+            logits = stepper.token_logits(final, ids)
             return logits[:, 0] - logits[:, 1]
         return batch.logprob_gaps(logits_from(model, start, batch.keep), pairs)
 
@@ -501,11 +504,14 @@ def _stepper_factors(model: Model, layers: Sequence[int], batch: TargetBatch,
             outs[j], keys[j] = out.out, out.key.detach()
 
     x = start.hidden.detach().requires_grad_()  # the graph starts here (weights are frozen)
+    # every row predicts at the last position only (one-token answers of one prompt): the last
+    # block computes that position alone (its other outputs get no gradient)
+    single = batch.keep.numel() == 1 and int(batch.keep[0]) == x.shape[1] - 1
     with torch.enable_grad():
         with record_function("mend: edited blocks, forward"):
-            x = stepper.run(x, start.layer, model.n_layers, keep)
+            x = stepper.run(x, start.layer, model.n_layers, keep, last_only=single)
         with record_function("mend: unembedding at the targets"):
-            logits = stepper.unembed(x[:, batch.keep])
+            logits = stepper.unembed(x if single else x[:, batch.keep])
             logprobs = batch.mean_logprobs(logits, range(batch.n_rows))
         with record_function("mend: backward"):
             grads = torch.autograd.grad(_loss(logprobs, rows, away), [outs[j] for j in layers])

@@ -352,8 +352,9 @@ def test_passes_stop_at_the_last_prediction_position(fm):
     """TargetBatch.width: a pass needs the positions up to the last one that predicts a target
     token. Cut there, the factors, log-probs and logits equal the whole batch's (a row's last
     token predicts nothing, so its gradient is zero), and the two one-token answers of one
-    prompt leave equal rows (which block_input then runs once)."""
-    from interp_edit.editing.mend import _stepper_factors
+    prompt leave equal rows (which block_input then runs once) that predict at the last
+    position only (the last block then computes that position alone)."""
+    from interp_edit.editing.mend import _hooked_factors, _stepper_factors
     from interp_edit.resume import block_input
 
     m, f, g = fm.model, fm.facts[2], fm.facts[9]
@@ -361,17 +362,27 @@ def test_passes_stop_at_the_last_prediction_position(fm):
     assert pair.one_token_after_same_prompt(0, 1)
     assert pair.width == pair.spans[0][0] == len(m.tokenize(f.prompt))
     assert torch.equal(pair.ids[0, : pair.width], pair.ids[1, : pair.width])
+    layers = (1, 3)
+    # cut there, every row predicts at the last position: the last block computes it alone
+    whole = _hooked_factors(m, layers, pair, [0], [1], None)
+    cut = _stepper_factors(m, layers, pair, [0], [1],
+                           block_input(m, pair.ids[:, : pair.width], 1))
+    _same_factors(cut, whole, layers)
     batch = TargetBatch.build(m, [f.prompt, f.prompt, g.prompt],
                               ["Oslo", f.attribute, "Rome Paris"])
     assert batch.width == max(s + n - 1 for s, n in batch.spans) < batch.ids.shape[1]
-    layers, rows, away = (1, 3), [0, 2], [1]
+    rows, away = [0, 2], [1]
     whole = _stepper_factors(m, layers, batch, rows, away, block_input(m, batch.ids, 1))
     cut = _stepper_factors(m, layers, batch, rows, away,
                            block_input(m, batch.ids[:, : batch.width], 1))
-    torch.testing.assert_close(cut.logits, whole.logits, rtol=0, atol=1e-5)
-    torch.testing.assert_close(cut.logprobs, whole.logprobs, rtol=0, atol=1e-5)
+    _same_factors(cut, whole, layers)
+
+
+def _same_factors(run, ref, layers) -> None:
+    torch.testing.assert_close(run.logits, ref.logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(run.logprobs, ref.logprobs, rtol=0, atol=1e-5)
     for layer in layers:
-        (u, d), (u_ref, d_ref) = cut.factors[layer], whole.factors[layer]
+        (u, d), (u_ref, d_ref) = run.factors[layer], ref.factors[layer]
         assert u.shape == u_ref.shape and u.shape[0] > 0
         torch.testing.assert_close(u, u_ref, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(d, d_ref, rtol=1e-4, atol=1e-7)
