@@ -26,7 +26,8 @@ import os
 from pathlib import Path
 
 import interp_edit as ie
-from interp_edit.editing.mend import BELOW, MENDEditor, default_editor_path
+from interp_edit._llama import PRECISIONS
+from interp_edit.editing.mend import MENDEditor, default_editor_path
 from interp_edit.editing.mend_train import TrainConfig, train_editor
 from interp_edit.evaluation import EvalReport
 from interp_edit.plotting.style import TEXT_WIDTH, new_figure, style
@@ -52,7 +53,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=200, help="held-out records to evaluate")
     parser.add_argument("--passes", default="1,3",
                         help="editor passes to evaluate (MENDHparams.passes), comma-separated")
-    parser.add_argument("--below", default="auto", choices=BELOW,
+    parser.add_argument("--below", default="auto", choices=PRECISIONS,
                         help="precision of the blocks below the edit (MENDHparams.below); "
                         "results of a value other than auto go to passes<k>-<value>/")
     parser.add_argument("--eval-only", action="store_true", help="evaluate the trained editor")

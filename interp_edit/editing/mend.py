@@ -72,7 +72,6 @@ from interp_edit.resume import (
 
 FORMAT = "interp_edit.MENDEditor/1"
 LAYER_CHOICES = ("last", "traced", "given")
-BELOW = PRECISIONS  # MENDHparams.below
 Factors = tuple[Float[Tensor, "n d_in"], Float[Tensor, "n d_out"]]  # (u_t, δ_t) per token
 
 
@@ -581,8 +580,8 @@ class MENDHparams:
             object.__setattr__(self, "editor", os.fspath(self.editor))
         if self.passes < 1:
             raise InterpEditError(f"passes={self.passes}: use 1 (MEND) or more")
-        if self.below not in BELOW:
-            raise InterpEditError(f"below={self.below!r}: use one of {', '.join(BELOW)}")
+        if self.below not in PRECISIONS:
+            raise InterpEditError(f"below={self.below!r}: use one of {', '.join(PRECISIONS)}")
 
     def below_dtype(self, model: Model) -> torch.dtype | None:
         """The dtype of the multiplies below the edit on ``model`` (None: the model's own,

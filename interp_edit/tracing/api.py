@@ -5,12 +5,12 @@ from __future__ import annotations
 import importlib
 from typing import Sequence
 
+import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from interp_edit._llama import resolve_precision
 from interp_edit.models import Model
-from interp_edit.tracing.inputs import check_options, prepare, select_cells
+from interp_edit.tracing.inputs import check_options, prepare, screen_precision, select_cells
 from interp_edit.tracing.results import KINDS, TraceResult, TraceSet
 
 # method -> module with ``run(inputs, kinds, *, window, sever, cells, progress)``
@@ -76,7 +76,8 @@ def trace(
     inputs = prepare(model, prompt, subject, target, samples, noise, seed)
     cells = select_cells(inputs, positions, layers)
     run = importlib.import_module(_METHOD_MODULES[method]).run
-    dtype = resolve_precision(model, precision) if method == "attribution" else None
+    ran = screen_precision(model, method, precision)
+    dtype = torch.bfloat16 if ran == "bfloat16" else None
     options = {"precision": dtype} if method == "attribution" else {}
     grids, low = run(inputs, kinds, window=window, sever=sever, cells=cells, progress=progress,
                      **options)
@@ -88,7 +89,7 @@ def trace(
             target=inputs.target, target_id=inputs.target_id, kind=k, window=int(window),
             noise_std=inputs.noise_std, noise_source=inputs.noise_source, samples=samples,
             seed=inputs.seed, model_name=model.name, method=method, sever=sever,
-            precision="model" if dtype is None else "bfloat16",
+            precision=ran,
         )  # fmt: skip
         for k in kinds
     }

@@ -44,12 +44,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from interp_edit import _cache
-from interp_edit._llama import resolve_precision
 from interp_edit.errors import InterpEditError, SubjectNotFoundError
 from interp_edit.models import Model
 from interp_edit.tracing import noise as _noise
 from interp_edit.tracing.api import trace
-from interp_edit.tracing.inputs import check_options
+from interp_edit.tracing.inputs import check_options, screen_precision
 from interp_edit.tracing.average import (
     GROUPS,
     KINDS,
@@ -107,8 +106,7 @@ def trace_dataset(
     if bad := [k for k in kinds if k not in KINDS]:
         raise InterpEditError(f"unknown kinds {bad}: choose from {KINDS} or 'all'")
     check_options(kinds, method, window, None, precision)
-    dtype = resolve_precision(model, precision) if method == "attribution" else None
-    ran = "model" if dtype is None else "bfloat16"  # what the traces run (a cache key)
+    ran = screen_precision(model, method, precision)  # what the traces run (a cache key)
     if exact_sample and method != "attribution":
         raise InterpEditError("exact_sample adds an exact pass to method='attribution'; "
                               f"with method={method!r} every fact is already traced exactly")

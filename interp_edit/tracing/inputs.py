@@ -23,7 +23,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from interp_edit._llama import PRECISIONS, LlamaStepper, RunCache
+from interp_edit._llama import PRECISIONS, LlamaStepper, RunCache, resolve_precision
 from interp_edit.errors import InterpEditError
 from interp_edit.models import Model
 from interp_edit.tracing.noise import resolve_noise
@@ -136,6 +136,15 @@ def prepare(
         model, prompt, subject, ids, (start, end), target, target_id, float(probs[target_id]),
         values, std, source, int(seed), clean,
     )  # fmt: skip
+
+
+def screen_precision(model: Model, method: str, precision: str) -> str:
+    """What a trace's multiplies run in, ``"model"`` or ``"bfloat16"``: ``precision`` resolved
+    for ``method="attribution"`` (see :func:`interp_edit._llama.resolve_precision`), the
+    model's dtype for the exact methods."""
+    if method != "attribution" or resolve_precision(model, precision) is None:
+        return "model"
+    return "bfloat16"
 
 
 def check_options(kinds: Sequence[str], method: str, window: int, sever: str | None,

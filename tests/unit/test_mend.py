@@ -297,6 +297,16 @@ def test_blocks_below_the_edit_in_bf16_give_nearly_the_same_edit(fm, tmp_path):
         ie.edit(m, [req], method="mend", editor=str(path), below="fp8")
 
 
+def _same_factors(run, ref, layers) -> None:
+    torch.testing.assert_close(run.logits, ref.logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(run.logprobs, ref.logprobs, rtol=0, atol=1e-5)
+    for layer in layers:
+        (u, d), (u_ref, d_ref) = run.factors[layer], ref.factors[layer]
+        assert u.shape == u_ref.shape and u.shape[0] > 0
+        torch.testing.assert_close(u, u_ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(d, d_ref, rtol=1e-4, atol=1e-7)
+
+
 def test_stepper_factors_equal_the_hooked_ones(fm):
     """The layer-stepper pass (used when no hook is installed) and the bridge pass with capture
     and delta hooks give the same factors, logits and log-probs, fresh and resumed."""
@@ -310,14 +320,8 @@ def test_stepper_factors_equal_the_hooked_ones(fm):
     hooked_run = _hooked_factors(m, layers, batch, rows, away, None)
     stepper_run = _stepper_factors(m, layers, batch, rows, away, block_input(m, batch.ids, 1))
     resumed = _hooked_factors(m, layers, batch, rows, away, hooked_run.start)
-    torch.testing.assert_close(stepper_run.logits, hooked_run.logits, rtol=0, atol=1e-5)
     for run in (stepper_run, resumed):
-        torch.testing.assert_close(run.logprobs, hooked_run.logprobs, rtol=0, atol=1e-5)
-        for layer in layers:
-            (u, d), (u_ref, d_ref) = run.factors[layer], hooked_run.factors[layer]
-            assert u.shape == u_ref.shape and u.shape[0] > 0
-            torch.testing.assert_close(u, u_ref, rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(d, d_ref, rtol=1e-4, atol=1e-7)
+        _same_factors(run, hooked_run, layers)
 
 
 def test_check_gaps_read_two_unembedding_rows_where_the_normaliser_cancels(fm):
@@ -377,12 +381,3 @@ def test_passes_stop_at_the_last_prediction_position(fm):
                            block_input(m, batch.ids[:, : batch.width], 1))
     _same_factors(cut, whole, layers)
 
-
-def _same_factors(run, ref, layers) -> None:
-    torch.testing.assert_close(run.logits, ref.logits, rtol=0, atol=1e-5)
-    torch.testing.assert_close(run.logprobs, ref.logprobs, rtol=0, atol=1e-5)
-    for layer in layers:
-        (u, d), (u_ref, d_ref) = run.factors[layer], ref.factors[layer]
-        assert u.shape == u_ref.shape and u.shape[0] > 0
-        torch.testing.assert_close(u, u_ref, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(d, d_ref, rtol=1e-4, atol=1e-7)
