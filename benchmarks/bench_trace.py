@@ -217,7 +217,7 @@ def steps_table(model, fact: Fact, samples: int, macs: dict[str, tuple[float, fl
     cells = select_cells(inputs, None, None)
 
     def batched(last_logits: bool) -> tuple[float, float]:
-        (grids, _), _, sec = timed(lambda: reference.run(
+        (grids, *_), _, sec = timed(lambda: reference.run(
             inputs, ("resid",), window=10, sever=None, cells=cells, progress=False,
             cells_per_pass=engine._FALLBACK_CELLS_PER_PASS, last_logits=last_logits))
         return sec, float((grids["resid"] - ref_grid).abs().max())

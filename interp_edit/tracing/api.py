@@ -9,6 +9,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from interp_edit._llama import LlamaStepper
 from interp_edit.models import Model
 from interp_edit.tracing.inputs import check_options, prepare, screen_precision, select_cells
 from interp_edit.tracing.results import KINDS, TraceResult, TraceSet
@@ -62,9 +63,10 @@ def trace(
         precision: the matrix multiplies of ``method="attribution"``, forward and backward:
             ``"model"`` (default: the model's dtype), ``"bfloat16"``, or ``"auto"`` (bf16 where
             the hardware multiplies it natively, as AMX / AVX-512 BF16 CPUs and CUDA do, else
-            the model's). In bf16 the screen runs ~1.5x faster on such a CPU and its grid,
-            ``low_score`` included, moves by rounding (Pearson r >= 0.998 with the fp32 grid on
-            the benchmark fact; README). The exact methods always run in the model's dtype
+            the model's). In bf16 the screen runs ~2x faster on such a CPU and its grid,
+            ``low_score`` and ``high_score`` included, moves by rounding (Pearson r >= 0.998
+            with the fp32 grid on the benchmark fact; README); the default target is its clean
+            row's top-1, the exact methods' except where two logits tie within rounding. The exact methods always run in the model's dtype
             and refuse ``"bfloat16"``. The result's ``precision`` records what ran. The bf16
             copies of the weights (two per matrix: as is and transposed, for the backward
             pass; ~540 MB on the default model) are made on first use and kept while the
@@ -73,14 +75,17 @@ def trace(
     """
     kinds = KINDS if kind == "all" else (kind,)
     check_options(kinds, method, window, sever, precision)
-    inputs = prepare(model, prompt, subject, target, samples, noise, seed)
-    cells = select_cells(inputs, positions, layers)
-    run = importlib.import_module(_METHOD_MODULES[method]).run
     ran = screen_precision(model, method, precision)
     dtype = torch.bfloat16 if ran == "bfloat16" else None
+    # the attribution screen on the layer stepper runs the clean prompt as a row of its batch
+    own_clean = method == "attribution" and LlamaStepper.usable(model)
+    inputs = prepare(model, prompt, subject, target, samples, noise, seed,
+                     clean_pass=not own_clean)
+    cells = select_cells(inputs, positions, layers)
+    run = importlib.import_module(_METHOD_MODULES[method]).run
     options = {"precision": dtype} if method == "attribution" else {}
-    grids, low = run(inputs, kinds, window=window, sever=sever, cells=cells, progress=progress,
-                     **options)
+    grids, low, inputs = run(inputs, kinds, window=window, sever=sever, cells=cells,
+                             progress=progress, **options)
     results = {
         k: TraceResult(
             scores=grids[k], low_score=float(low), high_score=inputs.high_score,

@@ -1,6 +1,7 @@
 """``method="attribution"``: attribution patching (Nanda 2023; Syed et al. 2023), a first-order
-estimate of the whole causal-tracing grid from one clean pass and one batched corrupted
-forward + backward pass.
+estimate of the whole causal-tracing grid from one forward pass over the clean prompt and the
+corrupted samples together and one backward pass (with ``precision="bfloat16"``, both in bf16
+multiplies: ``high_score`` and the default target then come from the bf16 clean row too).
 
 For every site (block output, MLP output, attention output) of every layer ``j`` and token
 ``t``, restoring the clean value changes the score by about
@@ -24,7 +25,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from interp_edit._llama import LlamaStepper, RunCache
-from interp_edit.tracing.inputs import TraceInputs, window_layers
+from interp_edit.tracing.inputs import TraceInputs, Traced, window_layers
 from interp_edit.tracing.reference import SITE_HOOKS, capture_runs
 
 Acts = dict[str, list[Tensor]]  # site -> one tensor [batch, pos, d_model] per layer
@@ -32,18 +33,21 @@ Acts = dict[str, list[Tensor]]  # site -> one tensor [batch, pos, d_model] per l
 
 def site_effects(
     inputs: TraceInputs, precision: torch.dtype | None = None,
-) -> tuple[dict[str, Float[Tensor, "n_layers n_tokens"]], float]:
-    """First-order effect of restoring each site, ``{site: [n_layers, n_tokens]}``, and the
-    corrupted score ``low_score``. ``precision``: the dtype of the matrix multiplies, forward
-    and backward (layer stepper only; None: the model's)."""
+) -> tuple[dict[str, Float[Tensor, "n_layers n_tokens"]], float, TraceInputs]:
+    """First-order effect of restoring each site, ``{site: [n_layers, n_tokens]}``, the
+    corrupted score ``low_score``, and ``inputs`` completed by the clean pass (where the layer
+    stepper ran it here, see :func:`_stepper_runs`). ``precision``: the dtype of the matrix
+    multiplies, forward and backward (layer stepper only; None: the model's)."""
     noise = inputs.noise.clone().requires_grad_(True)  # puts the corrupted run on the graph
     with torch.enable_grad():
         if LlamaStepper.usable(inputs.model):
-            clean, corrupted, probs = _stepper_runs(inputs, noise, precision)
+            clean, corrupted, inputs, backward = _stepper_runs(inputs, noise, precision)
         else:
             clean, corrupted, probs = _hooked_runs(inputs, noise)
+            backward = (probs.mean(), None, probs.detach().mean())
         flat = [a for site in SITE_HOOKS for a in corrupted[site]]
-        grads = iter(torch.autograd.grad(probs.mean(), flat))
+        out, seed, low = backward
+        grads = iter(torch.autograd.grad(out, flat, seed))
     effects = {}
     for site in SITE_HOOKS:
         # the grad of the mean already carries 1/S: summing over samples gives the mean effect
@@ -51,23 +55,34 @@ def site_effects(
             ((c - a.detach()) * next(grads)).sum((0, 2))
             for c, a in zip(clean[site], corrupted[site])
         ])  # [layer, pos]
-    return {k: v.float().cpu() for k, v in effects.items()}, float(probs.detach().mean())
+    return {k: v.float().cpu() for k, v in effects.items()}, float(low), inputs
 
 
-def _stepper_runs(inputs: TraceInputs, noise: Tensor, precision: torch.dtype | None,
-                  ) -> tuple[Acts, Acts, Tensor]:
-    """Corrupted activations from the Llama layer stepper, on the autograd graph, logits at the
-    last position only; the clean ones from ``prepare``'s run (no gradient), or with a
-    ``precision`` from a clean run in it (so that clean - corrupted holds no rounding
-    difference where the noise changed nothing)."""
+def _stepper_runs(inputs: TraceInputs, noise: Tensor, precision: torch.dtype | None):
+    """One forward pass on the Llama layer stepper over the clean prompt (row 0: zero noise)
+    and the corrupted samples, so that the clean and corrupted activations come from the same
+    multiplies (clean - corrupted holds no rounding difference where the noise changed
+    nothing) and the weights are read once; logits at the last position only. The clean
+    row's probabilities complete ``inputs`` (default target, ``high_score``).
+
+    Returns the clean sites (row 0, no gradient), the whole batch's sites (the clean row's
+    gradient is zero), the completed inputs and what to differentiate: the logits with the
+    gradient of the mean p(target) over samples as their seed, ``p_s (onehot - probs_s) / S``
+    (the softmax's backward, in closed form), and the corrupted score."""
     stepper = LlamaStepper(inputs.model, inputs.n_tokens, precision)
-    run = stepper.full_run(inputs.batch(inputs.samples), noise, inputs.subject_range)
-    probs = stepper.target_probs(run.final, inputs.target_id)
-    if precision is None:
-        return _sites(inputs.clean_run()), _sites(run), probs
+    rows = torch.cat((noise.new_zeros(1, *noise.shape[1:]), noise))
+    run = stepper.full_run(inputs.batch(1 + inputs.samples), rows, inputs.subject_range)
+    logits = stepper.unembed(run.final)  # [1 + S, d_vocab]
     with torch.no_grad():
-        clean = stepper.full_run(inputs.batch(1))
-    return _sites(clean), _sites(run), probs
+        probs = logits.softmax(-1)
+        inputs = inputs.completed(probs[0], None, stepper.precision)
+        p = probs[1:, inputs.target_id]
+        seed = torch.zeros_like(probs)
+        seed[1:] = probs[1:] * (-p / inputs.samples)[:, None]
+        seed[1:, inputs.target_id] += p / inputs.samples
+    sites = _sites(run)
+    clean = {site: [a[:1].detach() for a in acts] for site, acts in sites.items()}
+    return clean, sites, inputs, (logits, seed, p.mean())
 
 
 def _sites(run: RunCache) -> Acts:
@@ -85,8 +100,11 @@ def _hooked_runs(inputs: TraceInputs, noise: Tensor) -> tuple[Acts, Acts, Tensor
     return by_site[0], by_site[1], probs
 
 
-def run(inputs: TraceInputs, kinds, *, window, sever, cells, progress, precision=None):
-    effects, low = site_effects(inputs, precision)
+def run(inputs: TraceInputs, kinds, *, window, sever, cells, progress, precision=None
+        ) -> Traced:
+    """``method="attribution"``; ``inputs`` may come without the clean pass (``prepare(...,
+    clean_pass=False)``) where the layer stepper runs: it is one row of the batch here."""
+    effects, low, inputs = site_effects(inputs, precision)
     L, T = inputs.n_layers, inputs.n_tokens
     keep = torch.zeros(T, L, dtype=torch.bool)
     keep[tuple(torch.tensor(cells).T)] = True
@@ -99,4 +117,4 @@ def run(inputs: TraceInputs, kinds, *, window, sever, cells, progress, precision
             spans = [window_layers(layer, window, L) for layer in range(L)]
             estimate = torch.stack([csum[w.stop] - csum[w.start] for w in spans], 1)
         grids[kind] = torch.where(keep, low + estimate, float("nan"))
-    return grids, low
+    return Traced(grids, low, inputs)

@@ -44,14 +44,14 @@ from torch import Tensor
 
 from interp_edit.tracing import reference
 from interp_edit._llama import LlamaStepper, Patch, RunCache
-from interp_edit.tracing.inputs import Plan, Restore, TraceInputs, progress_bar
+from interp_edit.tracing.inputs import Plan, Restore, TraceInputs, Traced, progress_bar
 
 _FALLBACK_CELLS_PER_PASS = 16
 _MAX_ROWS = 1024  # (states x samples x positions) per layer call: keeps activations in cache
 _UNEMBED_ROWS = 256  # final states per unembedding call
 
 
-def run(inputs: TraceInputs, kinds, *, window, sever, cells, progress):
+def run(inputs: TraceInputs, kinds, *, window, sever, cells, progress) -> Traced:
     if not LlamaStepper.usable(inputs.model):
         return reference.run(
             inputs, kinds, window=window, sever=sever, cells=cells, progress=progress,
@@ -59,7 +59,7 @@ def run(inputs: TraceInputs, kinds, *, window, sever, cells, progress):
         )
     jobs = reference.grid_jobs(inputs, kinds, window, sever, cells)
     scores, low = _fast_grid(inputs, [(t, p) for _, t, _, p in jobs], progress)
-    return reference.fill_grids(inputs, kinds, jobs, scores), low
+    return Traced(reference.fill_grids(inputs, kinds, jobs, scores), low, inputs)
 
 
 @torch.no_grad()

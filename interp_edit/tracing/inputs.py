@@ -16,7 +16,7 @@ one activation at token ``t`` of one layer, where the activation ("site") is the
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple, Sequence
 
 import torch
@@ -68,15 +68,19 @@ class TraceInputs:
     subject: str
     ids: Int[Tensor, "pos"]
     subject_range: tuple[int, int]
-    target: str
-    target_id: int
-    high_score: float  # clean p(target), from the clean pass below
+    # the answer scored: given, or (None until the clean pass ran, see ``completed``) the
+    # model's top-1 after the prompt
+    target: str | None
+    target_id: int | None
+    high_score: float | None  # clean p(target), from the clean pass
     noise: Float[Tensor, "samples subject_len d_model"]
     noise_std: float
     noise_source: str
     seed: int
     # the clean pass, every layer cached, where the layer stepper ran it (None: the bridge did)
     clean: RunCache | None = None
+    # the dtype of that pass's matrix multiplies (None: the model's; bf16 for the bf16 screen)
+    precision: torch.dtype | None = None
 
     @property
     def samples(self) -> int:
@@ -91,16 +95,37 @@ class TraceInputs:
         return self.model.n_layers
 
     def clean_run(self) -> RunCache:
-        """The clean pass with every layer cached: ``prepare``'s, or (where the stepper did
-        not run it there) one run now."""
+        """The clean pass with every layer cached, its multiplies in :attr:`precision`:
+        ``prepare``'s, or (where the stepper did not run it there) one run now."""
         if self.clean is not None:
             return self.clean
         with torch.no_grad():
-            return LlamaStepper(self.model, self.n_tokens).full_run(self.batch(1))
+            stepper = LlamaStepper(self.model, self.n_tokens, self.precision)
+            return stepper.full_run(self.batch(1))
+
+    def completed(self, probs: Float[Tensor, "d_vocab"], clean: RunCache | None,
+                  precision: torch.dtype | None) -> "TraceInputs":
+        """These inputs with a clean pass's results: ``probs`` (its next-token probabilities
+        at the last position) give the default target (the top-1) and ``high_score``;
+        ``clean`` is its cached run (None: not kept), ``precision`` its multiplies' dtype."""
+        tid = int(probs.argmax()) if self.target_id is None else self.target_id
+        target = self.model.tokenizer.decode([tid]) if self.target is None else self.target
+        return replace(self, target=target, target_id=tid, high_score=float(probs[tid]),
+                       clean=clean, precision=precision)
 
     def batch(self, copies: int) -> Int[Tensor, "batch pos"]:
         """The prompt repeated ``copies`` times (one row per corrupted sample)."""
         return self.ids[None].expand(copies, -1).to(self.model.device)
+
+
+class Traced(NamedTuple):
+    """What a method's ``run`` returns: a grid per kind (NaN outside the cells asked for), the
+    corrupted score, and the inputs, completed by the method's own clean pass where it ran
+    one (``prepare(..., clean_pass=False)``)."""
+
+    grids: dict[str, Float[Tensor, "n_tokens n_layers"]]
+    low_score: float
+    inputs: TraceInputs
 
 
 @torch.no_grad()
@@ -112,30 +137,31 @@ def prepare(
     samples: int,
     noise: str | float | Tensor,
     seed: int,
+    clean_pass: bool = True,
 ) -> TraceInputs:
     """Check the inputs and run the clean pass (for the default target and ``high_score``).
     On the layer stepper the pass keeps every layer's activations, so the methods that need
-    the clean run (fast, attribution) do not run it again."""
+    the clean run (the fast engine) do not run it again. ``clean_pass=False`` leaves the pass
+    to the caller (:meth:`TraceInputs.completed`): the attribution screen runs the clean
+    prompt as one more row of its corrupted batch."""
     _positive_int("samples", samples)
     ids = model.tokenize(prompt)  # raises on an empty prompt or one longer than the context
     start, end = model.subject_range(prompt, subject)
-    clean = None
+    target_id = None if target is None else model.target_ids(target)[0]
+    values, std, source = resolve_noise(model, noise, samples, end - start, seed)
+    inputs = TraceInputs(
+        model, prompt, subject, ids, (start, end), target, target_id, None, values, std,
+        source, int(seed),
+    )  # fmt: skip
+    if not clean_pass:
+        return inputs
     if LlamaStepper.usable(model):
         stepper = LlamaStepper(model, len(ids))
         clean = stepper.full_run(ids[None].to(model.device))
         probs = stepper.unembed(clean.final[0]).softmax(-1)
-    else:
-        probs = model.logits(ids[None].to(model.device), [-1])[0, -1].softmax(-1)
-    if target is None:
-        target_id = int(probs.argmax())
-        target = model.tokenizer.decode([target_id])
-    else:
-        target_id = model.target_ids(target)[0]
-    values, std, source = resolve_noise(model, noise, samples, end - start, seed)
-    return TraceInputs(
-        model, prompt, subject, ids, (start, end), target, target_id, float(probs[target_id]),
-        values, std, source, int(seed), clean,
-    )  # fmt: skip
+        return inputs.completed(probs, clean, None)
+    probs = model.logits(ids[None].to(model.device), [-1])[0, -1].softmax(-1)
+    return inputs.completed(probs, None, None)
 
 
 def screen_precision(model: Model, method: str, precision: str) -> str:

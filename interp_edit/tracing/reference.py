@@ -18,7 +18,7 @@ from torch import Tensor
 
 from interp_edit import hooks as H
 from interp_edit.models import attn_out_hook, mlp_out_hook, resid_hook
-from interp_edit.tracing.inputs import Plan, TraceInputs, plan, progress_bar
+from interp_edit.tracing.inputs import Plan, TraceInputs, Traced, plan, progress_bar
 
 # a plan step's site -> the bridge hook point that holds that activation
 SITE_HOOKS = {"resid": resid_hook, "mlp": mlp_out_hook, "attn": attn_out_hook}
@@ -108,10 +108,10 @@ def fill_grids(inputs: TraceInputs, kinds, jobs, scores: Tensor) -> dict[str, Te
 
 
 def run(inputs: TraceInputs, kinds, *, window, sever, cells, progress, cells_per_pass=1,
-        last_logits=False):
+        last_logits=False) -> Traced:
     """``method="reference"``: one forward pass per cell (see :func:`hooked_grid` for the
     other options)."""
     jobs = grid_jobs(inputs, kinds, window, sever, cells)
     scores, low = hooked_grid(inputs, [(t, p) for _, t, _, p in jobs], cells_per_pass, progress,
                               last_logits)
-    return fill_grids(inputs, kinds, jobs, scores), low
+    return Traced(fill_grids(inputs, kinds, jobs, scores), low, inputs)

@@ -156,6 +156,15 @@ def test_high_score_is_the_plain_forward_probability(fm, fact, ref_set):
     assert r.target.strip() == fact.attribute  # target=None: the model's own top-1
     plain = float(fm.model.next_token_probs(fact.prompt, r.target))
     assert r.high_score == pytest.approx(plain, abs=1e-7)
+    # the attribution screen's clean pass is a row of its corrupted batch: the same answer,
+    # and in bf16 the same top-1 with a probability that moved by rounding only
+    kw = dict(samples=3, method="attribution")
+    a = ie.trace(fm.model, fact.prompt, fact.subject, **kw)
+    assert a.target == r.target and a.target_id == r.target_id
+    assert a.high_score == pytest.approx(plain, abs=1e-6)
+    b = ie.trace(fm.model, fact.prompt, fact.subject, precision="bfloat16", **kw)
+    assert b.target == r.target and b.high_score == pytest.approx(plain, rel=0.02)
+    assert b.high_score != a.high_score  # bf16 multiplies did run
 
 
 @pytest.mark.parametrize("method", ["fast", "reference"])
@@ -281,3 +290,6 @@ def test_attribution_through_stepper_and_hooks_agree(fm, fact, monkeypatch):
     hooked = ie.trace_all(fm.model, fact.prompt, fact.subject, **kw)
     for kind in KINDS:
         assert (stepper[kind].scores - hooked[kind].scores).abs().max() <= ATOL
+        assert stepper[kind].high_score == pytest.approx(hooked[kind].high_score, abs=1e-6)
+        assert stepper[kind].low_score == pytest.approx(hooked[kind].low_score, abs=1e-6)
+        assert stepper[kind].target_id == hooked[kind].target_id
