@@ -10,7 +10,8 @@
    kind: its CPU time, its speed-up over fast and reference, and how far its grid is from the
    fp32 one (Pearson r over the computed cells, the low_score difference).
    CPU time (``time.process_time``, one torch thread) is the steadier yardstick on a shared
-   machine; both are printed. ``--steps`` adds where the speed comes from (kind resid): each
+   machine; both are printed (for attribution, the median of 5 runs; the exact methods run
+   once, 20-100 s each). ``--steps`` adds where the speed comes from (kind resid): each
    step of the fast engine with its multiply-adds, and CPU time for those that run alone (the
    hook-batched fallback with and without full logits).
 2. Attribution vs exact: Pearson r per kind between the attribution estimate and the exact
@@ -47,6 +48,7 @@ from _machine import matmul_rate, up_proj  # benchmarks/, beside this script
 
 PROMPT, SUBJECT = "The Eiffel Tower is located in the city of", "The Eiffel Tower"  # defaults
 KINDS = ("resid", "mlp", "attn")
+SCREEN_REPEATS = 5  # attribution timings: the median of this many runs
 
 
 class Fact(NamedTuple):
@@ -54,11 +56,16 @@ class Fact(NamedTuple):
     subject: str
 
 
-def timed(fn):
-    """``fn()``, its wall time and its CPU time (seconds)."""
-    t0, c0 = time.perf_counter(), time.process_time()
-    out = fn()
-    return out, time.perf_counter() - t0, time.process_time() - c0
+def timed(fn, repeat: int = 1):
+    """``fn()``, its wall time and its CPU time (seconds); with ``repeat``, the median of that
+    many runs (for the sub-second screens, whose single runs vary by ~10% here)."""
+    runs = []
+    for _ in range(repeat):
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = fn()
+        runs.append((time.perf_counter() - t0, time.process_time() - c0))
+    wall, cpu = (sorted(r[i] for r in runs)[len(runs) // 2] for i in (0, 1))
+    return out, wall, cpu
 
 
 def speed_table(model, fact: Fact, samples: int, macs: dict[str, tuple[float, float]]
@@ -74,7 +81,8 @@ def speed_table(model, fact: Fact, samples: int, macs: dict[str, tuple[float, fl
     ie.trace(model, *fact, method="attribution", precision="auto", **kw)
     for kind in KINDS:
         def run(method):
-            return timed(lambda: ie.trace(model, *fact, kind=kind, method=method, **kw))
+            return timed(lambda: ie.trace(model, *fact, kind=kind, method=method, **kw),
+                         SCREEN_REPEATS if method == "attribution" else 1)
 
         times = {}
         ref, *times["reference"] = run("reference")
@@ -82,7 +90,7 @@ def speed_table(model, fact: Fact, samples: int, macs: dict[str, tuple[float, fl
         attr, *times["attribution"] = run("attribution")
         # the screen with precision="auto" (bf16 multiplies where the CPU has them)
         low, _, lc = timed(lambda: ie.trace(model, *fact, kind=kind, method="attribution",
-                                            precision="auto", **kw))
+                                            precision="auto", **kw), SCREEN_REPEATS)
         keep = ~attr.scores.isnan()
         low_rows.append(f"| {kind} | {times['attribution'][1]:.2f} | {lc:.2f} ({low.precision}) "
                         f"| {times['fast'][1] / lc:.0f}x | {times['reference'][1] / lc:.0f}x "
@@ -102,7 +110,8 @@ def speed_table(model, fact: Fact, samples: int, macs: dict[str, tuple[float, fl
                     f"{fw / aw:.0f}x / {fc / ac:.0f}x | {rw / aw:.0f}x / {rc / ac:.0f}x "
                     f"| {diff:.1e} |")  # fmt: skip
     _, aw, ac = timed(lambda: ie.trace_all(model, *fact, **kw))
-    _, bw, bc = timed(lambda: ie.trace_all(model, *fact, method="attribution", **kw))
+    _, bw, bc = timed(lambda: ie.trace_all(model, *fact, method="attribution", **kw),
+                      SCREEN_REPEATS)
     (rw, rc), (fw, fc), (tw, tc) = totals.values()
     lines = [
         work_line(macs),

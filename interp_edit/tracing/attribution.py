@@ -51,11 +51,12 @@ def site_effects(
     effects = {}
     for site in SITE_HOOKS:
         # the grad of the mean already carries 1/S: summing over samples gives the mean effect
-        effects[site] = torch.stack([
-            ((c - a.detach()) * next(grads)).sum((0, 2))
-            for c, a in zip(clean[site], corrupted[site])
-        ])  # [layer, pos]
-    return {k: v.float().cpu() for k, v in effects.items()}, float(low), inputs
+        # [layer, pos]; where a layer ran its last positions only (the last one), the earlier
+        # ones reach nothing: zero
+        effects[site] = torch.zeros(inputs.n_layers, inputs.n_tokens)
+        for j, (c, a) in enumerate(zip(clean[site], corrupted[site])):
+            effects[site][j, -a.shape[1]:] = ((c - a.detach()) * next(grads)).sum((0, 2))
+    return effects, float(low), inputs
 
 
 def _stepper_runs(inputs: TraceInputs, noise: Tensor, precision: torch.dtype | None):
@@ -68,10 +69,12 @@ def _stepper_runs(inputs: TraceInputs, noise: Tensor, precision: torch.dtype | N
     Returns the clean sites (row 0, no gradient), the whole batch's sites (the clean row's
     gradient is zero), the completed inputs and what to differentiate: the logits with the
     gradient of the mean p(target) over samples as their seed, ``p_s (onehot - probs_s) / S``
-    (the softmax's backward, in closed form), and the corrupted score."""
+    (the softmax's backward, in closed form), and the corrupted score. The last layer runs
+    the last position alone: the others' outputs there reach nothing."""
     stepper = LlamaStepper(inputs.model, inputs.n_tokens, precision)
     rows = torch.cat((noise.new_zeros(1, *noise.shape[1:]), noise))
-    run = stepper.full_run(inputs.batch(1 + inputs.samples), rows, inputs.subject_range)
+    run = stepper.full_run(inputs.batch(1 + inputs.samples), rows, inputs.subject_range,
+                           last_only=True)
     logits = stepper.unembed(run.final)  # [1 + S, d_vocab]
     with torch.no_grad():
         probs = logits.softmax(-1)

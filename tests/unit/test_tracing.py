@@ -268,6 +268,36 @@ def test_low_precision_linear_has_the_bf16_input_gradient():
         assert not low_precision_linear(lin, x, torch.bfloat16).requires_grad
 
 
+def test_rotary_gradient_is_the_transposed_rotation():
+    """The rotary embedding's closed-form backward (used wherever a gradient flows: the
+    attribution screen, MEND) equals autograd through the plain in-place formula, and its
+    forward is the plain one bit for bit."""
+    from interp_edit._llama import _Rotary, _rotate
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 4, 8, dtype=torch.float64, requires_grad=True)
+    cos, sin = torch.randn(2, 5, 1, 8, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda v: _Rotary.apply(v, cos, sin), (x,))
+    g = torch.randn(3, 5, 4, 8, dtype=torch.float64)
+    (closed,) = torch.autograd.grad(_Rotary.apply(x, cos, sin), x, g)
+    (plain,) = torch.autograd.grad(_rotate(x, cos, sin), x, g)
+    torch.testing.assert_close(closed, plain, rtol=0, atol=1e-12)
+    assert torch.equal(_Rotary.apply(x, cos, sin), _rotate(x, cos, sin))
+
+
+def test_attribution_last_layer_before_the_last_token_is_low(fm, fact):
+    """Restoring a last-layer state before the last token reaches nothing: low_score exactly,
+    in the screen (whose last layer computes the last position alone) as in the fast engine;
+    the full-position hooked path agrees with the screen elsewhere
+    (test_attribution_through_stepper_and_hooks_agree)."""
+    kw = dict(window=3, samples=3)
+    approx = ie.trace(fm.model, fact.prompt, fact.subject, method="attribution", **kw)
+    exact = ie.trace(fm.model, fact.prompt, fact.subject, **kw)
+    for r in (approx, exact):
+        assert (r.scores[:-1, -1] == r.low_score).all()
+        assert r.scores[-1, -1] != r.low_score
+
+
 def test_save_load_round_trip(tmp_path, ref_set):
     r = ref_set.attn
     r.save(tmp_path / "one.npz")
