@@ -5,9 +5,9 @@
 
 1. One fact (10-token prompt, 10 noise samples), kinds resid/mlp/attn: wall and CPU time of the
    reference (one forward pass per cell), the fast engine (per kind, and all three kinds sharing
-   runs) and attribution patching; speed-ups; the max abs difference from the reference.
-   Then attribution with ``precision="auto"`` (bf16 multiplies where the CPU has them) per
-   kind: its CPU time, its speed-up over fast and reference, and how far its grid is from the
+   runs) and attribution patching in fp32 (``precision="model"``); speed-ups; the max abs
+   difference from the reference. Then attribution with ``precision="auto"`` (the default:
+   bf16 multiplies where the CPU has them) per kind: its CPU time, its speed-up over fast and reference, and how far its grid is from the
    fp32 one (Pearson r over the computed cells, the low_score difference).
    CPU time (``time.process_time``, one torch thread) is the steadier yardstick on a shared
    machine; both are printed (for attribution, the median of 5 runs; the exact methods run
@@ -80,8 +80,9 @@ def speed_table(model, fact: Fact, samples: int, macs: dict[str, tuple[float, fl
     # the bf16 copies of the weights are made once per process (as for MEND's warm-up edit)
     ie.trace(model, *fact, method="attribution", precision="auto", **kw)
     for kind in KINDS:
-        def run(method):
-            return timed(lambda: ie.trace(model, *fact, kind=kind, method=method, **kw),
+        def run(method):  # the screen in fp32 here (the model's dtype); bf16 just below
+            return timed(lambda: ie.trace(model, *fact, kind=kind, method=method,
+                                          precision="model", **kw),
                          SCREEN_REPEATS if method == "attribution" else 1)
 
         times = {}
@@ -110,7 +111,8 @@ def speed_table(model, fact: Fact, samples: int, macs: dict[str, tuple[float, fl
                     f"{fw / aw:.0f}x / {fc / ac:.0f}x | {rw / aw:.0f}x / {rc / ac:.0f}x "
                     f"| {diff:.1e} |")  # fmt: skip
     _, aw, ac = timed(lambda: ie.trace_all(model, *fact, **kw))
-    _, bw, bc = timed(lambda: ie.trace_all(model, *fact, method="attribution", **kw),
+    _, bw, bc = timed(lambda: ie.trace_all(model, *fact, method="attribution",
+                                           precision="model", **kw),
                       SCREEN_REPEATS)
     (rw, rc), (fw, fc), (tw, tc) = totals.values()
     lines = [
@@ -121,7 +123,7 @@ def speed_table(model, fact: Fact, samples: int, macs: dict[str, tuple[float, fl
         f"samples, "
         f"{model.n_layers} layers; seconds per trace, wall / CPU.",
         "",
-        "| kind | reference | fast | attribution | fast vs reference "
+        "| kind | reference | fast | attribution (fp32) | fast vs reference "
         "| attribution vs fast | attribution vs reference | max abs diff vs reference |",
         "|---|---|---|---|---|---|---|---|",
         *rows,

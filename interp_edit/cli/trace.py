@@ -20,8 +20,9 @@ def register(sub) -> None:
     p.add_argument("--noise", default="s3", help="'sK' (K x subject-embedding std) or a float std")
     p.add_argument("--window", type=int, default=10, help="layers per mlp/attn window (default 10)")
     p.add_argument("--method", default="fast", choices=["fast", "reference", "attribution"])
-    p.add_argument("--precision", default="model", choices=["model", "bfloat16", "auto"],
-                   help="multiplies of --method attribution (default: the model's dtype)")
+    p.add_argument("--precision", default="auto", choices=["model", "bfloat16", "auto"],
+                   help="multiplies of --method attribution (default auto: bf16 where the "
+                        "hardware has it; model: the model's dtype)")
     p.add_argument("--sever", default=None, choices=["mlp", "attn"], help="severed paths (resid)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--top", type=int, default=5, help="how many top cells to print (default 5)")

@@ -25,8 +25,9 @@ def register(sub) -> None:
     p.add_argument("--noise", default="s3", help="'sK' (K x subject embedding std) or a float")
     p.add_argument("--window", type=int, default=10, help="MLP/attention window (default 10)")
     p.add_argument("--method", default="fast", choices=["fast", "reference", "attribution"])
-    p.add_argument("--precision", default="model", choices=["model", "bfloat16", "auto"],
-                   help="multiplies of --method attribution (default: the model's dtype)")
+    p.add_argument("--precision", default="auto", choices=["model", "bfloat16", "auto"],
+                   help="multiplies of --method attribution (default auto: bf16 where the "
+                        "hardware has it; model: the model's dtype)")
     p.add_argument("--exact-sample", type=int, default=None,
                    help="with --method attribution: also trace N random facts exactly")
     p.add_argument("--cache-dir", type=Path, default=None, help="per-fact trace cache")

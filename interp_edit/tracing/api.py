@@ -37,7 +37,7 @@ def trace(
     positions: Sequence[int] | None = None,
     layers: Sequence[int] | None = None,
     sever: str | None = None,
-    precision: str = "model",
+    precision: str = "auto",
     progress: bool | None = None,
 ) -> TraceResult | TraceSet:
     """Causal trace of one fact (Meng et al. 2022): corrupt the subject's token embeddings
@@ -61,9 +61,10 @@ def trace(
         sever: ``"mlp"`` or ``"attn"`` (kind ``"resid"`` only): also freeze that output of
             every later layer at the restored token at its corrupted value.
         precision: the matrix multiplies of ``method="attribution"``, forward and backward:
-            ``"model"`` (default: the model's dtype), ``"bfloat16"``, or ``"auto"`` (bf16 where
-            the hardware multiplies it natively, as AMX / AVX-512 BF16 CPUs and CUDA do, else
-            the model's). In bf16 the screen runs ~2x faster on such a CPU and its grid,
+            ``"auto"`` (default: bf16 where the hardware multiplies it natively, as AMX /
+            AVX-512 BF16 CPUs and CUDA do, else the model's dtype), ``"bfloat16"``, or
+            ``"model"`` (the model's dtype, fp32 for the default model: a grid that does not
+            depend on the CPU it ran on). The exact methods ignore ``"auto"``. In bf16 the screen runs ~2x faster on such a CPU and its grid,
             ``low_score`` and ``high_score`` included, moves by rounding (Pearson r >= 0.998
             with the fp32 grid on the benchmark fact; README); the default target is its clean
             row's top-1, the exact methods' except where two logits tie within rounding. The exact methods always run in the model's dtype

@@ -82,7 +82,7 @@ def trace_dataset(
     window: int = 10,
     seed: int = 1,
     method: str = "fast",
-    precision: str = "model",
+    precision: str = "auto",
     sever: bool = False,
     limit: int | None = None,
     exact_sample: int | None = None,
@@ -96,7 +96,8 @@ def trace_dataset(
     the hidden-state traces with the MLP and with the attention path severed (ROME Fig. 3),
     computed at the last subject token only (other groups are NaN for those conditions).
     ``limit`` keeps the first ``limit`` facts. ``precision`` (``method="attribution"`` only:
-    ``"auto"`` or ``"bfloat16"`` screen with bf16 multiplies) is resolved once and is part of
+    ``"auto"``, the default, screens with bf16 multiplies where the hardware has them,
+    ``"bfloat16"`` always, ``"model"`` in the model's dtype; see :func:`trace`) is resolved once and is part of
     each cached trace's name, so an fp32 and a bf16 screen never reuse each other's files.
     Other arguments are passed to :func:`trace`.
     """

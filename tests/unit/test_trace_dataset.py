@@ -203,7 +203,8 @@ def test_bad_inputs_explain_themselves(fm, tmp_path):
 
 def test_attribution_screen_with_an_exact_sample(fm, tmp_path):
     facts = list(fm.facts[:4])
-    avg = _run(fm, facts, tmp_path, kinds=("resid",), method="attribution", exact_sample=2)
+    avg = _run(fm, facts, tmp_path, kinds=("resid",), method="attribution", exact_sample=2,
+               precision="model")
     assert [c.slug for c in avg.conditions] == ["resid-attribution", "resid-fast"]
     assert avg.condition("resid").method == "fast"  # exact preferred when both exist
     screened = avg.fact_effects("resid", method="attribution")
@@ -220,7 +221,8 @@ def test_bf16_screen_is_cached_apart_from_the_fp32_one(fm, tmp_path):
     trace's name, so the fp32 screen in the same cache directory is computed, not reused, and
     the two differ by rounding only. The exact methods refuse it."""
     facts = list(fm.facts[:3])
-    fp32 = _run(fm, facts, tmp_path, kinds=("resid",), method="attribution")
+    fp32 = _run(fm, facts, tmp_path, kinds=("resid",), method="attribution",
+                precision="model")
     bf16 = _run(fm, facts, tmp_path, kinds=("resid",), method="attribution",
                 precision="bfloat16")
     assert [c.slug for c in bf16.conditions] == ["resid-attribution-bfloat16"]

@@ -159,7 +159,7 @@ def test_high_score_is_the_plain_forward_probability(fm, fact, ref_set):
     # the attribution screen's clean pass is a row of its corrupted batch: the same answer,
     # and in bf16 the same top-1 with a probability that moved by rounding only
     kw = dict(samples=3, method="attribution")
-    a = ie.trace(fm.model, fact.prompt, fact.subject, **kw)
+    a = ie.trace(fm.model, fact.prompt, fact.subject, precision="model", **kw)
     assert a.target == r.target and a.target_id == r.target_id
     assert a.high_score == pytest.approx(plain, abs=1e-6)
     b = ie.trace(fm.model, fact.prompt, fact.subject, precision="bfloat16", **kw)
@@ -215,7 +215,7 @@ def test_given_noise_tensor_is_used_as_given(fm, fact):
 
 def test_attribution_correlates_with_exact(fm, fact, ref_set):
     approx = ie.trace_all(fm.model, fact.prompt, fact.subject, window=3, samples=4,
-                          method="attribution")
+                          method="attribution", precision="model")
     for kind in KINDS:
         a, e = approx[kind].scores.flatten(), ref_set[kind].scores.flatten()
         assert approx[kind].low_score == pytest.approx(ref_set[kind].low_score, abs=ATOL)
@@ -227,12 +227,21 @@ def test_attribution_correlates_with_exact(fm, fact, ref_set):
 
 def test_attribution_in_bf16_stays_close_to_fp32(fm, fact):
     """precision="bfloat16": the screen multiplies (forward and backward) with bf16 copies of
-    the weights; its grid moves by rounding only, and the result says what ran. The exact
-    methods refuse it; an unknown precision is named."""
+    the weights; its grid moves by rounding only, and the result says what ran. The default
+    ("auto") is bf16 where the CPU multiplies it natively. The exact methods refuse bf16 and
+    ignore "auto"; an unknown precision is named."""
+    from interp_edit._llama import low_precision_supported
+
     kw = dict(window=3, samples=4, method="attribution")
-    fp32 = ie.trace_all(fm.model, fact.prompt, fact.subject, **kw)
+    fp32 = ie.trace_all(fm.model, fact.prompt, fact.subject, precision="model", **kw)
     bf16 = ie.trace_all(fm.model, fact.prompt, fact.subject, precision="bfloat16", **kw)
     assert fp32.resid.precision == "model" and bf16.resid.precision == "bfloat16"
+    auto = ie.trace(fm.model, fact.prompt, fact.subject, **kw)
+    native = low_precision_supported(fm.model.device)
+    assert auto.precision == ("bfloat16" if native else "model")
+    torch.testing.assert_close(auto.scores, (bf16 if native else fp32).resid.scores, rtol=0,
+                               atol=0, equal_nan=True)
+    assert ie.trace(fm.model, fact.prompt, fact.subject, samples=2).precision == "model"
     for kind in KINDS:
         a, b = fp32[kind].scores.flatten(), bf16[kind].scores.flatten()
         keep = ~a.isnan()
@@ -314,7 +323,7 @@ def test_save_load_round_trip(tmp_path, ref_set):
 
 
 def test_attribution_through_stepper_and_hooks_agree(fm, fact, monkeypatch):
-    kw = dict(window=3, samples=3, method="attribution")
+    kw = dict(window=3, samples=3, method="attribution", precision="model")
     stepper = ie.trace_all(fm.model, fact.prompt, fact.subject, **kw)
     monkeypatch.setattr(engine.LlamaStepper, "supports", staticmethod(lambda model: False))
     hooked = ie.trace_all(fm.model, fact.prompt, fact.subject, **kw)
