@@ -7,8 +7,9 @@
    reference (one forward pass per cell), the fast engine (per kind, and all three kinds sharing
    runs) and attribution patching in fp32 (``precision="model"``); speed-ups; the max abs
    difference from the reference. Then attribution with ``precision="auto"`` (the default:
-   bf16 multiplies where the CPU has them) per kind: its CPU time, its speed-up over fast and reference, and how far its grid is from the
-   fp32 one (Pearson r over the computed cells, the low_score difference).
+   bf16 multiplies where the CPU has them) per kind: its CPU time, its speed-up over fast and
+   reference, and how far its grid is from the fp32 one (Pearson r over the computed cells,
+   the low_score difference).
    CPU time (``time.process_time``, one torch thread) is the steadier yardstick on a shared
    machine; both are printed (for attribution, the median of 5 runs; the exact methods run
    once, 20-100 s each). ``--steps`` adds where the speed comes from (kind resid): each

@@ -64,14 +64,15 @@ def trace(
             ``"auto"`` (default: bf16 where the hardware multiplies it natively, as AMX /
             AVX-512 BF16 CPUs and CUDA do, else the model's dtype), ``"bfloat16"``, or
             ``"model"`` (the model's dtype, fp32 for the default model: a grid that does not
-            depend on the CPU it ran on). The exact methods ignore ``"auto"``. In bf16 the screen runs ~2x faster on such a CPU and its grid,
-            ``low_score`` and ``high_score`` included, moves by rounding (Pearson r >= 0.998
-            with the fp32 grid on the benchmark fact; README); the default target is its clean
-            row's top-1, the exact methods' except where two logits tie within rounding. The exact methods always run in the model's dtype
-            and refuse ``"bfloat16"``. The result's ``precision`` records what ran. The bf16
-            copies of the weights (two per matrix: as is and transposed, for the backward
-            pass; ~540 MB on the default model) are made on first use and kept while the
-            model lives.
+            depend on the CPU it ran on). In bf16 the screen runs ~2x faster on such a CPU and
+            its grid, ``low_score`` and ``high_score`` included, moves by rounding (Pearson r
+            >= 0.998 with the fp32 grid on the benchmark fact; README); the default target is
+            its clean row's top-1, the exact methods' except where two logits tie within
+            rounding. The exact methods always run in the model's dtype: they ignore
+            ``"auto"`` and refuse ``"bfloat16"``. The result's ``precision`` records what ran.
+            The bf16 copies of the weights (two per matrix: as is and transposed, for the
+            backward pass; ~540 MB on the default model) are made on first use and kept while
+            the model lives.
         progress: show a progress bar (``None``: on a terminal, for runs longer than 3 s).
     """
     kinds = KINDS if kind == "all" else (kind,)

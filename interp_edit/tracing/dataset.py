@@ -97,8 +97,9 @@ def trace_dataset(
     computed at the last subject token only (other groups are NaN for those conditions).
     ``limit`` keeps the first ``limit`` facts. ``precision`` (``method="attribution"`` only:
     ``"auto"``, the default, screens with bf16 multiplies where the hardware has them,
-    ``"bfloat16"`` always, ``"model"`` in the model's dtype; see :func:`trace`) is resolved once and is part of
-    each cached trace's name, so an fp32 and a bf16 screen never reuse each other's files.
+    ``"bfloat16"`` always, ``"model"`` in the model's dtype; see :func:`trace`) is resolved
+    once and is part of each cached trace's name, so an fp32 and a bf16 screen never reuse
+    each other's files.
     Other arguments are passed to :func:`trace`.
     """
     facts = list(facts)
