@@ -322,11 +322,18 @@ def test_save_load_round_trip(tmp_path, ref_set):
     assert both.mlp.kind == "mlp"
 
 
-def test_attribution_through_stepper_and_hooks_agree(fm, fact, monkeypatch):
+@pytest.mark.parametrize("inside", [False, True])
+def test_attribution_through_stepper_and_hooks_agree(fm, fact, monkeypatch, inside):
+    """The layer stepper's screen (the clean prompt a row of the batch, the last layer at the
+    last position) equals the hook-based one, with the subject at the start or inside."""
+    prompt = fact.prompt
+    if inside:
+        prompt = next(p for p in fact.paraphrases if not p.startswith("{}")).format(fact.subject)
     kw = dict(window=3, samples=3, method="attribution", precision="model")
-    stepper = ie.trace_all(fm.model, fact.prompt, fact.subject, **kw)
+    stepper = ie.trace_all(fm.model, prompt, fact.subject, **kw)
+    assert (stepper.resid.subject_range[0] > 0) == inside
     monkeypatch.setattr(engine.LlamaStepper, "supports", staticmethod(lambda model: False))
-    hooked = ie.trace_all(fm.model, fact.prompt, fact.subject, **kw)
+    hooked = ie.trace_all(fm.model, prompt, fact.subject, **kw)
     for kind in KINDS:
         assert (stepper[kind].scores - hooked[kind].scores).abs().max() <= ATOL
         assert stepper[kind].high_score == pytest.approx(hooked[kind].high_score, abs=1e-6)
