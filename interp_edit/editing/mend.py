@@ -463,8 +463,8 @@ def batch_factors(
 ) -> FactorPass:
     """:func:`gradient_factors` of the loss on ``rows`` of ``batch`` (minus that on ``away``),
     from one pass over every row; also returns that pass's mean target log-probability per
-    row, its logits at ``batch.keep`` and the input of the first edited block. With ``start`` (that input, from an earlier pass on the
-    same batch) only the blocks from there up run.
+    row, its logits at ``batch.keep`` and the input of the first edited block. With ``start``
+    (that input, from an earlier pass on the same batch) only the blocks from there up run.
     ``below``: the dtype of the matrix multiplies of the blocks below the first edited one
     (layer stepper only; None: the model's), see :class:`MENDHparams`.
 

@@ -9,12 +9,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from interp_edit._llama import LlamaStepper
 from interp_edit.models import Model
 from interp_edit.tracing.inputs import check_options, prepare, screen_precision, select_cells
 from interp_edit.tracing.results import KINDS, TraceResult, TraceSet
 
-# method -> module with ``run(inputs, kinds, *, window, sever, cells, progress)``
+# method -> module with ``run(inputs, kinds, *, window, sever, cells, progress) -> Traced``
+# (attribution also takes ``precision`` and says where it runs its own clean pass)
 _METHOD_MODULES = {
     "fast": "interp_edit.tracing.engine",
     "reference": "interp_edit.tracing.reference",
@@ -79,15 +79,14 @@ def trace(
     check_options(kinds, method, window, sever, precision)
     ran = screen_precision(model, method, precision)
     dtype = torch.bfloat16 if ran == "bfloat16" else None
-    # the attribution screen on the layer stepper runs the clean prompt as a row of its batch
-    own_clean = method == "attribution" and LlamaStepper.usable(model)
+    module = importlib.import_module(_METHOD_MODULES[method])
+    own_clean = method == "attribution" and module.own_clean_pass(model)
     inputs = prepare(model, prompt, subject, target, samples, noise, seed,
                      clean_pass=not own_clean)
     cells = select_cells(inputs, positions, layers)
-    run = importlib.import_module(_METHOD_MODULES[method]).run
     options = {"precision": dtype} if method == "attribution" else {}
-    grids, low, inputs = run(inputs, kinds, window=window, sever=sever, cells=cells,
-                             progress=progress, **options)
+    grids, low, inputs = module.run(inputs, kinds, window=window, sever=sever, cells=cells,
+                                    progress=progress, **options)
     results = {
         k: TraceResult(
             scores=grids[k], low_score=float(low), high_score=inputs.high_score,

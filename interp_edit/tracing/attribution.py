@@ -31,6 +31,13 @@ from interp_edit.tracing.reference import SITE_HOOKS, capture_runs
 Acts = dict[str, list[Tensor]]  # site -> one tensor [batch, pos, d_model] per layer
 
 
+def own_clean_pass(model) -> bool:
+    """Whether the screen runs the clean prompt itself, as a row of its batch (the layer
+    stepper's path), so that ``prepare`` need not (``prepare(..., clean_pass=False)``); the
+    hook path scores the clean pass ``prepare`` ran."""
+    return LlamaStepper.usable(model)
+
+
 def site_effects(
     inputs: TraceInputs, precision: torch.dtype | None = None,
 ) -> tuple[dict[str, Float[Tensor, "n_layers n_tokens"]], float, TraceInputs]:
@@ -40,7 +47,7 @@ def site_effects(
     multiplies, forward and backward (layer stepper only; None: the model's)."""
     noise = inputs.noise.clone().requires_grad_(True)  # puts the corrupted run on the graph
     with torch.enable_grad():
-        if LlamaStepper.usable(inputs.model):
+        if own_clean_pass(inputs.model):
             clean, corrupted, inputs, backward = _stepper_runs(inputs, noise, precision)
         else:
             clean, corrupted, probs = _hooked_runs(inputs, noise)
@@ -80,7 +87,7 @@ def _stepper_runs(
     logits = stepper.unembed(run.final)  # [1 + S, d_vocab]
     with torch.no_grad():
         probs = logits.softmax(-1)
-        inputs = inputs.completed(probs[0], None, stepper.precision)
+        inputs = inputs.completed(probs[0], None)
         p = probs[1:, inputs.target_id]
         seed = torch.zeros_like(probs)
         seed[1:] = probs[1:] * (-p / inputs.samples)[:, None]

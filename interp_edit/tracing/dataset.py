@@ -151,7 +151,8 @@ def trace_dataset(
             last_subject = [model.subject_range(f.prompt, f.subject)[1] - 1] if c.sever else None
             r = trace(model, f.prompt, f.subject, target=f.attribute, kind=c.kind,
                       window=window, samples=samples, noise=std, seed=seed, method=c.method,
-                      precision=c.precision, sever=c.sever, positions=last_subject, progress=False)
+                      precision=c.precision, sever=c.sever, positions=last_subject,
+                      progress=False)
             # the trace saw a float std: record where it came from (the dataset's subjects)
             _save_atomic(dataclasses.replace(r, noise_source=source), path_of(i, c))
             bar.update()

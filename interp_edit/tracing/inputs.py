@@ -79,8 +79,6 @@ class TraceInputs:
     seed: int
     # the clean pass, every layer cached, where the layer stepper ran it (None: the bridge did)
     clean: RunCache | None = None
-    # the dtype of that pass's matrix multiplies (None: the model's; bf16 for the bf16 screen)
-    precision: torch.dtype | None = None
 
     @property
     def samples(self) -> int:
@@ -95,23 +93,22 @@ class TraceInputs:
         return self.model.n_layers
 
     def clean_run(self) -> RunCache:
-        """The clean pass with every layer cached, its multiplies in :attr:`precision`:
-        ``prepare``'s, or (where the stepper did not run it there) one run now."""
+        """The clean pass with every layer cached: ``prepare``'s, or (where the stepper did
+        not run it there) one run now."""
         if self.clean is not None:
             return self.clean
         with torch.no_grad():
-            stepper = LlamaStepper(self.model, self.n_tokens, self.precision)
-            return stepper.full_run(self.batch(1))
+            return LlamaStepper(self.model, self.n_tokens).full_run(self.batch(1))
 
-    def completed(self, probs: Float[Tensor, "d_vocab"], clean: RunCache | None,
-                  precision: torch.dtype | None) -> "TraceInputs":
+    def completed(self, probs: Float[Tensor, "d_vocab"],
+                  clean: RunCache | None) -> "TraceInputs":
         """These inputs with a clean pass's results: ``probs`` (its next-token probabilities
         at the last position) give the default target (the top-1) and ``high_score``;
-        ``clean`` is its cached run (None: not kept), ``precision`` its multiplies' dtype."""
+        ``clean`` is its cached run (None: not kept)."""
         tid = int(probs.argmax()) if self.target_id is None else self.target_id
         target = self.model.tokenizer.decode([tid]) if self.target is None else self.target
         return replace(self, target=target, target_id=tid, high_score=float(probs[tid]),
-                       clean=clean, precision=precision)
+                       clean=clean)
 
     def batch(self, copies: int) -> Int[Tensor, "batch pos"]:
         """The prompt repeated ``copies`` times (one row per corrupted sample)."""
@@ -159,9 +156,9 @@ def prepare(
         stepper = LlamaStepper(model, len(ids))
         clean = stepper.full_run(ids[None].to(model.device))
         probs = stepper.unembed(clean.final[0]).softmax(-1)
-        return inputs.completed(probs, clean, None)
+        return inputs.completed(probs, clean)
     probs = model.logits(ids[None].to(model.device), [-1])[0, -1].softmax(-1)
-    return inputs.completed(probs, None, None)
+    return inputs.completed(probs, None)
 
 
 def screen_precision(model: Model, method: str, precision: str) -> str:
