@@ -19,7 +19,8 @@
    (fast) grid, over the first ``--facts`` known facts (Meng et al. 2022) that the model
    predicts (top-1 = the known attribute's first token), with ``--pearson-samples`` noise
    samples; only cells at or after the subject's first token enter (earlier cells equal
-   ``low_score`` exactly in both); for the default fp32 screen and ``precision="auto"``.
+   ``low_score`` exactly in both); for the default screen (``estimate="logprob"``) in fp32
+   and at ``precision="auto"``, and for ``estimate="prob"`` (first order in p) in fp32.
    ``--pearson-only`` runs this part alone.
 3. Peak RSS of the process.
 The first line counts multiply-adds, reference / fast, from the engine's own plans: the
@@ -289,9 +290,11 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def attribution_table(model, facts: list[dict], samples: int) -> list[str]:
-    """Pearson r of the attribution grid with the exact one, per kind, for the default fp32
-    screen and for ``precision="auto"`` (bf16 multiplies where the CPU has them)."""
-    screens = {"model": "fp32", "auto": "auto"}
+    """Pearson r of the attribution grid with the exact one, per kind: the default screen
+    (``estimate="logprob"``) in fp32 and at ``precision="auto"`` (bf16 multiplies where the CPU
+    has them), and ``estimate="prob"`` (first order in p) in fp32."""
+    screens = {"fp32": dict(precision="model"), "auto": dict(precision="auto"),
+               "fp32, prob": dict(precision="model", estimate="prob")}
     per_kind = {(p, k): [] for p in screens for k in KINDS}
     pooled = {(p, k): ([], []) for p in screens for k in KINDS}
     seconds = {"exact": 0.0, **{p: 0.0 for p in screens}}
@@ -301,9 +304,9 @@ def attribution_table(model, facts: list[dict], samples: int) -> list[str]:
         exact, _, dt = timed(lambda: ie.trace_all(model, rec["prompt"], rec["subject"], **kw))
         seconds["exact"] += dt
         start = exact.resid.subject_range[0]
-        for p in screens:
+        for p, options in screens.items():
             approx, _, dt = timed(lambda: ie.trace_all(
-                model, rec["prompt"], rec["subject"], method="attribution", precision=p, **kw))
+                model, rec["prompt"], rec["subject"], method="attribution", **options, **kw))
             seconds[p] += dt
             ran = approx.resid.precision if p == "auto" else ran
             for k in KINDS:
@@ -311,11 +314,11 @@ def attribution_table(model, facts: list[dict], samples: int) -> list[str]:
                 per_kind[p, k].append(pearson(a, e))
                 pooled[p, k][0].append(a.flatten())
                 pooled[p, k][1].append(e.flatten())
-        rs = " ".join(f"{k} {per_kind['model', k][-1]:.2f}/{per_kind['auto', k][-1]:.2f}"
-                      for k in KINDS)
-        print(f"  fact {len(per_kind['model', 'resid'])}/{len(facts)} {rec['prompt']!r}: "
-              f"r fp32/auto {rs}", flush=True)
-    t_exact, t32, tauto = seconds["exact"], seconds["model"], seconds["auto"]
+        rs = "; ".join(f"{p}: " + " ".join(f"{k} {per_kind[p, k][-1]:.2f}" for k in KINDS)
+                       for p in screens)
+        print(f"  fact {len(per_kind['fp32', 'resid'])}/{len(facts)} {rec['prompt']!r}: r {rs}",
+              flush=True)
+    t_exact, t32, tauto = seconds["exact"], seconds["fp32"], seconds["auto"]
     lines = [
         f"{len(facts)} known facts the model predicts, {samples} samples; CPU time: exact "
         f"(fast, `trace_all`) {t_exact:.0f} s in all, attribution fp32 {t32:.1f} s "
@@ -323,11 +326,14 @@ def attribution_table(model, facts: list[dict], samples: int) -> list[str]:
         f"{tauto:.1f} s ({t_exact / tauto:.0f}x faster; the first fact also made the bf16 "
         f"copies).",
         "",
-        "| kind | screen | Pearson r, mean over facts | median | min | r, all cells pooled |",
+        "| kind | screen (precision, estimate) | Pearson r, mean over facts | median | min | "
+        "r, all cells pooled |",
         "|---|---|---|---|---|---|",
     ]
     for k in KINDS:
-        for p, name in screens.items():
+        for p, options in screens.items():
+            name = f"{'bf16' if p == 'auto' and ran == 'bfloat16' else 'fp32'}, " \
+                   f"{options.get('estimate', 'logprob')}"
             rs = torch.tensor(per_kind[p, k])
             pool = pearson(torch.cat(pooled[p, k][0]), torch.cat(pooled[p, k][1]))
             lines.append(f"| {k} | {name} | {rs.mean():.2f} | {rs.median():.2f} | "

@@ -20,14 +20,22 @@ def register(sub) -> None:
     p.add_argument("--noise", default="s3", help="'sK' (K x subject-embedding std) or a float std")
     p.add_argument("--window", type=int, default=10, help="layers per mlp/attn window (default 10)")
     p.add_argument("--method", default="fast", choices=["fast", "reference", "attribution"])
-    p.add_argument("--precision", default="auto", choices=["model", "bfloat16", "auto"],
-                   help="multiplies of --method attribution (default auto: bf16 where the "
-                        "hardware has it; model: the model's dtype)")
+    screen_arguments(p)
     p.add_argument("--sever", default=None, choices=["mlp", "attn"], help="severed paths (resid)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--top", type=int, default=5, help="how many top cells to print (default 5)")
     p.add_argument("--out", default="trace.pdf", help="figure path; the .npz result goes beside it")
     p.set_defaults(func=run)
+
+
+def screen_arguments(p) -> None:
+    """The options of ``--method attribution`` (this command's and ``trace-dataset``'s)."""
+    p.add_argument("--precision", default="auto", choices=["model", "bfloat16", "auto"],
+                   help="multiplies of --method attribution (default auto: bf16 where the "
+                        "hardware has it; model: the model's dtype)")
+    p.add_argument("--estimate", default="logprob", choices=["logprob", "prob"],
+                   help="how --method attribution scores cells (default logprob: first order "
+                        "in log p, a probability; prob: first order in p)")
 
 
 def run(args) -> int:
@@ -39,7 +47,8 @@ def run(args) -> int:
     result = trace(
         model, args.prompt, args.subject, target=args.target, kind=args.kind,
         samples=args.samples, noise=noise, window=args.window, method=args.method,
-        sever=args.sever, seed=args.seed, precision=args.precision, progress=True,
+        sever=args.sever, seed=args.seed, precision=args.precision,
+        estimate=args.estimate, progress=True,
     )  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -47,9 +56,10 @@ def run(args) -> int:
     result.save(npz)
     traces = list(result) if isinstance(result, TraceSet) else [result]
     first = traces[0]
+    ran = ", ".join(filter(None, (first.method, first.precision, first.estimate)))
     print(f"{model.name}: {args.prompt!r} -> {first.target!r}  subject tokens "
           f"{first.subject_range}  p(clean)={first.high_score:.4f}  "
-          f"p(corrupted)={first.low_score:.4f}  ({first.method}, {first.precision})")  # fmt: skip
+          f"p(corrupted)={first.low_score:.4f}  ({ran})")  # fmt: skip
     for r in traces:
         print(f"  top {r.kind} cells (token, layer, score):")
         for t, layer, score in r.top_cells(args.top):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from interp_edit.cli.trace import screen_arguments
+
 
 def register(sub) -> None:
     p = sub.add_parser("trace-dataset", help="trace many known facts and average the effects",
@@ -25,9 +27,7 @@ def register(sub) -> None:
     p.add_argument("--noise", default="s3", help="'sK' (K x subject embedding std) or a float")
     p.add_argument("--window", type=int, default=10, help="MLP/attention window (default 10)")
     p.add_argument("--method", default="fast", choices=["fast", "reference", "attribution"])
-    p.add_argument("--precision", default="auto", choices=["model", "bfloat16", "auto"],
-                   help="multiplies of --method attribution (default auto: bf16 where the "
-                        "hardware has it; model: the model's dtype)")
+    screen_arguments(p)
     p.add_argument("--exact-sample", type=int, default=None,
                    help="with --method attribution: also trace N random facts exactly")
     p.add_argument("--cache-dir", type=Path, default=None, help="per-fact trace cache")
@@ -45,8 +45,8 @@ def run(args) -> int:
     facts = ie.load_known_facts(args.path)
     avg = ie.trace_dataset(
         model, facts, kinds, samples=args.samples, noise=noise, window=args.window,
-        method=args.method, precision=args.precision, sever=args.sever, limit=args.limit, exact_sample=args.exact_sample,
-        cache_dir=args.cache_dir,
+        method=args.method, precision=args.precision, estimate=args.estimate, sever=args.sever,
+        limit=args.limit, exact_sample=args.exact_sample, cache_dir=args.cache_dir,
     )
     out = args.out
     avg.save(out / "average.npz")

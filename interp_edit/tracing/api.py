@@ -14,7 +14,8 @@ from interp_edit.tracing.inputs import check_options, prepare, screen_precision,
 from interp_edit.tracing.results import KINDS, TraceResult, TraceSet
 
 # method -> module with ``run(inputs, kinds, *, window, sever, cells, progress) -> Traced``
-# (attribution also takes ``precision`` and says where it runs its own clean pass)
+# (attribution also takes ``precision`` and ``estimate`` and says where it runs its own clean
+# pass)
 _METHOD_MODULES = {
     "fast": "interp_edit.tracing.engine",
     "reference": "interp_edit.tracing.reference",
@@ -38,6 +39,7 @@ def trace(
     layers: Sequence[int] | None = None,
     sever: str | None = None,
     precision: str = "auto",
+    estimate: str = "logprob",
     progress: bool | None = None,
 ) -> TraceResult | TraceSet:
     """Causal trace of one fact (Meng et al. 2022): corrupt the subject's token embeddings
@@ -73,10 +75,17 @@ def trace(
             The bf16 copies of the weights (two per matrix: as is and transposed, for the
             backward pass; ~540 MB on the default model) are made on first use and kept while
             the model lives.
+        estimate: how ``method="attribution"`` turns its gradients into scores:
+            ``"logprob"`` (default: first order in each noise sample's log p(target),
+            ``mean_s min(1, p_s exp(d_s))``; closer to the exact grid, and a probability) or
+            ``"prob"`` (first order in p(target), ``low_score + mean_s p_s d_s``: attribution
+            patching with the probability as the metric). See
+            :mod:`interp_edit.tracing.attribution`. The result's ``estimate`` records it
+            (None for the exact methods, which refuse ``"prob"``).
         progress: show a progress bar (``None``: on a terminal, for runs longer than 3 s).
     """
     kinds = KINDS if kind == "all" else (kind,)
-    check_options(kinds, method, window, sever, precision)
+    check_options(kinds, method, window, sever, precision, estimate)
     ran = screen_precision(model, method, precision)
     dtype = torch.bfloat16 if ran == "bfloat16" else None
     module = importlib.import_module(_METHOD_MODULES[method])
@@ -84,7 +93,8 @@ def trace(
     inputs = prepare(model, prompt, subject, target, samples, noise, seed,
                      clean_pass=not own_clean)
     cells = select_cells(inputs, positions, layers)
-    options = {"precision": dtype} if method == "attribution" else {}
+    screen = method == "attribution"
+    options = {"precision": dtype, "estimate": estimate} if screen else {}
     grids, low, inputs = module.run(inputs, kinds, window=window, sever=sever, cells=cells,
                                     progress=progress, **options)
     results = {
@@ -95,7 +105,7 @@ def trace(
             target=inputs.target, target_id=inputs.target_id, kind=k, window=int(window),
             noise_std=inputs.noise_std, noise_source=inputs.noise_source, samples=samples,
             seed=inputs.seed, model_name=model.name, method=method, sever=sever,
-            precision=ran,
+            precision=ran, estimate=estimate if screen else None,
         )  # fmt: skip
         for k in kinds
     }

@@ -87,6 +87,7 @@ class Condition:
     sever: str | None = None
     method: str = "fast"
     precision: str = "model"  # the multiplies' dtype: "model" | "bfloat16" (attribution only)
+    estimate: str | None = None  # attribution's: "logprob" | "prob"; None: an exact method
 
     @property
     def exact(self) -> bool:
@@ -94,11 +95,11 @@ class Condition:
 
     @property
     def slug(self) -> str:
-        """A file-name-safe name: ``mlp``, ``resid-sever-attn``, ``attn-attribution``,
-        ``attn-attribution-bfloat16``."""
+        """A file-name-safe name: ``mlp``, ``resid-sever-attn``, ``attn-attribution-logprob``,
+        ``attn-attribution-prob-bfloat16``."""
         low = [self.precision] if self.precision != "model" else []
         return "-".join([self.kind, *(["sever", self.sever] if self.sever else []), self.method,
-                         *low])
+                         *filter(None, [self.estimate]), *low])
 
 
 @dataclass(frozen=True)

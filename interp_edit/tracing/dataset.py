@@ -83,6 +83,7 @@ def trace_dataset(
     seed: int = 1,
     method: str = "fast",
     precision: str = "auto",
+    estimate: str = "logprob",
     sever: bool = False,
     limit: int | None = None,
     exact_sample: int | None = None,
@@ -99,7 +100,8 @@ def trace_dataset(
     ``"auto"``, the default, screens with bf16 multiplies where the hardware has them,
     ``"bfloat16"`` always, ``"model"`` in the model's dtype; see :func:`trace`) is resolved
     once and is part of each cached trace's name, so an fp32 and a bf16 screen never reuse
-    each other's files.
+    each other's files; so is ``estimate`` (``"logprob"`` or ``"prob"``, how the screen scores
+    cells, see :func:`trace`).
     Other arguments are passed to :func:`trace`.
     """
     facts = list(facts)
@@ -107,7 +109,7 @@ def trace_dataset(
     kinds = KINDS if kinds == "all" else (kinds,) if isinstance(kinds, str) else tuple(kinds)
     if bad := [k for k in kinds if k not in KINDS]:
         raise InterpEditError(f"unknown kinds {bad}: choose from {KINDS} or 'all'")
-    check_options(kinds, method, window, None, precision)
+    check_options(kinds, method, window, None, precision, estimate)
     ran = screen_precision(model, method, precision)  # what the traces run (a cache key)
     if exact_sample and method != "attribution":
         raise InterpEditError("exact_sample adds an exact pass to method='attribution'; "
@@ -128,7 +130,7 @@ def trace_dataset(
     trace_dir = root / f"{model_slug}-{_cache.stable_hash(settings)}"
     trace_dir.mkdir(parents=True, exist_ok=True)
 
-    conditions = _conditions(kinds, sever, method, ran)
+    conditions = _conditions(kinds, sever, method, ran, estimate)
     jobs = [(i, c) for i in range(len(kept)) for c in conditions]
     if exact_sample:
         sample = sorted(random.Random(seed).sample(range(len(kept)), min(exact_sample, len(kept))))
@@ -151,7 +153,8 @@ def trace_dataset(
             last_subject = [model.subject_range(f.prompt, f.subject)[1] - 1] if c.sever else None
             r = trace(model, f.prompt, f.subject, target=f.attribute, kind=c.kind,
                       window=window, samples=samples, noise=std, seed=seed, method=c.method,
-                      precision=c.precision, sever=c.sever, positions=last_subject,
+                      precision=c.precision, estimate=c.estimate or "logprob", sever=c.sever,
+                      positions=last_subject,
                       progress=False)
             # the trace saw a float std: record where it came from (the dataset's subjects)
             _save_atomic(dataclasses.replace(r, noise_source=source), path_of(i, c))
@@ -211,11 +214,12 @@ def predicted_facts(
     return kept, torch.cat(probs) if probs else torch.zeros(0, dtype=torch.float64)
 
 
-def _conditions(kinds: Sequence[str], sever: bool, method: str,
-                precision: str = "model") -> list[Condition]:
-    conds = [Condition(k, None, method, precision) for k in kinds]
+def _conditions(kinds: Sequence[str], sever: bool, method: str, precision: str = "model",
+                estimate: str = "logprob") -> list[Condition]:
+    est = estimate if method == "attribution" else None
+    conds = [Condition(k, None, method, precision, est) for k in kinds]
     if sever:
-        conds += [Condition("resid", s, method, precision) for s in ("mlp", "attn")]
+        conds += [Condition("resid", s, method, precision, est) for s in ("mlp", "attn")]
     return conds
 
 

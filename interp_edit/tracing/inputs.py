@@ -31,6 +31,7 @@ from interp_edit.tracing.results import KINDS
 
 METHODS = ("fast", "reference", "attribution")
 SEVERS = ("mlp", "attn")
+ESTIMATES = ("logprob", "prob")  # the screen's first order: in log p(target), or in p(target)
 
 
 class Restore(NamedTuple):
@@ -171,9 +172,14 @@ def screen_precision(model: Model, method: str, precision: str) -> str:
 
 
 def check_options(kinds: Sequence[str], method: str, window: int, sever: str | None,
-                  precision: str = "model") -> None:
+                  precision: str = "model", estimate: str = "logprob") -> None:
     if method not in METHODS:
         raise InterpEditError(f"unknown method {method!r}: choose one of {METHODS}")
+    if estimate not in ESTIMATES:
+        raise InterpEditError(f"unknown estimate {estimate!r}: choose one of {ESTIMATES}")
+    if estimate != "logprob" and method != "attribution":
+        raise InterpEditError(f"estimate={estimate!r} applies to method='attribution' only: "
+                              f"method={method!r} is exact")
     if precision not in PRECISIONS:
         raise InterpEditError(f"unknown precision {precision!r}: choose one of {PRECISIONS}")
     if precision == "bfloat16" and method != "attribution":

@@ -36,7 +36,8 @@ class TraceResult:
     of layers ``max(0, l - window//2) .. min(L, l - (-window//2)) - 1`` at token ``t``.
     Cells left out with ``positions=``/``layers=`` hold NaN.
     ``method="attribution"`` scores are a first-order estimate (see
-    :mod:`interp_edit.tracing.attribution`), not probabilities.
+    :mod:`interp_edit.tracing.attribution`; ``estimate`` says which), not measured
+    probabilities.
     """
 
     scores: Float[Tensor, "n_tokens n_layers"]
@@ -59,6 +60,7 @@ class TraceResult:
     method: str  # "fast" | "reference" | "attribution"
     sever: str | None = None  # None | "mlp" | "attn" (kind "resid" only)
     precision: str = "model"  # the multiplies' dtype: "model" | "bfloat16" (attribution only)
+    estimate: str | None = None  # attribution's: "logprob" | "prob"; None: an exact method
 
     @property
     def indirect_effect(self) -> Float[Tensor, "n_tokens n_layers"]:

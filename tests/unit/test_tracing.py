@@ -225,6 +225,62 @@ def test_attribution_correlates_with_exact(fm, fact, ref_set):
         ie.trace(fm.model, fact.prompt, fact.subject, method="attribution", sever="mlp")
 
 
+def test_attribution_is_the_exact_trace_to_first_order(tiny):
+    """With one noise sample of small std, restoring one site is a small step: both estimates
+    approach the exact grid as the noise shrinks, the error falling about linearly with the
+    std as a first-order estimate's should (a random model, whose answer is not saturated;
+    one-layer windows, see the next test). With one sample the two estimates are one number
+    per cell apart: ``"logprob"`` is ``min(1, p exp(d))`` where ``"prob"`` is ``p (1 + d)``.
+    Other estimates are refused."""
+    prompt, subject = "a b c d e", "b c"
+    kw = dict(window=1, samples=1, kind="all", target="d")
+    errors = []
+    for std in (3e-3, 1e-3):
+        exact = ie.trace(tiny, prompt, subject, noise=std, **kw)
+        screens = {est: ie.trace(tiny, prompt, subject, noise=std, method="attribution",
+                                 precision="model", estimate=est, **kw)
+                   for est in ("logprob", "prob")}
+        worst = 0.0
+        for kind in KINDS:
+            e = exact[kind].indirect_effect
+            for est, screen in screens.items():
+                assert screen[kind].estimate == est and exact[kind].estimate is None
+                assert screen[kind].low_score == pytest.approx(exact[kind].low_score, abs=1e-7)
+                err = (screen[kind].indirect_effect - e).abs().max() / e.abs().max()
+                worst = max(worst, float(err))
+            p = screens["prob"][kind].low_score
+            d = screens["prob"][kind].scores / p - 1
+            torch.testing.assert_close(screens["logprob"][kind].scores,
+                                       (p * d.exp()).clamp(max=1), rtol=1e-5, atol=1e-9)
+        errors.append(worst)
+    assert errors[1] < 0.2 and errors[1] < 0.5 * errors[0], errors
+    with pytest.raises(ie.InterpEditError, match="unknown estimate 'linear'"):
+        ie.trace(tiny, prompt, subject, method="attribution", estimate="linear")
+    with pytest.raises(ie.InterpEditError, match="method='attribution' only"):
+        ie.trace(tiny, prompt, subject, estimate="prob")
+
+
+def test_attribution_window_sums_its_layers(fm, fact):
+    """A window's estimate is the sum of its layers' one-layer estimates: in ``"prob"`` the
+    effects add, in ``"logprob"`` each sample's log-p changes do. The sum ignores that
+    restoring several outputs of a token together also cuts the paths between them, so
+    windows are not exact to first order."""
+    kw = dict(samples=1, method="attribution", precision="model")
+    L = fm.model.n_layers
+    for kind in ("mlp", "attn"):
+        one = ie.trace(fm.model, fact.prompt, fact.subject, kind=kind, window=1,
+                       estimate="prob", **kw)
+        low = one.low_score
+        d = one.indirect_effect / low  # each layer's first-order change of log p
+        for est in ("prob", "logprob"):
+            three = ie.trace(fm.model, fact.prompt, fact.subject, kind=kind, window=3,
+                             estimate=est, **kw)
+            for layer in range(L):
+                dw = d[:, max(0, layer - 1) : min(L, layer + 2)].sum(1)
+                want = low * (1 + dw) if est == "prob" else (low * dw.exp()).clamp(max=1)
+                torch.testing.assert_close(three.scores[:, layer], want, rtol=1e-4, atol=1e-6)
+
+
 def test_attribution_in_bf16_stays_close_to_fp32(fm, fact):
     """precision="bfloat16": the screen multiplies (forward and backward) with bf16 copies of
     the weights; its grid moves by rounding only, and the result says what ran. The default
