@@ -137,7 +137,7 @@ def speed_table(model, fact: Fact, samples: int, macs: dict[str, tuple[float, fl
         f"| {rw / bw:.0f}x / {rc / bc:.0f}x | |",
         "",
         "Attribution with `precision=\"auto\"` (bf16 multiplies, forward and backward, where "
-        "the CPU has them) next to the default fp32 one; CPU seconds:",
+        "the CPU has them; the default) next to the fp32 one; CPU seconds:",
         "",
         "| kind | attribution fp32 | attribution auto | fast vs auto | reference vs auto "
         "| Pearson r, auto vs fp32 grid | abs diff of low_score |",
