@@ -14,8 +14,8 @@ from interp_edit.tracing.inputs import check_options, prepare, screen_precision,
 from interp_edit.tracing.results import KINDS, TraceResult, TraceSet
 
 # method -> module with ``run(inputs, kinds, *, window, sever, cells, progress) -> Traced``
-# (attribution also takes ``precision`` and ``estimate`` and says where it runs its own clean
-# pass)
+# (attribution also takes ``precision`` and ``estimate``) and ``own_clean_pass(model)``
+# (whether ``run`` runs the clean pass itself, so ``prepare`` need not)
 _METHOD_MODULES = {
     "fast": "interp_edit.tracing.engine",
     "reference": "interp_edit.tracing.reference",
@@ -89,9 +89,8 @@ def trace(
     ran = screen_precision(model, method, precision)
     dtype = torch.bfloat16 if ran == "bfloat16" else None
     module = importlib.import_module(_METHOD_MODULES[method])
-    own_clean = method == "attribution" and module.own_clean_pass(model)
     inputs = prepare(model, prompt, subject, target, samples, noise, seed,
-                     clean_pass=not own_clean)
+                     clean_pass=not module.own_clean_pass(model))
     cells = select_cells(inputs, positions, layers)
     screen = method == "attribution"
     options = {"precision": dtype, "estimate": estimate} if screen else {}

@@ -46,10 +46,9 @@ Acts = dict[str, list[Tensor]]  # site -> one tensor [batch, pos, d_model] per l
 
 
 def own_clean_pass(model) -> bool:
-    """Whether the screen runs the clean prompt itself, as a row of its batch (the layer
-    stepper's path), so that ``prepare`` need not (``prepare(..., clean_pass=False)``); the
-    hook path scores the clean pass ``prepare`` ran."""
-    return LlamaStepper.usable(model)
+    """The screen runs the clean pass itself, so ``prepare(..., clean_pass=False)``: on the
+    layer stepper as a row of its batch, through the hooks in ``capture_runs``."""
+    return True
 
 
 def site_effects(
@@ -63,10 +62,10 @@ def site_effects(
     backward (layer stepper only; None: the model's)."""
     noise = inputs.noise.clone().requires_grad_(True)  # puts the corrupted run on the graph
     with torch.enable_grad():
-        if own_clean_pass(inputs.model):
+        if LlamaStepper.usable(inputs.model):
             clean, corrupted, inputs, (out, seed, logp) = _stepper_runs(inputs, noise, precision)
         else:
-            clean, corrupted, probs = _hooked_runs(inputs, noise)
+            clean, corrupted, probs, inputs = _hooked_runs(inputs, noise)
             logp = probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
             out, seed = logp.sum(), None  # row s's gradient: d log p_s
         flat = [a for site in SITE_HOOKS for a in corrupted[site]]
@@ -119,21 +118,22 @@ def _sites(run: RunCache) -> Acts:
     return {"resid": run.x[1:], "mlp": run.mlp, "attn": run.attn}
 
 
-def _hooked_runs(inputs: TraceInputs, noise: Tensor) -> tuple[Acts, Acts, Tensor]:
+def _hooked_runs(inputs: TraceInputs, noise: Tensor
+                 ) -> tuple[Acts, Acts, Tensor, TraceInputs]:
     """The same through the hook layer, for any model."""
-    clean, acts, probs = capture_runs(inputs, noise)
+    clean, acts, probs, inputs = capture_runs(inputs, noise)
     layers = range(inputs.n_layers)
     by_site = [
         {site: [run[hook(j)] for j in layers] for site, hook in SITE_HOOKS.items()}
         for run in (clean, acts)
     ]
-    return by_site[0], by_site[1], probs
+    return by_site[0], by_site[1], probs, inputs
 
 
 def run(inputs: TraceInputs, kinds, *, window, sever, cells, progress, precision=None,
         estimate="logprob") -> Traced:
     """``method="attribution"``; ``inputs`` may come without the clean pass (``prepare(...,
-    clean_pass=False)``) where the layer stepper runs: it is one row of the batch here.
+    clean_pass=False)``): the screen runs its own.
     ``estimate``: ``"logprob"`` or ``"prob"`` (the module docstring)."""
     effects, logp, inputs = site_effects(inputs, precision)
     low = float(logp.exp().mean())

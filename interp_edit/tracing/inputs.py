@@ -140,8 +140,9 @@ def prepare(
     """Check the inputs and run the clean pass (for the default target and ``high_score``).
     On the layer stepper the pass keeps every layer's activations, so the methods that need
     the clean run (the fast engine) do not run it again. ``clean_pass=False`` leaves the pass
-    to the caller (:meth:`TraceInputs.completed`): the attribution screen runs the clean
-    prompt as one more row of its corrupted batch."""
+    to the method (:meth:`TraceInputs.completed`, each method's ``own_clean_pass``): the
+    attribution screen runs the clean prompt as one more row of its corrupted batch, and the
+    hook-layer paths score the pass that captures the clean activations.""" 
     _positive_int("samples", samples)
     ids = model.tokenize(prompt)  # raises on an empty prompt or one longer than the context
     start, end = model.subject_range(prompt, subject)

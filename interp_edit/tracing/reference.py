@@ -28,23 +28,33 @@ def all_sites(n_layers: int) -> list[str]:
     return [SITE_HOOKS[site](j) for j in range(n_layers) for site in SITE_HOOKS]
 
 
+def own_clean_pass(model) -> bool:
+    """The hook path runs the clean pass itself (:func:`capture_runs`): ``prepare(...,
+    clean_pass=False)`` spares a second one."""
+    return True
+
+
 def capture_runs(
     inputs: TraceInputs, noise: Tensor | None = None
-) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
+) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor, TraceInputs]:
     """Clean activations ``[1, pos, d]``, corrupted ones ``[samples, pos, d]`` (every site of
-    every layer) and the corrupted p(target) per sample. ``noise``: the samples to add, on the
-    autograd graph; the corrupted run is then differentiable (attribution's gradient pass)."""
+    every layer), the corrupted p(target) per sample, and ``inputs`` completed by the clean
+    pass where ``prepare`` left that to the method (``clean_pass=False``). ``noise``: the
+    samples to add, on the autograd graph; the corrupted run is then differentiable
+    (attribution's gradient pass)."""
     model, names = inputs.model, all_sites(inputs.n_layers)
     clean: dict[str, Tensor] = {}
     with torch.no_grad(), H.hooked(model, [H.capture(n, clean) for n in names]):
-        model.logits(inputs.batch(1), [-1])  # the captures are what counts
+        logits = model.logits(inputs.batch(1), [-1])
+    if inputs.high_score is None:
+        inputs = inputs.completed(logits[0, -1].softmax(-1), None)
     grad = noise is not None
     corrupted: dict[str, Tensor] = {}
     hooks = [H.add_noise(slice(*inputs.subject_range), noise if grad else inputs.noise)]
     hooks += [H.capture(n, corrupted, detach=not grad) for n in names]
     with torch.set_grad_enabled(grad), H.hooked(model, hooks):
         logits = model.logits(inputs.batch(inputs.samples), [-1])
-    return clean, corrupted, logits[:, -1].softmax(-1)[:, inputs.target_id]
+    return clean, corrupted, logits[:, -1].softmax(-1)[:, inputs.target_id], inputs
 
 
 def restore_hooks(
@@ -66,10 +76,11 @@ def hooked_grid(
     cells_per_pass: int,
     progress: bool | None,
     last_logits: bool = False,
-) -> tuple[Float[Tensor, "n_jobs"], float]:
-    """Score each ``(token, plan)`` job; returns the scores and the corrupted ``low_score``.
-    ``last_logits``: unembed the last position only (the plain algorithm unembeds all)."""
-    clean, corrupted, low = capture_runs(inputs)
+) -> tuple[Float[Tensor, "n_jobs"], float, TraceInputs]:
+    """Score each ``(token, plan)`` job; returns the scores, the corrupted ``low_score`` and
+    the inputs (completed by the clean pass, see :func:`capture_runs`). ``last_logits``:
+    unembed the last position only (the plain algorithm unembeds all)."""
+    clean, corrupted, low, inputs = capture_runs(inputs)
     # filled in place: a small tensor kept per pass would sit on the heap above that pass's
     # freed activations, and glibc's resident memory grew ~1.5 MB per pass (2.6 GiB peak for
     # one reference trace of the default model; 1.1 GiB now)
@@ -88,7 +99,7 @@ def hooked_grid(
         out[i : i + len(chunk)] = rearrange(p, "(cell s) -> cell s", s=S).mean(1)
         bar.update(len(chunk))
     bar.close()
-    return out, float(low.mean())
+    return out, float(low.mean()), inputs
 
 
 def grid_jobs(
@@ -112,6 +123,6 @@ def run(inputs: TraceInputs, kinds, *, window, sever, cells, progress, cells_per
     """``method="reference"``: one forward pass per cell (see :func:`hooked_grid` for the
     other options)."""
     jobs = grid_jobs(inputs, kinds, window, sever, cells)
-    scores, low = hooked_grid(inputs, [(t, p) for _, t, _, p in jobs], cells_per_pass, progress,
-                              last_logits)
+    scores, low, inputs = hooked_grid(inputs, [(t, p) for _, t, _, p in jobs], cells_per_pass,
+                                      progress, last_logits)
     return Traced(fill_grids(inputs, kinds, jobs, scores), low, inputs)

@@ -395,3 +395,28 @@ def test_attribution_through_stepper_and_hooks_agree(fm, fact, monkeypatch, insi
         assert stepper[kind].high_score == pytest.approx(hooked[kind].high_score, abs=1e-6)
         assert stepper[kind].low_score == pytest.approx(hooked[kind].low_score, abs=1e-6)
         assert stepper[kind].target_id == hooked[kind].target_id
+
+
+@pytest.mark.parametrize("method", ["fast", "reference", "attribution"])
+def test_every_method_runs_the_clean_prompt_once(fm, fact, monkeypatch, method):
+    """Through the hook layer (the reference, and models the layer stepper does not run)
+    each method scores the clean pass that captures the clean activations instead of
+    running another one for the target and high_score; on the layer stepper the fast engine
+    reuses ``prepare``'s and the screen runs the clean prompt as a row of its batch."""
+    from interp_edit.models import Model
+
+    calls = []
+    logits, full_run = Model.logits, engine.LlamaStepper.full_run
+    monkeypatch.setattr(Model, "logits", lambda self, ids, *a, **k: (
+        calls.append(int(ids.shape[0])), logits(self, ids, *a, **k))[1])
+    monkeypatch.setattr(engine.LlamaStepper, "full_run", lambda self, ids, *a, **k: (
+        calls.append(int(ids.shape[0])), full_run(self, ids, *a, **k))[1])
+    kw = dict(window=3, samples=2, method=method)
+    if method == "attribution":
+        kw["precision"] = "model"
+    stepper = ie.trace_all(fm.model, fact.prompt, fact.subject, **kw)
+    assert calls.count(1) == (0 if method == "attribution" else 1)  # the screen: a batch row
+    calls.clear()
+    monkeypatch.setattr(engine.LlamaStepper, "supports", staticmethod(lambda model: False))
+    hooked = ie.trace_all(fm.model, fact.prompt, fact.subject, **kw)
+    assert calls.count(1) == 1 and hooked.resid.high_score == stepper.resid.high_score
