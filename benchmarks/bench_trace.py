@@ -19,8 +19,9 @@
    (fast) grid, over the first ``--facts`` known facts (Meng et al. 2022) that the model
    predicts (top-1 = the known attribute's first token), with ``--pearson-samples`` noise
    samples; only cells at or after the subject's first token enter (earlier cells equal
-   ``low_score`` exactly in both); for the default screen (``estimate="logprob"``) in fp32
-   and at ``precision="auto"``, and for ``estimate="prob"`` (first order in p) in fp32.
+   ``low_score`` exactly in both); for the default screen (``estimate="logodds"``) in fp32
+   and at ``precision="auto"``, and for ``estimate="prob"`` (first order in p) in fp32; with
+   Spearman's r (ranks) and how often the exact grid's peak cell is among the screen's top 5.
    ``--pearson-only`` runs this part alone.
 3. Peak RSS of the process.
 The first line counts multiply-adds, reference / fast, from the engine's own plans: the
@@ -289,13 +290,20 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])
 
 
+def rank(a: torch.Tensor) -> torch.Tensor:
+    """Each cell's rank (ties broken by position): Pearson r of ranks is Spearman's."""
+    return a.flatten().argsort().argsort().float()
+
+
 def attribution_table(model, facts: list[dict], samples: int) -> list[str]:
     """Pearson r of the attribution grid with the exact one, per kind: the default screen
-    (``estimate="logprob"``) in fp32 and at ``precision="auto"`` (bf16 multiplies where the CPU
+    (``estimate="logodds"``) in fp32 and at ``precision="auto"`` (bf16 multiplies where the CPU
     has them), and ``estimate="prob"`` (first order in p) in fp32."""
     screens = {"fp32": dict(precision="model"), "auto": dict(precision="auto"),
                "fp32, prob": dict(precision="model", estimate="prob")}
     per_kind = {(p, k): [] for p in screens for k in KINDS}
+    ranks = {(p, k): [] for p in screens for k in KINDS}  # Spearman r per fact
+    hits = {(p, k): [] for p in screens for k in KINDS}  # exact peak in the screen's top 5
     pooled = {(p, k): ([], []) for p in screens for k in KINDS}
     seconds = {"exact": 0.0, **{p: 0.0 for p in screens}}
     ran = "model"
@@ -312,6 +320,9 @@ def attribution_table(model, facts: list[dict], samples: int) -> list[str]:
             for k in KINDS:
                 e, a = exact[k].indirect_effect[start:], approx[k].indirect_effect[start:]
                 per_kind[p, k].append(pearson(a, e))
+                ranks[p, k].append(pearson(rank(a), rank(e)))
+                top5 = a.flatten().topk(5).indices
+                hits[p, k].append(bool((top5 == e.flatten().argmax()).any()))
                 pooled[p, k][0].append(a.flatten())
                 pooled[p, k][1].append(e.flatten())
         rs = "; ".join(f"{p}: " + " ".join(f"{k} {per_kind[p, k][-1]:.2f}" for k in KINDS)
@@ -327,17 +338,19 @@ def attribution_table(model, facts: list[dict], samples: int) -> list[str]:
         f"copies).",
         "",
         "| kind | screen (precision, estimate) | Pearson r, mean over facts | median | min | "
-        "r, all cells pooled |",
-        "|---|---|---|---|---|---|",
+        "r, all cells pooled | Spearman r, mean | exact peak in the screen's top 5 |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for k in KINDS:
         for p, options in screens.items():
             name = f"{'bf16' if p == 'auto' and ran == 'bfloat16' else 'fp32'}, " \
-                   f"{options.get('estimate', 'logprob')}"
+                   f"{options.get('estimate', 'logodds')}"
             rs = torch.tensor(per_kind[p, k])
             pool = pearson(torch.cat(pooled[p, k][0]), torch.cat(pooled[p, k][1]))
+            spear = torch.tensor(ranks[p, k]).mean()
             lines.append(f"| {k} | {name} | {rs.mean():.2f} | {rs.median():.2f} | "
-                         f"{rs.min():.2f} | {pool:.2f} |")
+                         f"{rs.min():.2f} | {pool:.2f} | {spear:.2f} | "
+                         f"{sum(hits[p, k])}/{len(hits[p, k])} |")
     return lines
 
 

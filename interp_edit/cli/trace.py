@@ -33,9 +33,9 @@ def screen_arguments(p) -> None:
     p.add_argument("--precision", default="auto", choices=["model", "bfloat16", "auto"],
                    help="multiplies of --method attribution (default auto: bf16 where the "
                         "hardware has it; model: the model's dtype)")
-    p.add_argument("--estimate", default="logprob", choices=["logprob", "prob"],
-                   help="how --method attribution scores cells (default logprob: first order "
-                        "in log p, a probability; prob: first order in p)")
+    p.add_argument("--estimate", default="logodds", choices=["logodds", "prob"],
+                   help="how --method attribution scores cells (default logodds: first order "
+                        "in the log-odds of p, a probability; prob: first order in p)")
 
 
 def run(args) -> int:

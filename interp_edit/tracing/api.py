@@ -39,7 +39,7 @@ def trace(
     layers: Sequence[int] | None = None,
     sever: str | None = None,
     precision: str = "auto",
-    estimate: str = "logprob",
+    estimate: str = "logodds",
     progress: bool | None = None,
 ) -> TraceResult | TraceSet:
     """Causal trace of one fact (Meng et al. 2022): corrupt the subject's token embeddings
@@ -76,8 +76,9 @@ def trace(
             backward pass; ~540 MB on the default model) are made on first use and kept while
             the model lives.
         estimate: how ``method="attribution"`` turns its gradients into scores:
-            ``"logprob"`` (default: first order in each noise sample's log p(target),
-            ``mean_s min(1, p_s exp(d_s))``; closer to the exact grid, and a probability) or
+            ``"logodds"`` (default: first order in each noise sample's log-odds of the
+            target, ``mean_s sigmoid(o_s + d_s / (1 - p_s))``; closer to the exact grid, and a
+            probability) or
             ``"prob"`` (first order in p(target), ``low_score + mean_s p_s d_s``: attribution
             patching with the probability as the metric). See
             :mod:`interp_edit.tracing.attribution`. The result's ``estimate`` records it

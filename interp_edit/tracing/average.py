@@ -87,7 +87,7 @@ class Condition:
     sever: str | None = None
     method: str = "fast"
     precision: str = "model"  # the multiplies' dtype: "model" | "bfloat16" (attribution only)
-    estimate: str | None = None  # attribution's: "logprob" | "prob"; None: an exact method
+    estimate: str | None = None  # attribution's: "logodds" | "prob"; None: an exact method
 
     @property
     def exact(self) -> bool:
@@ -95,7 +95,7 @@ class Condition:
 
     @property
     def slug(self) -> str:
-        """A file-name-safe name: ``mlp``, ``resid-sever-attn``, ``attn-attribution-logprob``,
+        """A file-name-safe name: ``mlp``, ``resid-sever-attn``, ``attn-attribution-logodds``,
         ``attn-attribution-prob-bfloat16``."""
         low = [self.precision] if self.precision != "model" else []
         return "-".join([self.kind, *(["sever", self.sever] if self.sever else []), self.method,

@@ -83,7 +83,7 @@ def trace_dataset(
     seed: int = 1,
     method: str = "fast",
     precision: str = "auto",
-    estimate: str = "logprob",
+    estimate: str = "logodds",
     sever: bool = False,
     limit: int | None = None,
     exact_sample: int | None = None,
@@ -100,7 +100,7 @@ def trace_dataset(
     ``"auto"``, the default, screens with bf16 multiplies where the hardware has them,
     ``"bfloat16"`` always, ``"model"`` in the model's dtype; see :func:`trace`) is resolved
     once and is part of each cached trace's name, so an fp32 and a bf16 screen never reuse
-    each other's files; so is ``estimate`` (``"logprob"`` or ``"prob"``, how the screen scores
+    each other's files; so is ``estimate`` (``"logodds"`` or ``"prob"``, how the screen scores
     cells, see :func:`trace`).
     Other arguments are passed to :func:`trace`.
     """
@@ -153,7 +153,7 @@ def trace_dataset(
             last_subject = [model.subject_range(f.prompt, f.subject)[1] - 1] if c.sever else None
             r = trace(model, f.prompt, f.subject, target=f.attribute, kind=c.kind,
                       window=window, samples=samples, noise=std, seed=seed, method=c.method,
-                      precision=c.precision, estimate=c.estimate or "logprob", sever=c.sever,
+                      precision=c.precision, estimate=c.estimate or "logodds", sever=c.sever,
                       positions=last_subject,
                       progress=False)
             # the trace saw a float std: record where it came from (the dataset's subjects)
@@ -215,7 +215,7 @@ def predicted_facts(
 
 
 def _conditions(kinds: Sequence[str], sever: bool, method: str, precision: str = "model",
-                estimate: str = "logprob") -> list[Condition]:
+                estimate: str = "logodds") -> list[Condition]:
     est = estimate if method == "attribution" else None
     conds = [Condition(k, None, method, precision, est) for k in kinds]
     if sever:

@@ -31,7 +31,7 @@ from interp_edit.tracing.results import KINDS
 
 METHODS = ("fast", "reference", "attribution")
 SEVERS = ("mlp", "attn")
-ESTIMATES = ("logprob", "prob")  # the screen's first order: in log p(target), or in p(target)
+ESTIMATES = ("logodds", "prob")  # the screen's first order: in p(target)'s log-odds, or in p
 
 
 class Restore(NamedTuple):
@@ -173,12 +173,12 @@ def screen_precision(model: Model, method: str, precision: str) -> str:
 
 
 def check_options(kinds: Sequence[str], method: str, window: int, sever: str | None,
-                  precision: str = "model", estimate: str = "logprob") -> None:
+                  precision: str = "model", estimate: str = "logodds") -> None:
     if method not in METHODS:
         raise InterpEditError(f"unknown method {method!r}: choose one of {METHODS}")
     if estimate not in ESTIMATES:
         raise InterpEditError(f"unknown estimate {estimate!r}: choose one of {ESTIMATES}")
-    if estimate != "logprob" and method != "attribution":
+    if estimate != "logodds" and method != "attribution":
         raise InterpEditError(f"estimate={estimate!r} applies to method='attribution' only: "
                               f"method={method!r} is exact")
     if precision not in PRECISIONS:

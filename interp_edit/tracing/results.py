@@ -60,7 +60,7 @@ class TraceResult:
     method: str  # "fast" | "reference" | "attribution"
     sever: str | None = None  # None | "mlp" | "attn" (kind "resid" only)
     precision: str = "model"  # the multiplies' dtype: "model" | "bfloat16" (attribution only)
-    estimate: str | None = None  # attribution's: "logprob" | "prob"; None: an exact method
+    estimate: str | None = None  # attribution's: "logodds" | "prob"; None: an exact method
 
     @property
     def indirect_effect(self) -> Float[Tensor, "n_tokens n_layers"]:

@@ -205,7 +205,7 @@ def test_attribution_screen_with_an_exact_sample(fm, tmp_path):
     facts = list(fm.facts[:4])
     avg = _run(fm, facts, tmp_path, kinds=("resid",), method="attribution", exact_sample=2,
                precision="model")
-    assert [c.slug for c in avg.conditions] == ["resid-attribution-logprob", "resid-fast"]
+    assert [c.slug for c in avg.conditions] == ["resid-attribution-logodds", "resid-fast"]
     assert avg.condition("resid").method == "fast"  # exact preferred when both exist
     screened = avg.fact_effects("resid", method="attribution")
     exact = avg.fact_effects("resid")
@@ -225,15 +225,15 @@ def test_bf16_screen_is_cached_apart_from_the_fp32_one(fm, tmp_path):
                 precision="model")
     bf16 = _run(fm, facts, tmp_path, kinds=("resid",), method="attribution",
                 precision="bfloat16")
-    assert [c.slug for c in bf16.conditions] == ["resid-attribution-logprob-bfloat16"]
-    assert [c.slug for c in fp32.conditions] == ["resid-attribution-logprob"]
+    assert [c.slug for c in bf16.conditions] == ["resid-attribution-logodds-bfloat16"]
+    assert [c.slug for c in fp32.conditions] == ["resid-attribution-logodds"]
     a = fp32.fact_effects("resid", method="attribution")
     b = bf16.fact_effects("resid", method="attribution")
     keep = ~a.isnan()
     assert torch.equal(keep, ~b.isnan()) and not torch.equal(a[keep], b[keep])
     assert torch.corrcoef(torch.stack([a[keep], b[keep]]))[0, 1] > 0.98
     files = sorted(p.name for p in tmp_path.rglob("*.npz"))
-    assert sum(f.endswith("-resid-attribution-logprob-bfloat16.npz") for f in files) == 3
-    assert sum(f.endswith("-resid-attribution-logprob.npz") for f in files) == 3
+    assert sum(f.endswith("-resid-attribution-logodds-bfloat16.npz") for f in files) == 3
+    assert sum(f.endswith("-resid-attribution-logodds.npz") for f in files) == 3
     with pytest.raises(InterpEditError, match="attribution' only"):
         _run(fm, facts, tmp_path, precision="bfloat16")

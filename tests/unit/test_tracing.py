@@ -225,13 +225,19 @@ def test_attribution_correlates_with_exact(fm, fact, ref_set):
         ie.trace(fm.model, fact.prompt, fact.subject, method="attribution", sever="mlp")
 
 
+def logodds_step(p: float, d: torch.Tensor) -> torch.Tensor:
+    """p's log-odds moved by the log-p change d times d(log-odds)/d(log p) = 1 / (1 - p)."""
+    return torch.sigmoid(torch.logit(torch.tensor(p, dtype=torch.float64)) + d.double() / (1 - p)
+                         ).float()
+
+
 def test_attribution_is_the_exact_trace_to_first_order(tiny):
     """With one noise sample of small std, restoring one site is a small step: both estimates
     approach the exact grid as the noise shrinks, the error falling about linearly with the
     std as a first-order estimate's should (a random model, whose answer is not saturated;
     one-layer windows, see the next test). With one sample the two estimates are one number
-    per cell apart: ``"logprob"`` is ``min(1, p exp(d))`` where ``"prob"`` is ``p (1 + d)``.
-    Other estimates are refused."""
+    per cell apart: ``"logodds"`` is ``sigmoid(logit(p) + d / (1 - p))`` where ``"prob"`` is
+    ``p (1 + d)``. Other estimates are refused."""
     prompt, subject = "a b c d e", "b c"
     kw = dict(window=1, samples=1, kind="all", target="d")
     errors = []
@@ -239,7 +245,7 @@ def test_attribution_is_the_exact_trace_to_first_order(tiny):
         exact = ie.trace(tiny, prompt, subject, noise=std, **kw)
         screens = {est: ie.trace(tiny, prompt, subject, noise=std, method="attribution",
                                  precision="model", estimate=est, **kw)
-                   for est in ("logprob", "prob")}
+                   for est in ("logodds", "prob")}
         worst = 0.0
         for kind in KINDS:
             e = exact[kind].indirect_effect
@@ -250,8 +256,8 @@ def test_attribution_is_the_exact_trace_to_first_order(tiny):
                 worst = max(worst, float(err))
             p = screens["prob"][kind].low_score
             d = screens["prob"][kind].scores / p - 1
-            torch.testing.assert_close(screens["logprob"][kind].scores,
-                                       (p * d.exp()).clamp(max=1), rtol=1e-5, atol=1e-9)
+            torch.testing.assert_close(screens["logodds"][kind].scores,
+                                       logodds_step(p, d), rtol=1e-5, atol=1e-9)
         errors.append(worst)
     assert errors[1] < 0.2 and errors[1] < 0.5 * errors[0], errors
     with pytest.raises(ie.InterpEditError, match="unknown estimate 'linear'"):
@@ -262,7 +268,7 @@ def test_attribution_is_the_exact_trace_to_first_order(tiny):
 
 def test_attribution_window_sums_its_layers(fm, fact):
     """A window's estimate is the sum of its layers' one-layer estimates: in ``"prob"`` the
-    effects add, in ``"logprob"`` each sample's log-p changes do. The sum ignores that
+    effects add, in ``"logodds"`` each sample's log-p changes do. The sum ignores that
     restoring several outputs of a token together also cuts the paths between them, so
     windows are not exact to first order."""
     kw = dict(samples=1, method="attribution", precision="model")
@@ -272,12 +278,12 @@ def test_attribution_window_sums_its_layers(fm, fact):
                        estimate="prob", **kw)
         low = one.low_score
         d = one.indirect_effect / low  # each layer's first-order change of log p
-        for est in ("prob", "logprob"):
+        for est in ("prob", "logodds"):
             three = ie.trace(fm.model, fact.prompt, fact.subject, kind=kind, window=3,
                              estimate=est, **kw)
             for layer in range(L):
                 dw = d[:, max(0, layer - 1) : min(L, layer + 2)].sum(1)
-                want = low * (1 + dw) if est == "prob" else (low * dw.exp()).clamp(max=1)
+                want = low * (1 + dw) if est == "prob" else logodds_step(low, dw)
                 torch.testing.assert_close(three.scores[:, layer], want, rtol=1e-4, atol=1e-6)
 
 

@@ -31,7 +31,7 @@ def test_trace_cli_screens_in_bf16_on_request(fm, tmp_path, monkeypatch, capsys)
     out = tmp_path / "screen.pdf"
     code = main(["trace", "--prompt", fact.prompt, "--subject", fact.subject, "--samples", "2",
                  "--method", "attribution", "--precision", "bfloat16", "--out", str(out)])
-    assert code == 0 and "(attribution, bfloat16, logprob)" in capsys.readouterr().out
+    assert code == 0 and "(attribution, bfloat16, logodds)" in capsys.readouterr().out
     assert TraceResult.load(out.with_suffix(".npz")).precision == "bfloat16"
     code = main(["trace", "--prompt", fact.prompt, "--subject", fact.subject,
                  "--precision", "bfloat16", "--out", str(out)])
