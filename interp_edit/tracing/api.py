@@ -14,8 +14,7 @@ from interp_edit.tracing.inputs import check_options, prepare, screen_precision,
 from interp_edit.tracing.results import KINDS, TraceResult, TraceSet
 
 # method -> module with ``run(inputs, kinds, *, window, sever, cells, progress) -> Traced``
-# (attribution also takes ``precision`` and ``estimate``) and ``own_clean_pass(model)``
-# (whether ``run`` runs the clean pass itself, so ``prepare`` need not)
+# (attribution also takes ``precision`` and ``estimate``)
 _METHOD_MODULES = {
     "fast": "interp_edit.tracing.engine",
     "reference": "interp_edit.tracing.reference",
@@ -90,8 +89,10 @@ def trace(
     ran = screen_precision(model, method, precision)
     dtype = torch.bfloat16 if ran == "bfloat16" else None
     module = importlib.import_module(_METHOD_MODULES[method])
+    # only the fast engine reads prepare's cached clean run; the others run the clean prompt
+    # within their own passes (see prepare)
     inputs = prepare(model, prompt, subject, target, samples, noise, seed,
-                     clean_pass=not module.own_clean_pass(model))
+                     clean_pass=method == "fast")
     cells = select_cells(inputs, positions, layers)
     screen = method == "attribution"
     options = {"precision": dtype, "estimate": estimate} if screen else {}

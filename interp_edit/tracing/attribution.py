@@ -47,12 +47,6 @@ from interp_edit.tracing.reference import SITE_HOOKS, capture_runs
 Acts = dict[str, list[Tensor]]  # site -> one tensor [batch, pos, d_model] per layer
 
 
-def own_clean_pass(model) -> bool:
-    """The screen runs the clean pass itself, so ``prepare(..., clean_pass=False)``: on the
-    layer stepper as a row of its batch, through the hooks in ``capture_runs``."""
-    return True
-
-
 def site_effects(
     inputs: TraceInputs, precision: torch.dtype | None = None,
 ) -> tuple[dict[str, Float[Tensor, "samples n_layers n_tokens"]], Float[Tensor, "samples"],
@@ -134,7 +128,7 @@ def _hooked_runs(inputs: TraceInputs, noise: Tensor
 
 def run(inputs: TraceInputs, kinds, *, window, sever, cells, progress, precision=None,
         estimate="logodds") -> Traced:
-    """``method="attribution"``; ``inputs`` may come without the clean pass (``prepare(...,
+    """``method="attribution"``; ``inputs`` come without the clean pass (``prepare(...,
     clean_pass=False)``): the screen runs its own.
     ``estimate``: ``"logodds"`` or ``"prob"`` (the module docstring)."""
     effects, logp, inputs = site_effects(inputs, precision)

@@ -154,8 +154,7 @@ def trace_dataset(
             r = trace(model, f.prompt, f.subject, target=f.attribute, kind=c.kind,
                       window=window, samples=samples, noise=std, seed=seed, method=c.method,
                       precision=c.precision, estimate=c.estimate or "logodds", sever=c.sever,
-                      positions=last_subject,
-                      progress=False)
+                      positions=last_subject, progress=False)
             # the trace saw a float std: record where it came from (the dataset's subjects)
             _save_atomic(dataclasses.replace(r, noise_source=source), path_of(i, c))
             bar.update()

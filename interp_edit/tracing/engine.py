@@ -51,13 +51,6 @@ _MAX_ROWS = 1024  # (states x samples x positions) per layer call: keeps activat
 _UNEMBED_ROWS = 256  # final states per unembedding call
 
 
-def own_clean_pass(model) -> bool:
-    """Whether the engine runs the clean pass itself (the hook fallback, in
-    ``capture_runs``), so ``prepare(..., clean_pass=False)``; the layer stepper reuses
-    ``prepare``'s cached clean run."""
-    return not LlamaStepper.usable(model)
-
-
 def run(inputs: TraceInputs, kinds, *, window, sever, cells, progress) -> Traced:
     if not LlamaStepper.usable(inputs.model):
         return reference.run(

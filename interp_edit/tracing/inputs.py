@@ -119,7 +119,7 @@ class TraceInputs:
 class Traced(NamedTuple):
     """What a method's ``run`` returns: a grid per kind (NaN outside the cells asked for), the
     corrupted score, and the inputs, completed by the method's own clean pass where it ran
-    one (``prepare(..., clean_pass=False)``)."""
+    one (see :func:`prepare`)."""
 
     grids: dict[str, Float[Tensor, "n_tokens n_layers"]]
     low_score: float
@@ -137,12 +137,13 @@ def prepare(
     seed: int,
     clean_pass: bool = True,
 ) -> TraceInputs:
-    """Check the inputs and run the clean pass (for the default target and ``high_score``).
-    On the layer stepper the pass keeps every layer's activations, so the methods that need
-    the clean run (the fast engine) do not run it again. ``clean_pass=False`` leaves the pass
-    to the method (:meth:`TraceInputs.completed`, each method's ``own_clean_pass``): the
-    attribution screen runs the clean prompt as one more row of its corrupted batch, and the
-    hook-layer paths score the pass that captures the clean activations.""" 
+    """Check the inputs; with ``clean_pass``, on the layer stepper, also run the clean pass
+    with every layer's activations kept (the fast engine reads them) and complete the inputs
+    from it (default target, ``high_score``). Otherwise the method completes them from its
+    own clean pass (:meth:`TraceInputs.completed`): the attribution screen runs the clean
+    prompt as one more row of its corrupted batch, and the hook-layer paths (the reference,
+    the fast engine's fallback, the screen on other models) score the pass that captures the
+    clean activations (:func:`interp_edit.tracing.reference.capture_runs`)."""
     _positive_int("samples", samples)
     ids = model.tokenize(prompt)  # raises on an empty prompt or one longer than the context
     start, end = model.subject_range(prompt, subject)
@@ -152,15 +153,11 @@ def prepare(
         model, prompt, subject, ids, (start, end), target, target_id, None, values, std,
         source, int(seed),
     )  # fmt: skip
-    if not clean_pass:
+    if not (clean_pass and LlamaStepper.usable(model)):
         return inputs
-    if LlamaStepper.usable(model):
-        stepper = LlamaStepper(model, len(ids))
-        clean = stepper.full_run(ids[None].to(model.device))
-        probs = stepper.unembed(clean.final[0]).softmax(-1)
-        return inputs.completed(probs, clean)
-    probs = model.logits(ids[None].to(model.device), [-1])[0, -1].softmax(-1)
-    return inputs.completed(probs, None)
+    stepper = LlamaStepper(model, len(ids))
+    clean = stepper.full_run(ids[None].to(model.device))
+    return inputs.completed(stepper.unembed(clean.final[0]).softmax(-1), clean)
 
 
 def screen_precision(model: Model, method: str, precision: str) -> str:

@@ -28,18 +28,12 @@ def all_sites(n_layers: int) -> list[str]:
     return [SITE_HOOKS[site](j) for j in range(n_layers) for site in SITE_HOOKS]
 
 
-def own_clean_pass(model) -> bool:
-    """The hook path runs the clean pass itself (:func:`capture_runs`): ``prepare(...,
-    clean_pass=False)`` spares a second one."""
-    return True
-
-
 def capture_runs(
     inputs: TraceInputs, noise: Tensor | None = None
 ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor, TraceInputs]:
     """Clean activations ``[1, pos, d]``, corrupted ones ``[samples, pos, d]`` (every site of
     every layer), the corrupted p(target) per sample, and ``inputs`` completed by the clean
-    pass where ``prepare`` left that to the method (``clean_pass=False``). ``noise``: the
+    pass where ``prepare`` did not run one (see there). ``noise``: the
     samples to add, on the autograd graph; the corrupted run is then differentiable
     (attribution's gradient pass)."""
     model, names = inputs.model, all_sites(inputs.n_layers)
