@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 
 import interp_edit as ie
-from interp_edit._llama import PRECISIONS
+from interp_edit._precision import PRECISIONS
 from interp_edit.editing.mend import MENDEditor, default_editor_path
 from interp_edit.editing.mend_train import TrainConfig, train_editor
 from interp_edit.evaluation import EvalReport

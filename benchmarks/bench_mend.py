@@ -48,7 +48,8 @@ from pathlib import Path
 import torch
 
 import interp_edit as ie
-from interp_edit.editing.mend import TargetBatch, default_editor_path, load_editor
+from interp_edit.editing.mend import default_editor_path, load_editor
+from interp_edit.editing.mend_factors import TargetBatch
 from interp_edit.hooks import capture, hooked
 from interp_edit.models import resid_hook
 

@@ -20,7 +20,8 @@ class SubjectNotFoundError(InterpEditError):
 
 
 class HookNestingError(InterpEditError):
-    """Two hook contexts were opened on one hook point; the inner exit would drop the outer hooks."""
+    """Two hook contexts were opened on one hook point; the inner exit would drop the outer
+    hooks."""
 
 
 class ModelMismatchError(InterpEditError):

@@ -33,7 +33,8 @@ CITIES = ["Paris", "Rome", "Tokyo", "Berlin", "Madrid", "Cairo", "Lima", "Oslo"]
 JOBS = ["doctor", "pilot", "chef", "farmer", "painter", "lawyer"]
 # relation -> (templates, attributes). The first template is the "prompt", the others paraphrases.
 RELATIONS = {
-    "city": (["{} lives in the city of", "{} resides in the city of", "the home of {} is the city of"], CITIES),
+    "city": (["{} lives in the city of", "{} resides in the city of",
+              "the home of {} is the city of"], CITIES),
     "job": (["{} works as a", "{} is employed as a", "the job of {} is a"], JOBS),
 }
 _EXTRA_WORDS = ["the", "of", "a", "is", "in", "new", "fact", ":", "and", "."]
@@ -132,7 +133,8 @@ def fact_model(
     facts = []
     for subject in _subjects(n_subjects, seed):
         for rel, (templates, attrs) in RELATIONS.items():
-            facts.append(SyntheticFact(subject, rel, rng.choice(attrs), templates[0], tuple(templates[1:])))
+            facts.append(SyntheticFact(subject, rel, rng.choice(attrs), templates[0],
+                                       tuple(templates[1:])))
     key = stable_hash([n_layers, d_model, n_subjects, steps, seed, torch.__version__,
                        file_digest(Path(__file__))])
     path = cache_dir("testing") / f"fact_model-{key}.safetensors"
@@ -155,7 +157,8 @@ def _train(model: Model, facts: list[SyntheticFact], steps: int, seed: int) -> N
     seqs = []
     for f in facts:
         for t in (f.template, *f.paraphrases):
-            seqs.append(model.tokenize(t.format(f.subject)).tolist() + model.target_ids(f.attribute))
+            prompt = model.tokenize(t.format(f.subject)).tolist()
+            seqs.append(prompt + model.target_ids(f.attribute))
     ids, last = model.batch_ids(seqs)
     hf = model.hf_model
     params = [p for p in hf.parameters()]

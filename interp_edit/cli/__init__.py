@@ -19,7 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Locate facts in language models (causal tracing), edit them, measure edits.",
     )
     parser.add_argument("--model", default=None,
-                        help="model name, local HF dir or .gguf path (default: SmolLM2-135M-Instruct)")
+                        help="model name, local HF dir or .gguf path "
+                             "(default: SmolLM2-135M-Instruct)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _COMMANDS:
         importlib.import_module(f"interp_edit.cli.{name}").register(sub)

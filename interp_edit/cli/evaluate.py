@@ -14,7 +14,8 @@ _DATASETS = ("counterfact", "zsre", "probes")
 
 
 def register(sub) -> None:
-    p = sub.add_parser("evaluate", help="evaluate an edit method on a dataset (edit, measure, undo)")
+    p = sub.add_parser("evaluate",
+                       help="evaluate an edit method on a dataset (edit, measure, undo)")
     p.add_argument("--method", default="rome",
                    help="editor name (rome, mend, ike, ft, ft-l, ...) or 'none' for the baseline")
     p.add_argument("--path", default=None,

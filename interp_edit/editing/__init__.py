@@ -1,4 +1,5 @@
-"""Editors behind one entry point: ``edit(model, requests, method="rome"|"mend"|"ike"|"ft"|"ft-l")``."""
+"""Editors behind one entry point:
+``edit(model, requests, method="rome"|"mend"|"ike"|"ft"|"ft-l")``."""
 
 from interp_edit.editing.base import (
     AppliedEdit,

@@ -20,22 +20,13 @@ strongest (``"traced"``, location-aware; see :mod:`interp_edit.editing.mend_trai
 list (``"given"``). The loss whose gradient is decomposed is the mean NLL per target token
 of each request's ``target_new``; with ``MENDConfig.contrast`` minus that of its
 ``target_true`` too (when the request has one), the direction that moves probability from
-the old answer to the new one, which is what efficacy measures. Only tokens up to the last
-target position get a gradient; the others are dropped.
+the old answer to the new one, which is what efficacy measures.
 
-The gradient pass (:func:`batch_factors`) is most of an edit's cost, so it does only what the
-factors need: the blocks below the first edited one run without gradients (on the layer
-stepper of :mod:`interp_edit._llama` when the model has one and no bridge hook is installed),
-logits are computed at the target positions only, and a further pass on the same requests
-(``passes`` > 1, or the training loop's edited pass) resumes from the first edited block's
-saved input (:mod:`interp_edit.resume`).
-
-The network (:class:`GradientTransform`): ``z = [norm(u); norm(δ)]`` (running mean and std,
-collected while training), then ``n_blocks`` residual blocks ``z + B relu(s_l ⊙ (A z + b) + o_l)
-+ c`` with a rank-``rank`` hidden layer, mapped back to the inputs' scale. ``B = 0`` and
-``c = 0`` at init, so an untrained network is the identity and an untrained editor takes a
-plain (preconditioned) gradient step. One network serves every edited matrix of one shape;
-``s_l, o_l`` (per-layer scale and shift) tell the layers apart.
+The gradient factors and the pass that computes them are in
+:mod:`interp_edit.editing.mend_factors`, the network in :mod:`interp_edit.editing.mend_network`
+(an untrained one is the identity, so an untrained editor takes a plain, preconditioned
+gradient step of size ``α_l``). This module holds the editor (the networks, the step sizes,
+the preconditioners, saving and loading) and the registered ``"mend"`` method:
 
     edit = ie.edit(model, [req], method="mend", editor="mend.safetensors")
 
@@ -54,25 +45,25 @@ from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 import torch
-from einops import einsum, rearrange
-from jaxtyping import Float, Int
+from einops import einsum
+from jaxtyping import Float
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.profiler import record_function
 
 from interp_edit._cache import cache_dir
-from interp_edit._llama import PRECISIONS, LayerOut, LlamaStepper, resolve_precision
+from interp_edit._llama import resolve_precision
+from interp_edit._precision import PRECISIONS
 from interp_edit.editing.base import AppliedEdit, EditRequest, parameter_name, register_editor
+from interp_edit.editing.mend_factors import Factors, TargetBatch, batch_factors, gaps_from
+from interp_edit.editing.mend_network import GradientTransform
 from interp_edit.errors import InterpEditError, ModelMismatchError
-from interp_edit.hooks import add_delta, capture, hooked
-from interp_edit.models import Model, mlp_key_hook, mlp_out_hook
-from interp_edit.resume import (
-    BlockInput, block_input, logits_from, record_block_input, stepper_for, supports_resume)
+from interp_edit.models import Model
+from interp_edit.resume import BlockInput
 
 FORMAT = "interp_edit.MENDEditor/1"
 LAYER_CHOICES = ("last", "traced", "given")
-Factors = tuple[Float[Tensor, "n d_in"], Float[Tensor, "n d_out"]]  # (u_t, δ_t) per token
 
 
 @dataclass(frozen=True)
@@ -111,91 +102,6 @@ class MENDConfig:
 def last_layers(model: Model, n: int = 3) -> tuple[int, ...]:
     """MEND's default: the MLPs of the last ``n`` layers."""
     return tuple(range(max(0, model.n_layers - n), model.n_layers))
-
-
-# ---- the gradient-transform network ------------------------------------------------------
-class RunningNorm(nn.Module):
-    """Per-feature running mean and std over every vector seen in training mode (Chan et al.'s
-    parallel update, float64). With fewer than two vectors seen it is the identity."""
-
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
-        self.register_buffer("mean", torch.zeros(dim, dtype=torch.float64))
-        self.register_buffer("m2", torch.zeros(dim, dtype=torch.float64))
-
-    @torch.no_grad()
-    def update(self, x: Float[Tensor, "n dim"]) -> None:
-        n = x.shape[0]
-        if n == 0:
-            return
-        x = x.double()
-        batch_mean = x.mean(0)
-        total = self.count + n
-        diff = batch_mean - self.mean
-        self.m2 += ((x - batch_mean) ** 2).sum(0) + diff**2 * self.count * n / total
-        self.mean += diff * n / total
-        self.count.copy_(total)
-
-    @property
-    def std(self) -> Float[Tensor, "dim"]:
-        return (self.m2 / (self.count - 1).clamp(min=1)).sqrt()
-
-    def forward(self, x: Float[Tensor, "n dim"]) -> Float[Tensor, "n dim"]:
-        if self.training:
-            self.update(x)
-        if self.count < 2:
-            return x
-        return (x - self.mean.to(x)) / (self.std.to(x) + self.eps)
-
-    def inverse(self, z: Float[Tensor, "n dim"]) -> Float[Tensor, "n dim"]:
-        """Back to the input's scale: ``inverse(forward(x)) == x`` (up to rounding)."""
-        if self.count < 2:
-            return z
-        return z * (self.std.to(z) + self.eps) + self.mean.to(z)
-
-
-class _ResidualBlock(nn.Module):
-    """z + B relu(s_l ⊙ (A z + b) + o_l) + c, with a rank-``rank`` hidden layer and per-layer
-    (``mode``) scale s and shift o. B = 0 and c = 0 at init: the block starts as the identity."""
-
-    def __init__(self, dim: int, rank: int, n_modes: int):
-        super().__init__()
-        self.down = nn.Parameter(torch.randn(rank, dim) / math.sqrt(dim))  # A
-        self.down_bias = nn.Parameter(torch.zeros(rank))  # b
-        self.up = nn.Parameter(torch.zeros(dim, rank))  # B
-        self.up_bias = nn.Parameter(torch.zeros(dim))  # c
-        self.scale = nn.Parameter(torch.ones(n_modes, rank))  # s_l
-        self.shift = nn.Parameter(torch.zeros(n_modes, rank))  # o_l
-
-    def forward(self, z: Float[Tensor, "n dim"], mode: int) -> Float[Tensor, "n dim"]:
-        hidden = einsum(z, self.down, "n dim, rank dim -> n rank") + self.down_bias
-        hidden = torch.relu(hidden * self.scale[mode] + self.shift[mode])
-        return z + einsum(hidden, self.up, "n rank, dim rank -> n dim") + self.up_bias
-
-
-class GradientTransform(nn.Module):
-    """(u_t, δ_t) -> (û_t, δ̂_t) for every edited matrix of one shape ``[d_out, d_in]``.
-
-    The blocks work on the normalized vectors; their output is mapped back to the inputs'
-    scale, so an untrained network returns (u_t, δ_t) and an untrained editor takes a plain
-    (preconditioned) gradient step of size α_l."""
-
-    def __init__(self, d_in: int, d_out: int, rank: int, n_blocks: int, n_modes: int):
-        super().__init__()
-        self.d_in, self.d_out = d_in, d_out
-        self.norm_u, self.norm_delta = RunningNorm(d_in), RunningNorm(d_out)
-        dim = d_in + d_out
-        self.blocks = nn.ModuleList(_ResidualBlock(dim, rank, n_modes) for _ in range(n_blocks))
-
-    def forward(
-        self, u: Float[Tensor, "n d_in"], delta: Float[Tensor, "n d_out"], mode: int
-    ) -> tuple[Float[Tensor, "n d_in"], Float[Tensor, "n d_out"]]:
-        z = torch.cat([self.norm_u(u), self.norm_delta(delta)], dim=-1)  # [n, d_in + d_out]
-        for block in self.blocks:
-            z = block(z, mode)
-        return self.norm_u.inverse(z[:, : self.d_in]), self.norm_delta.inverse(z[:, self.d_in :])
 
 
 # ---- the editor --------------------------------------------------------------------------
@@ -266,7 +172,7 @@ class MENDEditor(nn.Module):
         block from an earlier step on the same requests (the layers below are never edited,
         so only the blocks from there up run again); the step returns it for the next one.
         ``stop_if_done``: when done, return empty deltas: with ``start``, as soon as a
-        forward pass of the edited blocks without gradients shows it (:func:`_gaps_from`).
+        forward pass of the edited blocks without gradients shows it (:func:`gaps_from`).
         ``below``: see :func:`batch_factors`."""
         self.check_model(model)
         texts = [r.text for r in requests]
@@ -277,7 +183,7 @@ class MENDEditor(nn.Module):
         pairs = list(zip([i for i, r in enumerate(requests) if r.target_true is not None],
                          rows_old))
         if (stop_if_done and pairs and start is not None
-                and bool((_gaps_from(model, batch, start, pairs) > 0).all())):
+                and bool((gaps_from(model, batch, start, pairs) > 0).all())):
             return EditorStep({}, True, start)
         run = batch_factors(model, self.config.layers, batch, range(n),
                             away=rows_old if self.config.contrast else (), start=start,
@@ -332,216 +238,6 @@ class EditorStep(NamedTuple):
     deltas: dict[str, Tensor]  # parameter name -> ΔW
     done: bool  # every request with a target_true already had p(new) > p(true)
     start: BlockInput | None  # to resume the next step from (see batch_factors)
-
-
-# ---- gradient factors ----------------------------------------------------------------------
-@dataclass(frozen=True)
-class TargetBatch:
-    """Right-padded rows of prompt + target tokens (teacher forcing, as
-    ``Model.target_logprobs``); row i's target tokens are predicted at ``positions(i)``."""
-
-    ids: Int[Tensor, "batch pos"]
-    spans: tuple[tuple[int, int], ...]  # (index of the first target token, number of tokens)
-
-    @classmethod
-    def build(cls, model: Model, prompts: Sequence[str], targets: Sequence[str]) -> "TargetBatch":
-        seqs, spans = [], []
-        for prompt, target in zip(prompts, targets, strict=True):
-            pid, tid = model.tokenize(prompt).tolist(), model.target_ids(target)
-            seqs.append(pid + tid)
-            spans.append((len(pid), len(tid)))
-        return cls(model.batch_ids(seqs)[0], tuple(spans))
-
-    def positions(self, row: int) -> Int[Tensor, "n"]:
-        """Where row ``row``'s target tokens are predicted."""
-        start, n = self.spans[row]
-        return torch.arange(start - 1, start - 1 + n, device=self.ids.device)
-
-    @functools.cached_property
-    def width(self) -> int:
-        """How many positions a pass needs: up to the last prediction position (a row's last
-        target token predicts nothing, so the one-token answers of the same prompt leave
-        identical rows of prompt tokens)."""
-        return max(start + n - 1 for start, n in self.spans)
-
-    @functools.cached_property
-    def keep(self) -> Int[Tensor, "k"]:
-        """Every row's prediction positions, sorted: the only logits a score needs."""
-        return torch.unique(torch.cat([self.positions(i) for i in range(len(self.spans))]))
-
-    def columns(self, row: int) -> Int[Tensor, "n"]:
-        """Row ``row``'s prediction positions as indices into :attr:`keep`."""
-        return torch.searchsorted(self.keep, self.positions(row))
-
-    @property
-    def n_rows(self) -> int:
-        return len(self.spans)
-
-    def one_token_after_same_prompt(self, row: int, other: int) -> bool:
-        """Both rows' targets are one token, predicted after the same prompt tokens."""
-        (a, n), (b, m) = self.spans[row], self.spans[other]
-        return n == m == 1 and a == b and bool((self.ids[row, :a] == self.ids[other, :a]).all())
-
-    def logprob_gaps(
-        self, logits: Float[Tensor, "batch keep d_vocab"], pairs: Sequence[tuple[int, int]]
-    ) -> Float[Tensor, "pairs"]:
-        """Mean log-probability of row i's target minus row j's, per pair (i, j)."""
-        i, j = zip(*pairs)
-        return self.mean_logprobs(logits, i) - self.mean_logprobs(logits, j)
-
-    def mean_logprobs(
-        self, logits: Float[Tensor, "batch keep d_vocab"], rows: Sequence[int]
-    ) -> Float[Tensor, "rows"]:
-        """Mean log-probability per target token of each of ``rows``, from logits at
-        :attr:`keep` (``Model.logits(batch.ids, batch.keep)``)."""
-        out = []
-        for row in rows:
-            logp = logits[row, self.columns(row)].log_softmax(-1)  # [n, d_vocab]
-            out.append(logp.gather(-1, self.ids[row, self.positions(row) + 1, None]).mean())
-        return torch.stack(out)
-
-
-def gradient_factors(
-    model: Model, layers: Sequence[int], prompts: Sequence[str], targets: Sequence[str],
-    away: Sequence[str | None] | None = None,
-) -> dict[int, Factors]:
-    """Inputs ``u_t`` and output gradients ``δ_t`` of each layer's MLP output projection, at
-    every token with a non-zero gradient, for the loss Σ_requests mean-NLL(target | prompt)
-    − mean-NLL(away | prompt) (the second term only where ``away`` gives a target).
-
-    ``Σ_t δ_t u_tᵀ`` is exactly that loss's gradient with respect to the projection's weight.
-    The model's weights get no gradient: δ is read from zero tensors added to the MLP outputs.
-    """
-    pairs = [(p, a) for p, a in zip(prompts, away or [None] * len(prompts), strict=True)
-             if a is not None]
-    batch = TargetBatch.build(model, [*prompts, *(p for p, _ in pairs)],
-                              [*targets, *(a for _, a in pairs)])
-    n = len(prompts)
-    return batch_factors(model, layers, batch, range(n), away=range(n, n + len(pairs))).factors
-
-
-def _gaps_from(model: Model, batch: TargetBatch, start: BlockInput,
-               pairs: Sequence[tuple[int, int]]) -> Float[Tensor, "pairs"]:
-    """Mean log p(new) − mean log p(old) of every (new row, old row) pair of ``batch`` at
-    the current weights: the blocks from ``start`` up without gradients. Where
-    both answers are one token after the same prompt (most CounterFact facts), log p(new) −
-    log p(old) is logit(new) − logit(old): the normaliser cancels, so two rows of the
-    unembedding are read instead of all of it (on the layer stepper; the unembedding is
-    most of this pass)."""
-    with torch.no_grad(), record_function("mend: check the edit"):
-        if start.kwargs is None and all(batch.one_token_after_same_prompt(*p) for p in pairs):
-            stepper = stepper_for(model, start)
-            news, olds = [i for i, _ in pairs], [j for _, j in pairs]
-            where = torch.tensor([batch.spans[i][0] - 1 for i in news])  # shared position
-            # the old rows equal the new ones up to there: only the new ones run, and where
-            # they share that position, the last block computes it alone
-            same = bool((where == where[0]).all())
-            h = stepper.run(start.hidden[news, : int(where.max()) + 1], start.layer,
-                            model.n_layers, last_only=same)
-            ids = torch.stack([batch.ids[news, where + 1], batch.ids[olds, where + 1]], -1)
-            final = h[:, -1] if same else h[torch.arange(len(news)), where]
-            logits = stepper.token_logits(final, ids)
-            return logits[:, 0] - logits[:, 1]
-        return batch.logprob_gaps(logits_from(model, start, batch.keep), pairs)
-
-
-class FactorPass(NamedTuple):
-    factors: dict[int, Factors]
-    logprobs: Float[Tensor, "batch"]  # each row's mean target log-probability, detached
-    logits: Float[Tensor, "batch keep d_vocab"]  # at TargetBatch.keep, detached
-    start: BlockInput | None  # the input of the first edited block (None: cannot resume)
-
-
-def batch_factors(
-    model: Model,
-    layers: Sequence[int],
-    batch: TargetBatch,
-    rows: Sequence[int],
-    away: Sequence[int] = (),
-    start: BlockInput | None = None,
-    below: torch.dtype | None = None,
-) -> FactorPass:
-    """:func:`gradient_factors` of the loss on ``rows`` of ``batch`` (minus that on ``away``),
-    from one pass over every row; also returns that pass's mean target log-probability per
-    row, its logits at ``batch.keep`` and the input of the first edited block. With ``start``
-    (that input, from an earlier pass on the same batch) only the blocks from there up run.
-    ``below``: the dtype of the matrix multiplies of the blocks below the first edited one
-    (layer stepper only; None: the model's), see :class:`MENDHparams`.
-
-    On Llama-family models with no bridge hook installed the pass runs on the layer stepper
-    (:mod:`interp_edit._llama`; ``δ_t`` is the gradient at the block output, which is the
-    MLP output plus a residual, so the same vector); otherwise on the bridge, with a capture
-    hook for ``u_t`` and zero tensors added to the MLP outputs for ``δ_t``."""
-    if start is None and LlamaStepper.usable(model):
-        with record_function("mend: blocks below the edit"):
-            start = block_input(model, batch.ids[:, : batch.width], min(layers), below)
-    if start is not None and start.kwargs is None:
-        return _stepper_factors(model, layers, batch, rows, away, start)
-    return _hooked_factors(model, layers, batch, rows, away, start)
-
-
-def _loss(logprobs: Float[Tensor, "batch"], rows: Sequence[int], away: Sequence[int]) -> Tensor:
-    loss = -logprobs[list(rows)].sum()
-    return loss + logprobs[list(away)].sum() if len(away) else loss
-
-
-def _nonzero(u: Tensor, delta: Tensor) -> Factors:
-    """Flatten batch and positions; keep tokens with a gradient (none after the last target)."""
-    u = rearrange(u, "batch pos d_in -> (batch pos) d_in")
-    delta = rearrange(delta, "batch pos d_out -> (batch pos) d_out")
-    keep = delta.abs().amax(-1) > 0
-    return u[keep], delta[keep]
-
-
-def _stepper_factors(model: Model, layers: Sequence[int], batch: TargetBatch,
-                     rows: Sequence[int], away: Sequence[int], start: BlockInput) -> FactorPass:
-    stepper = stepper_for(model, start)
-    outs, keys = {}, {}
-
-    def keep(j: int, x_j: Tensor, out: LayerOut) -> None:
-        if j in layers:
-            outs[j], keys[j] = out.out, out.key.detach()
-
-    x = start.hidden.detach().requires_grad_()  # the graph starts here (weights are frozen)
-    # every row predicts at the last position only (one-token answers of one prompt): the last
-    # block computes that position alone (its other outputs get no gradient)
-    single = batch.keep.numel() == 1 and int(batch.keep[0]) == x.shape[1] - 1
-    with torch.enable_grad():
-        with record_function("mend: edited blocks, forward"):
-            x = stepper.run(x, start.layer, model.n_layers, keep, last_only=single)
-        with record_function("mend: unembedding at the targets"):
-            logits = stepper.unembed(x if single else x[:, batch.keep])
-            logprobs = batch.mean_logprobs(logits, range(batch.n_rows))
-        with record_function("mend: backward"):
-            grads = torch.autograd.grad(_loss(logprobs, rows, away), [outs[j] for j in layers])
-    with torch.no_grad():
-        factors = {j: _nonzero(keys[j], g) for j, g in zip(layers, grads)}
-    return FactorPass(factors, logprobs.detach(), logits.detach(), start)
-
-
-def _hooked_factors(model: Model, layers: Sequence[int], batch: TargetBatch,
-                    rows: Sequence[int], away: Sequence[int], start: BlockInput | None,
-                    ) -> FactorPass:
-    w = model.mlp_out_proj(layers[0]).weight
-    store: dict[str, Tensor] = {}
-    bumps = {layer: torch.zeros(*batch.ids.shape, model.d_model, dtype=w.dtype, device=w.device,
-                                requires_grad=True) for layer in layers}
-    hooks = [capture(mlp_key_hook(layer), store) for layer in layers]
-    hooks += [add_delta(mlp_out_hook(layer), slice(None), bumps[layer]) for layer in layers]
-    with torch.enable_grad(), hooked(model, hooks):
-        if start is not None:
-            logits = logits_from(model, start, batch.keep)
-        elif supports_resume(model):
-            with record_block_input(model, min(layers)) as rec:
-                logits = model.logits(batch.ids, batch.keep)
-            start = rec.value
-        else:
-            logits = model.logits(batch.ids, batch.keep)
-        logprobs = batch.mean_logprobs(logits, range(batch.n_rows))
-        grads = torch.autograd.grad(_loss(logprobs, rows, away),
-                                    [bumps[layer] for layer in layers])
-    factors = {j: _nonzero(store[mlp_key_hook(j)], g) for j, g in zip(layers, grads)}
-    return FactorPass(factors, logprobs.detach(), logits.detach(), start)
 
 
 # ---- the registered editor -------------------------------------------------------------------

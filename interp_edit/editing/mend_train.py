@@ -4,7 +4,7 @@ Each step draws one record and
 
 1. takes the raw gradient factors of its edit (x = the edit prompt, y = ``target_new``; with
    ``contrast``, minus the NLL of ``target_true``) on the unedited model
-   (:func:`interp_edit.editing.mend.gradient_factors`);
+   (:func:`interp_edit.editing.mend_factors.gradient_factors`);
 2. turns them into ΔW with the editor and runs the model with W + ΔW substituted
    (:func:`substituted`: differentiable, the model's parameters are never trained);
 3. loss = ``c_edit`` × NLL(target_new | edit prompt and its paraphrase, edited weights)
@@ -44,8 +44,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from interp_edit.editing.mend import (
-    MENDConfig, MENDEditor, TargetBatch, batch_factors, gradient_factors, last_layers)
+from interp_edit.editing.mend import MENDConfig, MENDEditor, last_layers
+from interp_edit.editing.mend_factors import TargetBatch, batch_factors, gradient_factors
 from interp_edit.errors import InterpEditError
 from interp_edit.evaluation.records import EditRecord
 from interp_edit.models import Model

@@ -164,7 +164,8 @@ def choose_layer(model: Model, req: EditRequest, hp: ROMEHparams) -> tuple[int, 
 
     lo, hi = hp.auto_layers[0], min(hp.auto_layers[1], model.n_layers)
     if lo >= hi:
-        raise InterpEditError(f"auto_layers {hp.auto_layers} is empty on a {model.n_layers}-layer model")
+        raise InterpEditError(
+            f"auto_layers {hp.auto_layers} is empty on a {model.n_layers}-layer model")
     last = model.subject_range(req.text, req.subject)[1] - 1
     r = trace(model, req.text, req.subject, target=req.target_true, kind="mlp",
               window=hp.trace_window, samples=hp.trace_samples, method=hp.trace_method,

@@ -48,7 +48,8 @@ def second_moment(
     model: Model, layer: int, corpus: str | os.PathLike = GENERATED, n_tokens: int = 100_000,
     **kwargs,
 ) -> Float[Tensor, "d_mlp d_mlp"]:
-    """C = E[k kᵀ] of the keys entering ``model.mlp_out_proj(layer)``; see :func:`second_moments`."""
+    """C = E[k kᵀ] of the keys entering ``model.mlp_out_proj(layer)``; see
+    :func:`second_moments`."""
     return second_moments(model, [layer], corpus, n_tokens, **kwargs)[layer]
 
 
@@ -77,9 +78,9 @@ def second_moments(
     for layer in layers:
         model._check_layer(layer)
     ident = _corpus_identity(corpus, seed)
-    paths = {l: _cache_path(model, l, ident, n_tokens, seq_len, precision)
-             for l in sorted(set(layers))}
-    missing = [l for l, p in paths.items() if refresh or not p.exists()]
+    paths = {layer: _cache_path(model, layer, ident, n_tokens, seq_len, precision)
+             for layer in sorted(set(layers))}
+    missing = [layer for layer, p in paths.items() if refresh or not p.exists()]
     if missing:
         t0 = time.perf_counter()
         chunks = _chunks(model, corpus, n_tokens, seq_len, seed, progress)
@@ -236,21 +237,21 @@ def _accumulate(model: Model, layers: list[int], chunks: Tensor, batch_size: int
     from tqdm.auto import tqdm
 
     store: dict[str, Tensor] = {}
-    hooks = [capture(mlp_key_hook(l), store) for l in layers]
+    hooks = [capture(mlp_key_hook(layer), store) for layer in layers]
     sums: dict[int, Tensor] = {}
     count = 0
     bar = tqdm(total=chunks.numel(), desc="key statistics", unit="tok", disable=not _show(progress))
     with hooked(model, hooks), bar:
         for batch in chunks.split(batch_size):
             model.bridge(batch.to(model.device), return_type=None, stop_at_layer=max(layers) + 1)
-            for l in layers:
-                k = rearrange(store[mlp_key_hook(l)], "b p d -> (b p) d").float()
+            for layer in layers:
+                k = rearrange(store[mlp_key_hook(layer)], "b p d -> (b p) d").float()
                 with torch.autocast(k.device.type, enabled=False):
                     kk = (k.T @ k).double()  # float32 products, float64 running sum
-                sums[l] = sums[l] + kk if l in sums else kk
+                sums[layer] = sums[layer] + kk if layer in sums else kk
             count += batch.numel()
             bar.update(batch.numel())
-    return {l: (s / count).float() for l, s in sums.items()}, count
+    return {layer: (s / count).float() for layer, s in sums.items()}, count
 
 
 def _show(progress: bool | None) -> bool | None:

@@ -225,7 +225,8 @@ def _resolve_hparams(method: str, hparams: dict[str, Any]) -> dict[str, Any]:
     """The editor's full hparams (defaults filled in), checked before any record is edited."""
     if method == BASELINE:
         if hparams:
-            raise InterpEditError(f"method='none' (no edit) takes no hparams, got {sorted(hparams)}")
+            raise InterpEditError(
+                f"method='none' (no edit) takes no hparams, got {sorted(hparams)}")
         return {}
     hp = make_hparams(method, **hparams)
     return {f.name: getattr(hp, f.name) for f in dataclasses.fields(hp)}

@@ -23,7 +23,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from interp_edit._llama import PRECISIONS, LlamaStepper, RunCache, resolve_precision
+from interp_edit._llama import LlamaStepper, RunCache, resolve_precision
+from interp_edit._precision import PRECISIONS
 from interp_edit.errors import InterpEditError
 from interp_edit.models import Model
 from interp_edit.tracing.noise import resolve_noise

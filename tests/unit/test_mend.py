@@ -10,9 +10,9 @@ import torch
 
 import interp_edit as ie
 from interp_edit.editing.base import parameter_name
-from interp_edit.editing.mend import (
-    GradientTransform, MENDConfig, MENDEditor, RunningNorm, TargetBatch, gradient_factors,
-    last_layers)
+from interp_edit.editing.mend import MENDConfig, MENDEditor, last_layers
+from interp_edit.editing.mend_factors import TargetBatch, gradient_factors
+from interp_edit.editing.mend_network import GradientTransform, RunningNorm
 from interp_edit.editing.mend_train import (
     TrainConfig, choose_layers, substituted, train_editor)
 from interp_edit.errors import InterpEditError, ModelMismatchError
@@ -310,7 +310,7 @@ def _same_factors(run, ref, layers) -> None:
 def test_stepper_factors_equal_the_hooked_ones(fm):
     """The layer-stepper pass (used when no hook is installed) and the bridge pass with capture
     and delta hooks give the same factors, logits and log-probs, fresh and resumed."""
-    from interp_edit.editing.mend import _hooked_factors, _stepper_factors
+    from interp_edit.editing.mend_factors import _hooked_factors, _stepper_factors
     from interp_edit.resume import block_input
 
     m, layers = fm.model, (1, 3)
@@ -328,7 +328,7 @@ def test_check_gaps_read_two_unembedding_rows_where_the_normaliser_cancels(fm):
     """The check between passes: where both answers are one token after the same prompt the
     gap is logit(new) − logit(old) (two rows of the unembedding); it equals the gap of the
     full log-softmax, and pairs without that shape take the full path (same numbers again)."""
-    from interp_edit.editing.mend import _gaps_from
+    from interp_edit.editing.mend_factors import gaps_from
     from interp_edit.resume import block_input, record_block_input
 
     m, f, g = fm.model, fm.facts[2], fm.facts[9]
@@ -340,12 +340,12 @@ def test_check_gaps_read_two_unembedding_rows_where_the_normaliser_cancels(fm):
     start = block_input(m, batch.ids, 2)
     with torch.no_grad():
         full = batch.logprob_gaps(m.logits(batch.ids, batch.keep), [one, many])
-    short = _gaps_from(m, batch, start, [one])
-    cut = _gaps_from(m, batch, block_input(m, batch.ids[:, : batch.width], 2), [one])
-    mixed = _gaps_from(m, batch, start, [one, many])
+    short = gaps_from(m, batch, start, [one])
+    cut = gaps_from(m, batch, block_input(m, batch.ids[:, : batch.width], 2), [one])
+    mixed = gaps_from(m, batch, start, [one, many])
     with record_block_input(m, 2) as rec:  # a bridge input: always the full path
         m.logits(batch.ids, [-1])
-    bridge = _gaps_from(m, batch, rec.value, [one, many])
+    bridge = gaps_from(m, batch, rec.value, [one, many])
     for gaps in (short, cut, mixed[:1], bridge[:1]):
         torch.testing.assert_close(gaps, full[:1], rtol=0, atol=1e-5)
     for gaps in (mixed[1:], bridge[1:]):
@@ -358,7 +358,7 @@ def test_passes_stop_at_the_last_prediction_position(fm):
     token predicts nothing, so its gradient is zero), and the two one-token answers of one
     prompt leave equal rows (which block_input then runs once) that predict at the last
     position only (the last block then computes that position alone)."""
-    from interp_edit.editing.mend import _hooked_factors, _stepper_factors
+    from interp_edit.editing.mend_factors import _hooked_factors, _stepper_factors
     from interp_edit.resume import block_input
 
     m, f, g = fm.model, fm.facts[2], fm.facts[9]

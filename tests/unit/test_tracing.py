@@ -292,7 +292,7 @@ def test_attribution_in_bf16_stays_close_to_fp32(fm, fact):
     the weights; its grid moves by rounding only, and the result says what ran. The default
     ("auto") is bf16 where the CPU multiplies it natively. The exact methods refuse bf16 and
     ignore "auto"; an unknown precision is named."""
-    from interp_edit._llama import low_precision_supported
+    from interp_edit._precision import low_precision_supported
 
     kw = dict(window=3, samples=4, method="attribution")
     fp32 = ie.trace_all(fm.model, fact.prompt, fact.subject, precision="model", **kw)
@@ -322,7 +322,7 @@ def test_low_precision_linear_has_the_bf16_input_gradient():
     F.linear."""
     import torch.nn.functional as F
 
-    from interp_edit._llama import low_precision_linear
+    from interp_edit._precision import low_precision_linear
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(48, 80)
