@@ -36,6 +36,34 @@ def matmul_rate(weight: torch.Tensor, rows: int, dtype: torch.dtype = torch.floa
 
 
 @torch.no_grad()
+def int8_rate(weight: torch.Tensor, rows: int) -> float | None:
+    """GMAC/s of an int8 x int8 -> int32 multiply of ``weight``'s shape (``torch._int_mm``),
+    current threads; None where this build has none."""
+    n, k = weight.shape
+    x = torch.randint(-127, 128, (rows, k), dtype=torch.int8, device=weight.device)
+    w = torch.randint(-127, 128, (k, n), dtype=torch.int8, device=weight.device)
+    try:
+        return rows * n * k / median_seconds(lambda: torch._int_mm(x, w), 20) / 1e9
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return None
+
+
+def dtype_line(weight: torch.Tensor, rows: int) -> str:
+    """The multiply's rate in each dtype at one shape, with the dtype of its output: what a
+    lower-precision exact engine could hope for (an output rounded to 16 bits cannot give
+    fp32 results, and an int8 emulation of fp32 needs about ten slice products)."""
+    rates = [f"fp32 {matmul_rate(weight, rows):.0f} (fp32 out)"]
+    for dtype, name in ((torch.bfloat16, "bf16"), (torch.float16, "fp16")):
+        out = torch.nn.functional.linear(torch.ones(1, weight.shape[1], dtype=dtype),
+                                         weight[:1].to(dtype)).dtype
+        rates.append(f"{name} {matmul_rate(weight, rows, dtype):.0f} "
+                     f"({str(out).removeprefix('torch.')} out)")
+    i8 = int8_rate(weight, rows)
+    rates.append("int8: none" if i8 is None else f"int8 {i8:.0f} (int32 out)")
+    return f"One multiply of the MLP's shape at {rows} rows, GMAC/s: " + ", ".join(rates) + "."
+
+
+@torch.no_grad()
 def weight_stream(model) -> tuple[float, float]:
     """Milliseconds to multiply one vector by every 2-D weight of the model (blocks and the
     unembedding; a tied embedding once), and the megabytes read: no pass of the model can

@@ -26,7 +26,10 @@
 3. Peak RSS of the process.
 The first line counts multiply-adds, reference / fast, from the engine's own plans: the
 ceiling of the speed-up when both run their matrix multiplies equally fast. The second divides
-them by each method's CPU time, next to the CPU's fp32 matrix-multiply peak.
+them by each method's CPU time, next to the CPU's fp32 matrix-multiply peak. The third times
+one multiply of that shape in each dtype, with the dtype of its output: whether a lower
+precision could take an exact engine past the fp32 ceiling (``--work-only`` prints the first
+and the third).
 Prints markdown tables (pasted into README.md, "Measured so far").
 """
 
@@ -47,7 +50,7 @@ import interp_edit as ie
 from interp_edit.tracing import engine, reference
 from interp_edit.tracing.inputs import plan, prepare, select_cells
 
-from _machine import matmul_rate, up_proj  # benchmarks/, beside this script
+from _machine import dtype_line, matmul_rate, up_proj  # benchmarks/, beside this script
 
 PROMPT, SUBJECT = "The Eiffel Tower is located in the city of", "The Eiffel Tower"  # defaults
 KINDS = ("resid", "mlp", "attn")
@@ -121,6 +124,7 @@ def speed_table(model, fact: Fact, samples: int, macs: dict[str, tuple[float, fl
     lines = [
         work_line(macs),
         throughput_line(model, macs, cpu),
+        dtype_line(up_proj(model), 1024),
         "",
         f"Prompt {fact.prompt!r} ({ntok} tokens), subject {fact.subject!r}, {samples} noise "
         f"samples, "
@@ -380,6 +384,7 @@ def main() -> None:
     macs = multiply_adds(model, fact, args.samples)
     if args.work_only:
         print(work_line(macs))
+        print(dtype_line(up_proj(model), 1024))
         return print(work_spread(model, args.data / "known_1000.json", args.samples))
     if not args.pearson_only:
         lines, cpu, ref_resid = speed_table(model, fact, args.samples, macs)
