@@ -1,7 +1,8 @@
 """Causal tracing benchmark: reference vs fast vs attribution on the default model.
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_trace.py \
-        [--facts 20] [--pearson-samples 3] [--pearson-only] [--steps] [--work-only] [--data DIR]
+        [--facts 20] [--pearson-samples 3] [--pearson-only] [--steps] [--work-only] [--profile]
+        [--data DIR]
 
 1. One fact (10-token prompt, 10 noise samples), kinds resid/mlp/attn: wall and CPU time of the
    reference (one forward pass per cell), the fast engine (per kind, and all three kinds sharing
@@ -29,7 +30,8 @@ ceiling of the speed-up when both run their matrix multiplies equally fast. The 
 them by each method's CPU time, next to the CPU's fp32 matrix-multiply peak. The third times
 one multiply of that shape in each dtype, with the dtype of its output: whether a lower
 precision could take an exact engine past the fp32 ceiling (``--work-only`` prints the first
-and the third).
+and the third). ``--profile`` prints where the fast engine's time goes instead: the share in
+matrix multiplies and their rate.
 Prints markdown tables (pasted into README.md, "Measured so far").
 """
 
@@ -279,6 +281,33 @@ def throughput_line(model, macs: dict[str, tuple[float, float]],
             f"{matmul_rate(up_proj(model), 1024):.0f}.")
 
 
+def profile_lines(model, fact: Fact, samples: int,
+                  macs: dict[str, tuple[float, float]]) -> list[str]:
+    """Where the fast engine's CPU time goes (kind resid, one trace under torch.profiler):
+    the share in matrix multiplies (``mm``, ``addmm``: the layers and the unembedding) and the
+    rate they run at, counting the engine's own multiply-adds; then the largest other ops. With
+    every multiply at the CPU's fp32 rate and nothing else, the speed-up over the reference
+    could not pass the ceiling times (that rate / the reference's)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    kw = dict(kind="resid", samples=samples, progress=False)
+    ie.trace(model, *fact, method="fast", **kw)  # warm: the stepper's masks, the allocator
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        ie.trace(model, *fact, method="fast", **kw)
+    ops = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
+    total = sum(ops.values())
+    gemm = ops.get("aten::mm", 0.0) + ops.get("aten::addmm", 0.0)
+    others = sorted(((t, k) for k, t in ops.items() if k not in ("aten::mm", "aten::addmm")),
+                    reverse=True)[:6]
+    return [
+        f"Fast engine, kind resid, under torch.profiler: {total:.2f} CPU s; matrix multiplies "
+        f"(aten::mm + aten::addmm) {gemm:.2f} s = {gemm / total:.0%}, at "
+        f"{macs['resid'][1] / gemm / 1e9:.0f} GMAC/s (the engine's counted multiply-adds).",
+        "Largest other ops (self CPU s): "
+        + ", ".join(f"{k.removeprefix('aten::')} {t:.2f}" for t, k in others) + ".",
+    ]
+
+
 def known_facts(model, path: Path, n: int) -> list[dict]:
     out = []
     for rec in json.loads(path.read_text()):
@@ -368,6 +397,9 @@ def main() -> None:
     ap.add_argument("--steps", action="store_true",
                     help="also the table of each fast-engine step's gain (kind resid; runs the "
                          "hook-batched fallback twice)")
+    ap.add_argument("--profile", action="store_true",
+                    help="print where the fast engine's time goes (kind resid, torch.profiler): "
+                         "the share in matrix multiplies and their rate")
     ap.add_argument("--work-only", action="store_true",
                     help="print the multiply-add ratios only, for the prompt and over the first "
                          "200 known facts (seconds, no tracing)")
@@ -386,6 +418,8 @@ def main() -> None:
         print(work_line(macs))
         print(dtype_line(up_proj(model), 1024))
         return print(work_spread(model, args.data / "known_1000.json", args.samples))
+    if args.profile:
+        return print("\n".join(profile_lines(model, fact, args.samples, macs)))
     if not args.pearson_only:
         lines, cpu, ref_resid = speed_table(model, fact, args.samples, macs)
         print("\n".join(lines), "\n", flush=True)
