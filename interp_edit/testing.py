@@ -26,7 +26,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from interp_edit._cache import cache_dir, file_digest, stable_hash
-from interp_edit.models import Model, _boot_bridge
+from interp_edit._loading import boot_bridge
+from interp_edit.models import Model
 
 _SYLLABLES = ["zor", "quix", "bal", "mera", "tund", "vel", "osk", "pry", "lum", "dax", "fen", "gor"]
 CITIES = ["Paris", "Rome", "Tokyo", "Berlin", "Madrid", "Cairo", "Lima", "Oslo"]
@@ -114,7 +115,7 @@ def random_model(
     )
     torch.manual_seed(seed)
     hf = LlamaForCausalLM(cfg).eval()
-    return Model(_boot_bridge(f"interp-edit-tiny-{seed}", hf, tok, "cpu", torch.float32), tok,
+    return Model(boot_bridge(f"interp-edit-tiny-{seed}", hf, tok, "cpu", torch.float32), tok,
                  f"interp-edit-tiny-{n_layers}x{d_model}-s{seed}")
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -31,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from interp_edit._cache import cache_dir, file_digest
+from interp_edit._loading import hub_unreachable
 from interp_edit.editing.keys import sample_token_ids
 from interp_edit.errors import InterpEditError
 from interp_edit.hooks import capture, hooked
@@ -205,13 +205,7 @@ def _read_file(path: Path, block: int = 1 << 20) -> Iterator[str]:
 
 
 def _read_hf_dataset(name: str) -> Iterator[str]:
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-    why = "HF_HUB_OFFLINE is set" if offline else None
-    if not offline:
-        try:
-            socket.create_connection(("huggingface.co", 443), timeout=3).close()
-        except OSError as exc:
-            why = f"no network: {exc}"
+    why = hub_unreachable()
     if why:
         raise InterpEditError(
             f"corpus {name!r} is not a local file, so it was taken as a Hugging Face dataset, "
