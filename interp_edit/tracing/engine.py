@@ -68,7 +68,8 @@ def _fast_grid(
 ) -> tuple[Float[Tensor, "n_jobs"], float]:
     S, T, L, tid = inputs.samples, inputs.n_tokens, inputs.n_layers, inputs.target_id
     stepper = LlamaStepper(inputs.model, T)
-    clean = inputs.clean_run()
+    clean = inputs.clean  # prepare's clean pass (trace asks for it with method='fast')
+    assert clean is not None, "the fast engine needs prepare(..., clean_pass=True)"
     corrupted = stepper.full_run(inputs.batch(S), inputs.noise, inputs.subject_range)
     low = float(stepper.target_probs(corrupted.final, tid).mean())
     scores = torch.full((len(jobs),), low)

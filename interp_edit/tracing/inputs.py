@@ -94,14 +94,6 @@ class TraceInputs:
     def n_layers(self) -> int:
         return self.model.n_layers
 
-    def clean_run(self) -> RunCache:
-        """The clean pass with every layer cached: ``prepare``'s, or (where the stepper did
-        not run it there) one run now."""
-        if self.clean is not None:
-            return self.clean
-        with torch.no_grad():
-            return LlamaStepper(self.model, self.n_tokens).full_run(self.batch(1))
-
     def completed(self, probs: Float[Tensor, "d_vocab"],
                   clean: RunCache | None) -> "TraceInputs":
         """These inputs with a clean pass's results: ``probs`` (its next-token probabilities
