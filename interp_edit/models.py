@@ -30,6 +30,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from interp_edit import _validate
 from interp_edit._loading import boot_bridge, read_weights
 from interp_edit.errors import InterpEditError, SubjectNotFoundError
 
@@ -60,10 +61,38 @@ class Model:
         self.d_model: int = cfg.d_model
         self.n_ctx: int = cfg.n_ctx
         self.fingerprint: str = _fingerprint(self)
+        # digests of in-place weight changes made outside an AppliedEdit (see weights_changed)
+        self._weight_marks: list[str] = []
         self._hooks_known: bool | None = None  # has_hooks' answer inside hooks_fixed()
 
     def __repr__(self) -> str:
         return f"Model({self.name!r}, n_layers={self.n_layers}, d_model={self.d_model})"
+
+    @property
+    def weights_key(self) -> str:
+        """Identifies the weights in use now, for cache keys: :attr:`fingerprint` (the weights
+        as loaded) when no edit is applied, else a digest of it and of every applied weight
+        edit's deltas, in order (:class:`~interp_edit.editing.base.AppliedEdit` keeps that
+        stack through ``apply``/``undo``; in-context edits change no weight and do not count).
+        So statistics, prefixes or traces computed while an edit is applied are never stored
+        under, nor served to, the unedited model. Weights changed by hand, outside an edit,
+        are not seen: load the model again (a new fingerprint) after changing them."""
+        edits = self.__dict__.get("_applied_edits", ())
+        digests = [d for e in edits if (d := e.weights_digest)] + self._weight_marks
+        if not digests:
+            return self.fingerprint
+        return hashlib.sha256(" ".join([self.fingerprint, *digests]).encode()).hexdigest()[:16]
+
+    @contextlib.contextmanager
+    def weights_changed(self, digest: str) -> Iterator[None]:
+        """Inside the block :attr:`weights_key` includes ``digest``: for an editor that
+        changes weights in place for a while outside an AppliedEdit (ROME's later requests in
+        one call are computed with the earlier ones added)."""
+        self._weight_marks.append(digest)
+        try:
+            yield
+        finally:
+            self._weight_marks.remove(digest)
 
     # ---- underlying modules ------------------------------------------------------------
     @property
@@ -117,7 +146,7 @@ class Model:
         return _unwrap(self.bridge.blocks[layer].mlp.out)
 
     def _check_layer(self, layer: int) -> None:
-        if not isinstance(layer, int) or not 0 <= layer < self.n_layers:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.n_layers:
             raise InterpEditError(
                 f"layer {layer!r} is out of range: this model has layers 0..{self.n_layers - 1}"
             )
@@ -252,8 +281,9 @@ class Model:
 
     @torch.no_grad()
     def top_k(self, prompt: str, k: int = 5) -> list[tuple[str, float]]:
+        k = _validate.count("k", k, 1, len(self.tokenizer))
         probs = self.last_logits([prompt])[0].softmax(-1)
-        vals, idx = probs.topk(k)
+        vals, idx = probs.topk(min(k, probs.shape[-1]))
         return [(self.tokenizer.decode([int(i)]), float(v)) for v, i in zip(vals, idx)]
 
     @torch.no_grad()
@@ -264,6 +294,7 @@ class Model:
         it runs the whole sequence through the hooks once per new token."""
         from interp_edit._llama import LlamaStepper  # (that module imports this one)
 
+        max_new_tokens = _validate.count("max_new_tokens", max_new_tokens, 0)
         ids, eos = self._encode(prompt)[0], self.tokenizer.eos_token_id
         if LlamaStepper.usable(self):
             row = LlamaStepper(self, len(ids) + max_new_tokens).decode(

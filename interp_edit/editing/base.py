@@ -25,6 +25,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.profiler import record_function
 
+from interp_edit import _validate
+from interp_edit._cache import tensors_digest
 from interp_edit.errors import InterpEditError, ModelMismatchError
 from interp_edit.models import Model
 
@@ -52,8 +54,8 @@ class EditRequest:
 
     def validate(self, model: Model) -> None:
         """Raise InterpEditError if this request cannot be applied to ``model``."""
-        if not self.subject or not self.subject.strip():
-            raise InterpEditError("EditRequest.subject is empty")
+        _validate.text("EditRequest.prompt", self.prompt)
+        _validate.text("EditRequest.subject", self.subject)
         if "{}" not in self.prompt and self.subject not in self.prompt:
             raise InterpEditError(
                 f"subject {self.subject!r} is not in prompt {self.prompt!r}: "
@@ -61,6 +63,12 @@ class EditRequest:
             )
         if self.template.count("{}") != 1:
             raise InterpEditError(f"prompt template {self.template!r} must contain one '{{}}'")
+        try:
+            self.text
+        except (KeyError, IndexError, ValueError):
+            raise InterpEditError(
+                f"prompt template {self.template!r} has braces other than the one '{{}}' for "
+                "the subject: write a literal brace as '{{' or '}}'") from None
         for name in ("target_new", "target_true"):
             value = getattr(self, name)
             if value is None and name == "target_true":
@@ -68,6 +76,10 @@ class EditRequest:
             if not isinstance(value, str) or not value.strip():
                 raise InterpEditError(f"EditRequest.{name} is empty: give the answer text")
             model.target_ids(value)  # raises if it tokenizes to nothing
+        if self.target_true is not None and (
+                model.target_ids(self.target_new) == model.target_ids(self.target_true)):
+            raise InterpEditError(f"target_new {self.target_new!r} is target_true "
+                                  f"{self.target_true!r}: an edit must change the answer")
         model.subject_range(self.text, self.subject)
 
     def to_dict(self) -> dict[str, Any]:
@@ -130,7 +142,10 @@ def make_hparams(method: str, **overrides: Any):
         raise InterpEditError(
             f"unknown hparams for {method!r}: {unknown}; valid: {sorted(names)}"
         )
-    return cls(**overrides)
+    try:
+        return cls(**overrides)
+    except TypeError as exc:  # a value of the wrong type met a comparison or a conversion
+        raise InterpEditError(f"hparams for {method!r}: {exc}") from None
 
 
 def edit(
@@ -141,7 +156,9 @@ def edit(
 ) -> "AppliedEdit":
     """Apply ``requests`` with ``method``; returns an :class:`AppliedEdit` (undo, save).
 
-    All requests are validated before any weight is touched.
+    All requests and the hparams are validated before any weight is touched (hparams that
+    depend on the model, such as a layer index, through their ``check_model(model)``); a
+    delta that is not finite is refused before it is applied.
     """
     reqs = [requests] if isinstance(requests, EditRequest) else list(requests)
     if not reqs:
@@ -152,10 +169,17 @@ def edit(
         r.validate(model)
     entry = _lookup(method)
     hp = make_hparams(method, **hparams)
+    check_hparams(hp, model)
     t0 = time.perf_counter()
     applied = entry.apply(model, reqs, hp)
     applied.info.setdefault("seconds", time.perf_counter() - t0)
     return applied
+
+
+def check_hparams(hp: Any, model: Model) -> None:
+    """The checks of ``hp`` that need the model (``hp.check_model``, where it has one)."""
+    if (check := getattr(hp, "check_model", None)) is not None:
+        check(model)
 
 
 # ---- applied edits -----------------------------------------------------------------------
@@ -194,6 +218,7 @@ class AppliedEdit:
     _originals: dict[str, Tensor] = field(default_factory=dict, repr=False)
     model_name: str = ""
     fingerprint: str = ""
+    _digest: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_deltas(
@@ -230,6 +255,13 @@ class AppliedEdit:
         if added_to.keys() != out.deltas.keys():
             raise InterpEditError("added_to must hold the weights before of exactly the edited "
                                   f"parameters ({sorted(out.deltas)}), not {sorted(added_to)}")
+        try:
+            out._check_finite()
+        except InterpEditError:  # the editor added them already: put the weights back
+            with torch.no_grad():
+                for name, before in added_to.items():
+                    get_parameter(model, name).copy_(before)
+            raise
         out._originals.update(added_to)
         return out._attach(model)
 
@@ -242,6 +274,18 @@ class AppliedEdit:
                   hparams=_hparams_dict(hparams), context=context, info=dict(info or {}),
                   model_name=model.name, fingerprint=model.fingerprint)
         return out.apply(model)
+
+    @property
+    def weights_digest(self) -> str | None:
+        """A digest of the deltas (None for an edit that changes no weight): part of
+        :attr:`~interp_edit.models.Model.weights_key` while the edit is applied."""
+        if self._digest is None and self.deltas:
+            self._digest = tensors_digest(self.deltas)
+        return self._digest
+
+    def _check_finite(self) -> None:
+        for name, delta in self.deltas.items():
+            _validate.finite(f"the {self.method} edit's delta for {name}", delta)
 
     @property
     def applied(self) -> bool:
@@ -265,6 +309,7 @@ class AppliedEdit:
             if params[name].shape != delta.shape:
                 raise ModelMismatchError(f"delta for {name} has shape {tuple(delta.shape)}, "
                                          f"parameter has {tuple(params[name].shape)}")
+        self._check_finite()
         with torch.no_grad(), record_function("edit: apply the deltas"):
             for name, delta in self.deltas.items():
                 p = params[name]

@@ -119,10 +119,10 @@ def context_templates(
 ) -> tuple[str, ...]:
     """``"{}"`` followed by ``n`` templates ``"<sampled prefix>. {}"`` of about ``length``
     tokens each. Seeded and cached per model (in memory and under the cache directory)."""
-    key = (model.fingerprint, n, length, seed)
+    key = (model.weights_key, n, length, seed)
     if key in _TEMPLATES:
         return _TEMPLATES[key]
-    path = cache_dir("prefixes", model.fingerprint) / f"v2-n{n}-len{length}-seed{seed}.json"
+    path = cache_dir("prefixes", key[0]) / f"v2-n{n}-len{length}-seed{seed}.json"
     if path.exists():
         prefixes = json.loads(path.read_text())["prefixes"]
     else:

@@ -23,6 +23,8 @@ k* and v*) and returned as one :class:`AppliedEdit`.
 
 from __future__ import annotations
 
+import contextlib
+import numbers
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -31,6 +33,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from interp_edit import _validate
+from interp_edit._cache import tensors_digest
 from interp_edit.editing.base import (
     AppliedEdit,
     EditRequest,
@@ -39,7 +43,8 @@ from interp_edit.editing.base import (
     register_editor,
 )
 from interp_edit.editing.keys import FactBatch, context_templates, encode_facts, key_star
-from interp_edit.editing.stats import GENERATED, autocast, second_moment, solve_mom2
+from interp_edit.editing.stats import (
+    GENERATED, autocast, corpus_identity, second_moment, solve_mom2)
 from interp_edit.errors import InterpEditError
 from interp_edit.hooks import add_delta, hooked
 from interp_edit.models import Model, mlp_out_hook
@@ -73,23 +78,42 @@ class ROMEHparams:
     precision: str = "bf16"  # "bf16": autocast the v* passes and the statistics pass; "fp32"
 
     def __post_init__(self) -> None:
-        if not (self.layer == "auto" or (isinstance(self.layer, int) and self.layer >= 0)):
-            raise InterpEditError(f"layer must be 'auto' or a layer index, not {self.layer!r}")
-        if self.trace_method not in ("fast", "reference", "attribution"):
-            raise InterpEditError(f"trace_method {self.trace_method!r}: use 'fast' or "
-                                  "'attribution'")
-        for name in ("v_lr", "v_steps", "stats_tokens", "trace_samples", "trace_window"):
-            if not getattr(self, name) > 0:
-                raise InterpEditError(f"ROME hparam {name} must be positive")
-        for name in ("n_prefixes", "v_weight_decay", "kl_factor", "mom2_ridge", "v_nll_stop"):
-            if getattr(self, name) < 0:
-                raise InterpEditError(f"ROME hparam {name} must be >= 0")
-        if self.precision not in ("bf16", "fp32"):
-            raise InterpEditError(f"precision must be 'bf16' or 'fp32', not {self.precision!r}")
-        object.__setattr__(self, "auto_layers", tuple(self.auto_layers))
-        lo, hi = self.auto_layers
-        if not 0 <= lo < hi:
+        if self.layer != "auto":
+            if isinstance(self.layer, bool) or not isinstance(self.layer, numbers.Integral) or (
+                    self.layer < 0):
+                raise InterpEditError(f"layer must be 'auto' or a layer index, not "
+                                      f"{self.layer!r}")
+            object.__setattr__(self, "layer", int(self.layer))
+        _validate.choice("trace_method", self.trace_method, ("fast", "reference", "attribution"))
+        _validate.choice("precision", self.precision, ("bf16", "fp32"))
+        _validate.text("ROMEHparams.corpus", self.corpus)
+        _validate.fields(self, counts=("v_steps", "stats_tokens", "trace_samples",
+                                       "trace_window", "prefix_len"),
+                         positive=("v_lr", "clamp_norm_factor"),
+                         nonnegative=("v_weight_decay", "kl_factor", "mom2_ridge", "v_nll_stop"),
+                         seeds=("seed",))
+        _validate.count("ROMEHparams.trace_samples", self.trace_samples, 1, _validate.MAX_SAMPLES)
+        object.__setattr__(self, "n_prefixes", _validate.count("ROMEHparams.n_prefixes",
+                                                               self.n_prefixes, 0))
+        object.__setattr__(self, "min_effect", _validate.number("min_effect", self.min_effect))
+        object.__setattr__(self, "auto_fallback",
+                           _validate.integer("auto_fallback", self.auto_fallback, 0))
+        if isinstance(self.auto_layers, (str, bytes)) or len(self.auto_layers) != 2:
+            raise InterpEditError(f"auto_layers {self.auto_layers!r} is not a range (lo, hi)")
+        lo, hi = (_validate.integer("auto_layers", x, 0) for x in self.auto_layers)
+        object.__setattr__(self, "auto_layers", (lo, hi))
+        if not lo < hi:
             raise InterpEditError(f"auto_layers {self.auto_layers} is not a range 0 <= lo < hi")
+
+    def check_model(self, model: Model) -> None:
+        """The layers asked for exist in ``model`` (checked before any work of an edit)."""
+        n = model.n_layers
+        if self.layer != "auto":
+            _validate.index("ROMEHparams.layer", self.layer, n)
+        else:
+            _validate.index("auto_fallback", self.auto_fallback, n)
+            _validate.index("auto_layers' lo (hi is clipped)", self.auto_layers[0], n)
+        corpus_identity(self.corpus, self.seed)  # a missing text file fails here, not later
 
 
 @dataclass(frozen=True)
@@ -111,17 +135,22 @@ def apply_rome(model: Model, requests: Sequence[EditRequest], hp: ROMEHparams) -
     originals: dict[str, Tensor] = {}
     total: dict[str, Tensor] = {}
     infos = []
+    marks = contextlib.ExitStack()
     try:
-        for req in requests:
+        for i, req in enumerate(requests):
             step = rome_step(model, req, hp, contexts)
             weight = model.mlp_out_proj(step.layer).weight
             originals.setdefault(step.parameter, weight.detach().clone())
             with torch.no_grad():
                 weight.add_(step.delta)  # the next request sees this one
+            if i + 1 < len(requests):  # and caches see it too (Model.weights_key)
+                marks.enter_context(model.weights_changed(
+                    tensors_digest({step.parameter: step.delta})))
             prev = total.get(step.parameter)
             total[step.parameter] = step.delta if prev is None else prev + step.delta
             infos.append(step.info)
     finally:
+        marks.close()
         with torch.no_grad():
             for name, orig in originals.items():
                 get_parameter(model, name).copy_(orig)
