@@ -125,6 +125,8 @@ def fields(obj: Any, *, counts: Sequence[str] = (), nonnegative: Sequence[str] =
 
 
 def _span(lo: float | None, hi: float | None) -> str:
+    if lo == 1 and hi is None:
+        return "a positive integer (>= 1)"
     if lo is not None and hi is not None:
         return f"in {lo:g}..{hi:g}"
     return f">= {lo:g}" if lo is not None else f"<= {hi:g}"

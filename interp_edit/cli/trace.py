@@ -40,7 +40,10 @@ def run(args) -> int:
     from interp_edit.models import load_model
     from interp_edit.tracing import TraceSet, trace
 
+    from interp_edit import _validate
+
     noise = noise_arg(args.noise)
+    _validate.count("--top", args.top, 0)
     out = writable(args.out)  # before the trace runs, not after
     writable(out.with_suffix(".npz"))
     model = load_model(args.model)

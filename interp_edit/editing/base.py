@@ -124,6 +124,7 @@ def available_methods() -> list[str]:
 
 
 def _lookup(method: str) -> _Registered:
+    _validate.text("the edit method", method)
     if method not in _REGISTRY and method in _METHOD_MODULES:
         importlib.import_module(_METHOD_MODULES[method])
     if method not in _REGISTRY:

@@ -22,7 +22,6 @@ import torch
 
 from interp_edit import _validate
 from interp_edit.editing.base import AppliedEdit, EditRequest, parameter_name, register_editor
-from interp_edit.errors import InterpEditError
 from interp_edit.models import Model
 
 

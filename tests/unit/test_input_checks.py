@@ -137,7 +137,7 @@ def test_trace_dataset_arguments_are_checked_before_any_work(fm, monkeypatch, tm
 
 
 def test_limit_minus_one_no_longer_drops_the_last_fact(fm, tmp_path):
-    with pytest.raises(InterpEditError, match="limit must be >= 1; -1 is out of range"):
+    with pytest.raises(InterpEditError, match=r"limit must be a positive integer \(>= 1\); -1 is"):
         D.trace_dataset(fm.model, fm.facts[:3], "resid", limit=-1, cache_dir=tmp_path,
                         progress=False)
 
@@ -166,7 +166,7 @@ def _req(fm, **change):
     ("rome", dict(auto_fallback=9), "auto_fallback must be in 0..3"),
     ("rome", dict(trace_samples=10**6), "trace_samples must be in 1..1024"),
     ("rome", dict(n_prefixes=-1), "n_prefixes must be >= 0"),
-    ("rome", dict(v_steps=0), "v_steps must be >= 1"),
+    ("rome", dict(v_steps=0), "v_steps must be a positive integer"),
     ("rome", dict(stats_tokens="many"), "stats_tokens must be an integer"),
     ("rome", dict(v_lr="0.5"), "v_lr must be a number"),
     ("rome", dict(seed="abc"), "seed must be an integer"),
@@ -175,13 +175,13 @@ def _req(fm, **change):
     ("rome", dict(corpus=5), "corpus must be a string"),
     ("ft", dict(layer=True), "FTHparams.layer must be an integer"),
     ("ft", dict(layer=99), "FTHparams.layer must be in 0..3"),
-    ("ft", dict(steps=0), "steps must be >= 1"),
+    ("ft", dict(steps=0), "steps must be a positive integer"),
     ("ft", dict(lr="fast"), "lr must be a number"),
     ("ike", dict(demos=-1), "demos must be >= 0"),
     ("ike", dict(demos=True), "demos must be an integer"),
     ("ike", dict(seed=1.5), "seed must be an integer"),
     ("ike", dict(mix="112"), "mix must be three"),
-    ("mend", dict(passes=0), "passes .* must be >= 1"),
+    ("mend", dict(passes=0), "passes .* must be a positive integer"),
     ("mend", dict(editor="/no/such/editor.safetensors"), "does not exist"),
 ])
 def test_edit_hparams_are_checked_before_any_work(fm, monkeypatch, method, kw, match):
@@ -220,8 +220,8 @@ def _records(fm, n=3):
 
 
 @pytest.mark.parametrize("kw,match", [
-    (dict(n=0), "n must be >= 1"),
-    (dict(n=-1), "n must be >= 1"),
+    (dict(n=0), "n must be a positive integer"),
+    (dict(n=-1), "n must be a positive integer"),
     (dict(n=True), "n must be an integer"),
     (dict(seed="abc"), "seed must be an integer"),
     (dict(n_unrelated=-1), "n_unrelated must be"),
