@@ -1,4 +1,5 @@
-"""The editor framework: requests, the registry, and applied (undoable, saveable) edits.
+"""The editor framework: the registry and applied (undoable, saveable) edits (requests, the
+facts to rewrite, are :mod:`interp_edit.editing.request`'s).
 
 Every method (ROME, MEND, IKE, FT, FT-L) is one module with a frozen hparams dataclass and an
 ``apply`` function registered under a name; ``edit(model, requests, method=...)`` validates the
@@ -12,13 +13,14 @@ so ``undo()`` restores them bit for bit. In-context edits (IKE) change no weight
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -28,62 +30,8 @@ from torch.profiler import record_function
 from interp_edit import _validate
 from interp_edit._cache import tensors_digest
 from interp_edit.errors import InterpEditError, ModelMismatchError
+from interp_edit.editing.request import EditRequest, requests_from  # noqa: F401 (re-exported)
 from interp_edit.models import Model
-
-
-@dataclass(frozen=True)
-class EditRequest:
-    """One fact to rewrite: ``prompt`` is a template with ``{}`` for the subject, or a string
-    that contains the subject (its first occurrence becomes ``{}``)."""
-
-    prompt: str
-    subject: str
-    target_new: str
-    target_true: str | None = None
-
-    @property
-    def template(self) -> str:
-        if "{}" in self.prompt:
-            return self.prompt
-        return self.prompt.replace(self.subject, "{}", 1)
-
-    @property
-    def text(self) -> str:
-        """The prompt with the subject filled in."""
-        return self.template.format(self.subject)
-
-    def validate(self, model: Model) -> None:
-        """Raise InterpEditError if this request cannot be applied to ``model``."""
-        _validate.text("EditRequest.prompt", self.prompt)
-        _validate.text("EditRequest.subject", self.subject)
-        if "{}" not in self.prompt and self.subject not in self.prompt:
-            raise InterpEditError(
-                f"subject {self.subject!r} is not in prompt {self.prompt!r}: "
-                "use a template with '{}' or a prompt that contains the subject"
-            )
-        if self.template.count("{}") != 1:
-            raise InterpEditError(f"prompt template {self.template!r} must contain one '{{}}'")
-        try:
-            self.text
-        except (KeyError, IndexError, ValueError):
-            raise InterpEditError(
-                f"prompt template {self.template!r} has braces other than the one '{{}}' for "
-                "the subject: write a literal brace as '{{' or '}}'") from None
-        for name in ("target_new", "target_true"):
-            value = getattr(self, name)
-            if value is None and name == "target_true":
-                continue
-            if not isinstance(value, str) or not value.strip():
-                raise InterpEditError(f"EditRequest.{name} is empty: give the answer text")
-            model.target_ids(value)  # raises if it tokenizes to nothing
-        if self.target_true is not None and (
-                model.target_ids(self.target_new) == model.target_ids(self.target_true)):
-            raise InterpEditError(f"target_new {self.target_new!r} is target_true "
-                                  f"{self.target_true!r}: an edit must change the answer")
-        model.subject_range(self.text, self.subject)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 # ---- the registry ------------------------------------------------------------------------
@@ -396,6 +344,31 @@ def load_edit(path: str | Path) -> AppliedEdit:
     )
 
 
+@contextlib.contextmanager
+def loaded_weights(model: Model) -> Iterator[None]:
+    """Inside the block ``model`` has its weights as loaded (every applied weight edit
+    lifted); after it, the edited weights are back bit for bit. For what is defined on the
+    loaded weights whatever is applied, such as the text ROME samples for its key statistics."""
+    if model._weight_marks:
+        raise InterpEditError("an editor is changing the weights in place: the weights as "
+                              "loaded are not available until it is done")
+    loaded: dict[str, Tensor] = {}
+    for applied in _edit_stack(model):  # oldest first: its originals are the loaded weights
+        for name, original in applied._originals.items():
+            loaded.setdefault(name, original)
+    params = {name: get_parameter(model, name) for name in loaded}
+    edited = {name: p.detach().clone() for name, p in params.items()}
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(loaded[name])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(edited[name])
+
+
 def _edit_stack(model: Model) -> list[AppliedEdit]:
     """Edits applied to ``model``, oldest first (undo must go newest first)."""
     return model.__dict__.setdefault("_applied_edits", [])
@@ -413,10 +386,3 @@ def _json_default(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj):
         return dataclasses.asdict(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
-def requests_from(items: Iterable[Any]) -> list[EditRequest]:
-    """EditRequests from records that have ``prompt``, ``subject``, ``target_new`` and
-    ``target_true`` attributes (e.g. evaluation records)."""
-    return [EditRequest(i.prompt, i.subject, i.target_new, getattr(i, "target_true", None))
-            for i in items]

@@ -184,16 +184,22 @@ def _chunks(model: Model, corpus, n_tokens: int, seq_len: int, seed: int,
 
 
 def _generated(model: Model, n: int, seq_len: int, seed: int, progress: bool | None) -> Tensor:
-    """``n`` sequences of ``seq_len`` tokens sampled from the model (fp32, whatever the
-    statistics' precision: the same text either way), cached per model."""
+    """``n`` sequences of ``seq_len`` tokens sampled from the model *as loaded* (fp32,
+    whatever the statistics' precision: the same text either way), cached per model. While
+    edits are applied they are lifted for the sampling (the statistics themselves are of the
+    weights in use): one text per model, and a ROME edit on top of others does not sample
+    the corpus again."""
+    from interp_edit.editing.base import loaded_weights
+
     name = f"generated-v3-s{seed}-{n}x{seq_len}.safetensors"
-    path = cache_dir("corpora", model.weights_key) / name
+    path = cache_dir("corpora", model.fingerprint) / name
     if path.exists():
         return load_file(str(path))["ids"]
     log.warning("sampling %d tokens from %s for key statistics (once; cached)", n * seq_len,
                 model.name)
-    rows = sample_token_ids(model, n, seq_len - 1, seed=seed, exact=True, batch_size=128,
-                            progress=_show(progress))
+    with loaded_weights(model):
+        rows = sample_token_ids(model, n, seq_len - 1, seed=seed, exact=True, batch_size=128,
+                                progress=_show(progress))
     ids = torch.tensor([r[:seq_len] for r in rows], dtype=torch.long)
     save_file({"ids": ids}, str(path))
     return ids

@@ -126,3 +126,20 @@ def test_a_cached_trace_with_other_settings_is_traced_again(fm, tmp_path, caplog
         second = D.trace_dataset(m, facts, **kw)
     assert "samples" in caplog.text
     assert _same(second.effects[0], first.effects[0])
+
+
+def test_the_generated_corpus_is_sampled_from_the_loaded_weights(fm, tmp_path, monkeypatch):
+    """While an edit is applied it is lifted for the sampling (and put back bit for bit), so a
+    ROME edit on top of others reuses the model's one corpus instead of sampling another."""
+    from interp_edit.editing import stats
+
+    m = fm.model
+    with _shift(m, 0, 2.0):
+        edited = {k: v.detach().clone() for k, v in m.hf_model.named_parameters()}
+        under_edit = keys.sample_token_ids(m, 4, 8, seed=5)
+        lifted = stats._generated(m, 4, 9, seed=5, progress=False)
+        assert all(torch.equal(edited[k], v) for k, v in m.hf_model.named_parameters())
+    monkeypatch.setenv("INTERP_EDIT_CACHE", str(tmp_path / "other-cache"))
+    plain = stats._generated(m, 4, 9, seed=5, progress=False)
+    assert torch.equal(lifted, plain)
+    assert [r[:9] for r in under_edit] != plain.tolist()
