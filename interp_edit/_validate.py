@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import operator
 from typing import Any, Iterable, Sequence
 
@@ -92,6 +93,28 @@ def text(name: str, value: Any, *, empty: bool = False) -> str:
     if not empty and not value.strip():
         raise InterpEditError(f"{name} is empty: give the text")
     return value
+
+
+def instance(name: str, value: Any, cls: type) -> Any:
+    """``value``, checked to be a ``cls`` (e.g. the model passed to an entry point)."""
+    if not isinstance(value, cls):
+        kind = type(value).__name__
+        raise InterpEditError(f"{name} must be of type {cls.__name__}, not {kind}")
+    return value
+
+
+def path(name: str, value: Any) -> str | os.PathLike:
+    """A file or directory path: a non-empty string or an ``os.PathLike``."""
+    if isinstance(value, os.PathLike) or (isinstance(value, str) and value.strip()):
+        return value
+    raise InterpEditError(f"{name} must be a path (a string or pathlib.Path), not {value!r}")
+
+
+def items(name: str, value: Any) -> list:
+    """A collection (list, tuple, generator...) as a list; a string or a number is not one."""
+    if isinstance(value, (str, bytes, dict)) or not isinstance(value, Iterable):
+        raise InterpEditError(f"{name} must be a list, not {type(value).__name__}")
+    return list(value)
 
 
 def choice(name: str, value: Any, options: Sequence[Any]) -> Any:

@@ -179,8 +179,10 @@ class Model:
         Found from character offsets, so a BPE token that merges the subject's edge with
         its neighbour is included. ``occurrence`` picks the n-th appearance (0-based).
         """
-        if not subject or not subject.strip():
-            raise SubjectNotFoundError("the subject is empty: pass the subject's text")
+        _validate.text("the prompt", prompt)
+        if not isinstance(subject, str) or not subject.strip():
+            raise SubjectNotFoundError(f"the subject must be non-empty text, not {subject!r}")
+        occurrence = _validate.count("occurrence", occurrence, 0)
         char = -1
         for _ in range(occurrence + 1):
             char = prompt.find(subject, char + 1)
@@ -253,8 +255,9 @@ class Model:
         self, prompts: Sequence[str] | str, targets: Sequence[str] | str
     ) -> Float[Tensor, "batch"]:
         """p(first token of target | prompt) for each pair, in one batched pass."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        targets = [targets] * len(prompts) if isinstance(targets, str) else list(targets)
+        prompts = [prompts] if isinstance(prompts, str) else _validate.items("prompts", prompts)
+        targets = ([targets] * len(prompts) if isinstance(targets, str)
+                   else _validate.items("targets", targets))
         if len(prompts) != len(targets):
             raise InterpEditError(f"{len(prompts)} prompts but {len(targets)} targets")
         first = torch.tensor([self.target_ids(t)[0] for t in targets], device=self.device)
@@ -348,6 +351,8 @@ def load_model(
     Where the weights must come from the hub and it cannot be reached, it fails at once with a
     :class:`ModelNotAvailableError` that says how to get them (:mod:`interp_edit._loading`).
     """
+    if name is not None:
+        _validate.path("the model name or path", name)
     t0 = time.perf_counter()
     hf, tok, bridge_name = read_weights(name, dtype, DEFAULT_MODEL)
     hf = hf.to(device).eval()

@@ -109,7 +109,9 @@ def edit(
     depend on the model, such as a layer index, through their ``check_model(model)``); a
     delta that is not finite is refused before it is applied.
     """
-    reqs = [requests] if isinstance(requests, EditRequest) else list(requests)
+    _validate.instance("model", model, Model)
+    reqs = [requests] if isinstance(requests, EditRequest) else _validate.items("requests",
+                                                                                requests)
     if not reqs:
         raise InterpEditError("no edit requests given")
     for r in reqs:

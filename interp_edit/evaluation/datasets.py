@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from interp_edit import _validate
 from interp_edit.errors import InterpEditError
 from interp_edit.evaluation.records import EditRecord
 
@@ -151,7 +152,7 @@ def _template(prompt: str, subject: str) -> str:
 
 
 def _read_json_list(path: str | os.PathLike) -> list[dict[str, Any]]:
-    path = Path(path).expanduser()
+    path = Path(_validate.path("path", path)).expanduser()
     if not path.exists():
         raise InterpEditError(
             f"dataset file {str(path)!r} does not exist (the shared copies live in ../shared/data)"

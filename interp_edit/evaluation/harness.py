@@ -69,7 +69,8 @@ def evaluate(
     ``resume``: a report of an earlier (interrupted) run with the same model, method, hparams,
     seed and settings; its records are kept and not evaluated again.
     """
-    records = list(records)
+    _validate.instance("model", model, Model)
+    records = _validate.items("records", records)
     if not records:
         raise InterpEditError("no records to evaluate: load some with load_counterfact/load_zsre")
     if bad := [type(r).__name__ for r in records if not isinstance(r, EditRecord)][:1]:

@@ -9,6 +9,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from interp_edit import _validate
 from interp_edit.models import Model
 from interp_edit.tracing.inputs import (
     check_cells, check_fact, check_options, prepare, screen_precision, select_cells)
@@ -85,6 +86,7 @@ def trace(
             (None for the exact methods, which refuse ``"prob"``).
         progress: show a progress bar (``None``: on a terminal, for runs longer than 3 s).
     """
+    _validate.instance("model", model, Model)
     kinds = KINDS if kind == "all" else (kind,)
     check_options(kinds, method, window, sever, precision, estimate)
     check_fact(prompt, subject, target, samples, seed)  # every argument before any pass

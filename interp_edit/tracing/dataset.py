@@ -104,7 +104,8 @@ def trace_dataset(
     cells, see :func:`trace`).
     Other arguments are passed to :func:`trace`.
     """
-    facts = list(facts)
+    _validate.instance("model", model, Model)
+    facts = _validate.items("facts", facts)
     _check_facts(facts)
     check_fact("-", "-", None, samples, seed)  # (the facts' own text was checked above)
     limit = _validate.optional_count("limit", limit)

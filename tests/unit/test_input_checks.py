@@ -303,3 +303,28 @@ def test_a_text_file_named_gguf_is_not_a_model(tmp_path):
 def test_model_counts(fm, call, match):
     with pytest.raises(InterpEditError, match=match):
         call(fm.model)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda fm: ie.load_model(5), "must be a path"),
+    (lambda fm: ie.trace(None, "a b", "a"), "model must be of type Model"),
+    (lambda fm: ie.trace_dataset(None, fm.facts), "model must be of type Model"),
+    (lambda fm: ie.edit(None, _req(fm)), "model must be of type Model"),
+    (lambda fm: ie.evaluate(None, _records(fm)), "model must be of type Model"),
+    (lambda fm: ie.locate(None, fm.facts[0]), "model must be of type Model"),
+    (lambda fm: ie.locate(fm.model, fm.facts[0], samples=10**6), "samples must be in 1..1024"),
+    (lambda fm: ie.compare_activations(fm.model, None, ["a b"]), "edit must be of type"),
+    (lambda fm: ie.edit(fm.model, 5), "requests must be a list"),
+    (lambda fm: ie.edit(fm.model, _req(fm), method=["rome"]), "edit method must be a string"),
+    (lambda fm: ie.evaluate(fm.model, 5), "records must be a list"),
+    (lambda fm: ie.trace_dataset(fm.model, 5), "facts must be a list"),
+    (lambda fm: ie.load_known_facts(5), "must be a path"),
+    (lambda fm: ie.load_counterfact(None), "must be a path"),
+    (lambda fm: fm.model.next_token_probs(5, "x"), "prompts must be a list"),
+    (lambda fm: fm.model.subject_range("a b", "a", -1), "occurrence must be >= 0"),
+    (lambda fm: fm.model.subject_range("a b", "a", 1.5), "occurrence must be an integer"),
+    (lambda fm: fm.model.subject_range("a b", 5), "subject must be non-empty text"),
+])
+def test_wrong_types_at_the_entry_points(fm, call, match):
+    with pytest.raises(InterpEditError, match=match):
+        call(fm)
