@@ -56,9 +56,11 @@ def run(args) -> int:
         cfg = TrainConfig(**overrides)
     except TypeError as exc:
         raise InterpEditError(f"--config: {exc}") from None
+    writable(args.out)
+    if args.checkpoint:
+        writable(args.checkpoint, directory=True)
     train = [r for path in args.train for r in load_records(path)]
     val = load_records(args.val)
-    writable(args.out)
     model = load_model(args.model)
     result = train_editor(model, train, val, cfg, out=args.out, checkpoint=args.checkpoint,
                           progress=not args.quiet)

@@ -44,6 +44,8 @@ def run(args) -> int:
     noise = noise_arg(args.noise)
     _validate.optional_count("--limit", args.limit)  # (trace_dataset checks all again)
     writable(args.out, directory=True)
+    if args.cache_dir is not None:
+        writable(args.cache_dir, directory=True)
     kinds = "all" if args.kinds == "all" else tuple(k.strip() for k in args.kinds.split(","))
     model = ie.load_model(args.model)
     facts = ie.load_known_facts(args.path)

@@ -30,6 +30,7 @@ from jaxtyping import Float
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from interp_edit import _validate
 from interp_edit._cache import cache_dir, file_digest
 from interp_edit._loading import hub_unreachable
 from interp_edit.editing.keys import sample_token_ids
@@ -74,6 +75,8 @@ def second_moments(
     ``"fp32"`` runs it in float32. ``refresh`` rebuilds cached entries; ``progress`` shows a
     bar (``None``: on a terminal). Returns float32 matrices on the model's device."""
     autocast(model, precision)  # checks the name
+    n_tokens, seq_len = _validate.count("n_tokens", n_tokens), _validate.count("seq_len", seq_len)
+    batch_size, seed = _validate.count("batch_size", batch_size), _validate.seed("seed", seed)
     if n_tokens < seq_len:
         raise InterpEditError(f"n_tokens={n_tokens} is less than one chunk of {seq_len} tokens")
     for layer in layers:

@@ -137,7 +137,11 @@ def trace_dataset(
     root = Path(cache_dir) if cache_dir is not None else _cache.cache_dir("traces")
     model_slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model.name)
     trace_dir = root / f"{model_slug}-{_cache.stable_hash(settings)}"
-    trace_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        trace_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InterpEditError(f"cannot create the trace cache {trace_dir} ({exc.strerror or exc})"
+                              ": pass another cache_dir") from None
 
     conditions = _conditions(kinds, sever, method, ran, estimate)
     jobs = [(i, c) for i in range(len(kept)) for c in conditions]

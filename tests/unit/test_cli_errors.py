@@ -58,11 +58,13 @@ WRONG = [
     (["mend-train", "--train", "t.json", "--val", "v.json", "--out", "e.safetensors",
       "--layers", "1,x"], "--layers '1,x'"),
 ]
-UNWRITABLE = [
-    ["trace", "--prompt", "a", "--subject", "a", "--out", "{}/x.pdf"],
-    ["trace-dataset", "--path", "x.json", "--out", "{}/dir"],
-    ["edit", "--prompt", "{{}} a", "--subject", "s", "--target", "t", "--save", "{}/e.st"],
-    ["evaluate", "--method", "none", "--out", "{}/results"],
+UNWRITABLE = [  # {bad}: under a regular file; {ok}: a fresh directory
+    ["trace", "--prompt", "a", "--subject", "a", "--out", "{bad}/x.pdf"],
+    ["trace-dataset", "--path", "x.json", "--out", "{bad}/dir"],
+    ["trace-dataset", "--path", "x.json", "--out", "{ok}", "--cache-dir", "{bad}/cache"],
+    ["edit", "--prompt", "{{}} a", "--subject", "s", "--target", "t", "--save", "{bad}/e.st"],
+    ["evaluate", "--method", "none", "--out", "{bad}/results"],
+    ["mend-train", "--train", "t.json", "--val", "v.json", "--out", "{bad}/e.safetensors"],
 ]
 
 
@@ -71,7 +73,7 @@ def test_as_a_process_a_wrong_argument_is_one_line_and_exit_2(blocked):
     out = _cli(*WRONG[0][0])
     assert out.returncode == 2 and _one_line_error(out.stderr), out.stderr
     assert WRONG[0][1] in out.stderr
-    out = _cli(*[a.format(blocked) for a in UNWRITABLE[0]])
+    out = _cli(*[a.format(bad=blocked) for a in UNWRITABLE[0]])
     assert out.returncode == 2 and _one_line_error(out.stderr), out.stderr
     assert "cannot write" in out.stderr
 
@@ -84,8 +86,9 @@ def test_wrong_arguments_are_one_line_and_exit_2(no_model, capsys, argv, match):
 
 
 @pytest.mark.parametrize("argv", UNWRITABLE)
-def test_an_unwritable_output_is_refused_before_the_work(no_model, capsys, blocked, argv):
-    code = main([a.format(blocked) for a in argv])
+def test_an_unwritable_output_is_refused_before_the_work(no_model, capsys, blocked, tmp_path,
+                                                        argv):
+    code = main([a.format(bad=blocked, ok=tmp_path / "ok") for a in argv])
     err = capsys.readouterr().err
     assert code == 2 and _one_line_error(err) and "cannot write" in err, err
 
