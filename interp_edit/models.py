@@ -63,6 +63,8 @@ class Model:
         self.fingerprint: str = _fingerprint(self)
         # digests of in-place weight changes made outside an AppliedEdit (see weights_changed)
         self._weight_marks: list[str] = []
+        # the applied edits, oldest first (interp_edit.editing.base keeps it: apply, undo)
+        self._applied_edits: list = []
         self._hooks_known: bool | None = None  # has_hooks' answer inside hooks_fixed()
 
     def __repr__(self) -> str:
@@ -77,8 +79,8 @@ class Model:
         So statistics, prefixes or traces computed while an edit is applied are never stored
         under, nor served to, the unedited model. Weights changed by hand, outside an edit,
         are not seen: load the model again (a new fingerprint) after changing them."""
-        edits = self.__dict__.get("_applied_edits", ())
-        digests = [d for e in edits if (d := e.weights_digest)] + self._weight_marks
+        digests = [d for e in self._applied_edits if (d := e.weights_digest)]
+        digests += self._weight_marks
         if not digests:
             return self.fingerprint
         return hashlib.sha256(" ".join([self.fingerprint, *digests]).encode()).hexdigest()[:16]

@@ -373,7 +373,7 @@ def loaded_weights(model: Model) -> Iterator[None]:
 
 def _edit_stack(model: Model) -> list[AppliedEdit]:
     """Edits applied to ``model``, oldest first (undo must go newest first)."""
-    return model.__dict__.setdefault("_applied_edits", [])
+    return model._applied_edits
 
 
 def _hparams_dict(hp: Any) -> dict[str, Any]:

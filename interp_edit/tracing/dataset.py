@@ -48,7 +48,7 @@ from interp_edit.errors import InterpEditError, SubjectNotFoundError
 from interp_edit.models import Model
 from interp_edit.tracing import noise as _noise
 from interp_edit.tracing.api import trace
-from interp_edit.tracing.inputs import check_fact, check_options, screen_precision
+from interp_edit.tracing.inputs import check_options, check_sampling, screen_precision
 from interp_edit.tracing.average import (
     GROUPS,
     KINDS,
@@ -107,7 +107,7 @@ def trace_dataset(
     _validate.instance("model", model, Model)
     facts = _validate.items("facts", facts)
     _check_facts(facts)
-    check_fact("-", "-", None, samples, seed)  # (the facts' own text was checked above)
+    check_sampling(samples, seed)
     limit = _validate.optional_count("limit", limit)
     exact_sample = _validate.optional_count("exact_sample", exact_sample, 0)
     batch_size = _validate.count("batch_size", batch_size)

@@ -209,6 +209,12 @@ def check_fact(prompt: str, subject: str, target: str | None, samples: int, seed
     _validate.text("subject", subject)
     if target is not None:
         _validate.text("target", target)
+    check_sampling(samples, seed)
+
+
+def check_sampling(samples: int, seed: int) -> None:
+    """The noise samples of a trace (bounded: each is a row of every batched pass) and the
+    seed that draws them."""
     _validate.count("samples", samples, 1, _validate.MAX_SAMPLES)
     _validate.seed("seed", seed)
 

@@ -50,7 +50,7 @@ def test_a_non_finite_delta_is_refused_before_it_is_applied(fm):
     name, delta = _nan_delta(m)
     with pytest.raises(InterpEditError, match="non-finite"):
         AppliedEdit.from_deltas(m, "toy", [], {}, {name: delta})
-    assert _unchanged(m, before) and not m.__dict__.get("_applied_edits")
+    assert _unchanged(m, before) and not m._applied_edits
 
 
 def test_nan_deltas_in_a_loaded_edit_file_are_refused(fm, tmp_path):
