@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 from typing import Sequence
 
 import torch
@@ -10,6 +11,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from interp_edit import _validate
+from interp_edit.errors import InterpEditError
 from interp_edit.models import Model
 from interp_edit.tracing.inputs import (
     check_cells, check_fact, check_options, prepare, screen_precision, select_cells)
@@ -103,6 +105,10 @@ def trace(
     options = {"precision": dtype, "estimate": estimate} if screen else {}
     grids, low, inputs = module.run(inputs, kinds, window=window, sever=sever, cells=cells,
                                     progress=progress, **options)
+    if not math.isfinite(float(low)) or not math.isfinite(inputs.high_score):
+        raise InterpEditError(
+            f"the model's output is not finite (p(clean)={inputs.high_score}, p(corrupted)="
+            f"{float(low)}): its weights hold NaN or infinity; load it again")
     results = {
         k: TraceResult(
             scores=grids[k], low_score=float(low), high_score=inputs.high_score,

@@ -150,3 +150,17 @@ def test_dataset_noise_must_be_finite(fm, noise, tmp_path):
     with pytest.raises(InterpEditError, match="noise std"):
         D.trace_dataset(fm.model, fm.facts[:2], "resid", samples=2, noise=noise,
                         cache_dir=tmp_path, progress=False)
+
+
+def test_a_trace_of_a_model_with_a_nan_weight_is_an_error_not_a_nan_grid(fm):
+    m, f = fm.model, fm.facts[0]
+    w = m.mlp_out_proj(2).weight
+    keep = w.detach().clone()
+    with torch.no_grad():
+        w[:, 0] = NAN
+    try:
+        with pytest.raises(InterpEditError, match="output is not finite"):
+            ie.trace(m, f.prompt, f.subject, samples=2, layers=[0])
+    finally:
+        with torch.no_grad():
+            w.copy_(keep)
