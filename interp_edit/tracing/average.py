@@ -244,13 +244,19 @@ class AverageTrace:
         from interp_edit.tracing.results import TraceResult
 
         index = _validate.index("index", index, len(self.prompts), negative=True)
-        path = Path(self.trace_dir or "") / fact_file(
-            self.prompts[index], self.subjects[index], self.targets[index],
-            self.condition(kind, sever, method))
+        fact = (self.prompts[index], self.subjects[index], self.targets[index])
+        cond = self.condition(kind, sever, method)
+        path = Path(self.trace_dir or "") / fact_file(*fact, cond)
         if not self.trace_dir or not path.exists():
             raise InterpEditError(f"the per-fact trace {path} is not cached (any more); rerun "
                                   "trace_dataset with the same settings to recreate it")
-        return TraceResult.load(path)
+        r = TraceResult.load(path)
+        if differ := trace_mismatch(r, *fact, cond, window=self.window, samples=self.samples,
+                                    seed=self.seed, noise_std=self.noise_std,
+                                    model_name=self.model_name):
+            raise InterpEditError(f"{path} is not the trace of fact {index} (it differs in "
+                                  f"{', '.join(differ)}): rerun trace_dataset to trace it again")
+        return r
 
     # ---- saving ------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
@@ -314,6 +320,23 @@ def fact_file(prompt: str, subject: str, target: str, condition: Condition) -> s
     from interp_edit._cache import stable_hash
 
     return f"{stable_hash([prompt, subject, target])}-{condition.slug}.npz"
+
+
+def trace_mismatch(r: TraceResult, prompt: str, subject: str, target: str,
+                   condition: Condition, **settings: object) -> list[str]:
+    """What differs between a cached per-fact trace ``r`` and the one asked for (empty: it is
+    that trace): the fact, the condition, and ``settings`` (any of ``window``, ``samples``,
+    ``seed``, ``noise_std``, ``model_name``, ``n_layers``). A file copied or renamed into a
+    trace cache must not be averaged in as another fact's."""
+    found = dict(prompt=r.prompt, subject=r.subject, target=r.target, kind=r.kind,
+                 sever=r.sever, method=r.method, precision=r.precision, estimate=r.estimate,
+                 window=r.window, samples=r.samples, seed=r.seed, noise_std=r.noise_std,
+                 model_name=r.model_name, n_layers=r.n_layers)
+    want = dict(prompt=prompt, subject=subject, target=target, kind=condition.kind,
+                sever=condition.sever, method=condition.method,
+                precision=condition.precision, estimate=condition.estimate, **settings)
+    differ = [k for k in want if found[k] != want[k]]
+    return differ + (["its grid's size"] if len(r.token_ids) != r.n_tokens else [])
 
 
 def peak_table(avg: AverageTrace) -> str:

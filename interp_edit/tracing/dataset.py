@@ -56,6 +56,7 @@ from interp_edit.tracing.average import (
     Condition,
     fact_file,
     group_effects,
+    trace_mismatch,
 )
 from interp_edit.tracing.results import TraceResult
 
@@ -263,18 +264,11 @@ def _cached(path: Path, fact: Fact, c: Condition, expect: dict) -> TraceResult |
     except InterpEditError as exc:
         log.warning("tracing again: %s", exc)
         return None
-    found = dict(prompt=r.prompt, subject=r.subject, target=r.target, kind=r.kind,
-                 sever=r.sever, method=r.method, precision=r.precision, estimate=r.estimate,
-                 window=r.window, samples=r.samples, seed=r.seed, noise_std=r.noise_std,
-                 model_name=r.model_name, n_layers=r.n_layers)
-    want = dict(prompt=fact.prompt, subject=fact.subject, target=fact.attribute, kind=c.kind,
-                sever=c.sever, method=c.method, precision=c.precision, estimate=c.estimate,
-                **expect)
-    differ = [k for k in want if found[k] != want[k]]
-    if not differ and len(r.token_ids) == r.n_tokens:
+    differ = trace_mismatch(r, fact.prompt, fact.subject, fact.attribute, c, **expect)
+    if not differ:
         return r
     log.warning("%s is not the trace of %r under %s (it differs in %s): tracing again", path,
-                fact.prompt, c.slug, ", ".join(differ) or "its grid's size")
+                fact.prompt, c.slug, ", ".join(differ))
     return None
 
 

@@ -103,6 +103,8 @@ def test_a_cached_trace_of_another_fact_is_traced_again(fm, tmp_path, caplog):
     trace_dir = tmp_path / first.trace_dir.rsplit("/", 1)[-1]
     name = [fact_file(f.prompt, f.subject, f.attribute, Condition("resid")) for f in facts]
     shutil.copy(trace_dir / name[0], trace_dir / name[1])  # fact 1's file is now fact 0's
+    with pytest.raises(ie.InterpEditError, match="is not the trace of fact 1"):
+        first.fact_trace(1, "resid")
     with caplog.at_level(logging.WARNING, logger="interp_edit.tracing.dataset"):
         second = D.trace_dataset(m, facts, **kw)
     assert "is not the trace of" in caplog.text and "prompt" in caplog.text
