@@ -13,8 +13,15 @@ import sys
 _COMMANDS = ["predict", "evaluate", "trace", "trace_dataset", "mend_train", "edit"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a wrong argument reported in one line (``--help`` shows the usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="interp-edit",
         description="Locate facts in language models (causal tracing), edit them, measure edits.",
     )

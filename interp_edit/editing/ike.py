@@ -72,8 +72,7 @@ class IKEHparams:
         for m in self.mix:
             _validate.number("mix weight", m, 0.0)
         if self.pool is not None:
-            _validate.text("IKEHparams.pool", str(self.pool) if hasattr(self.pool, "__fspath__")
-                           else self.pool)
+            _validate.path("IKEHparams.pool", self.pool)
         kind_counts(self.demos, self.mix)  # validates the mix
         if self.embedder not in _embed.EMBEDDERS:
             raise InterpEditError(f"unknown IKE embedder {self.embedder!r}; choose one of "

@@ -186,3 +186,16 @@ def test_trace_with_samples_out_of_range_exits_2(tiny_cli, tmp_path, capsys):
                  "--out", str(tmp_path / "t.pdf")])
     err = capsys.readouterr().err
     assert code == 2 and _one_line_error(err) and "samples must be in 1..1024" in err
+
+
+@pytest.mark.parametrize("argv", [
+    ["trace", "--prompt", "a", "--subject", "a", "--samples", "abc"],
+    ["trace", "--prompt", "a"],
+    ["evaluate", "--n", "1.5"],
+    ["nonsense"],
+])
+def test_argparse_errors_are_one_line_too(no_model, capsys, argv):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and _one_line_error(err), err
