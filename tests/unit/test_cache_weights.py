@@ -145,3 +145,27 @@ def test_the_generated_corpus_is_sampled_from_the_loaded_weights(fm, tmp_path, m
     plain = stats._generated(m, 4, 9, seed=5, progress=False)
     assert torch.equal(lifted, plain)
     assert [r[:9] for r in under_edit] != plain.tolist()
+
+
+def test_rome_keys_its_later_requests_by_the_earlier_ones(fm, corpus, monkeypatch):
+    """Several requests in one call: each is computed with the earlier ones added in place,
+    and every cache it reads meanwhile sees those weights (Model.weights_changed)."""
+    from interp_edit.editing import rome
+
+    m, seen = fm.model, []
+    real = rome.second_moment
+
+    def spy(model, *args, **kwargs):
+        seen.append(model.weights_key)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(rome, "second_moment", spy)
+    facts = [f for f in fm.facts if f.relation == "job"][:2]
+    reqs = [ie.EditRequest(f.template, f.subject, "pilot" if f.attribute != "pilot" else "chef",
+                           f.attribute) for f in facts]
+    hp = dict(layer=0, n_prefixes=0, v_steps=10, corpus=corpus, stats_tokens=2000,
+              precision="fp32")
+    with ie.edit(m, reqs, method="rome", **hp):
+        edited = m.weights_key
+    assert seen[0] == m.fingerprint and seen[1] not in (m.fingerprint, edited)
+    assert m.weights_key == m.fingerprint and not m._weight_marks
