@@ -2,8 +2,8 @@
 CLI), so that a bad value fails at once with an :class:`InterpEditError` naming the argument
 and the range it must lie in, before any work starts.
 
-``bool`` is not an integer here (``layer=True`` is refused), a float with a fractional part is
-not an index (``layers=[1.7]``), and a number is finite unless said otherwise. Each helper
+``bool`` is not an integer here (``layer=True`` is refused), a float is not an index
+(``layers=[1.7]``, and ``1.0`` too), and a number is finite unless said otherwise. Each helper
 returns the value converted (``numpy``/``torch`` integers become ``int``), so callers can use it.
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 import operator
+import os
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -21,8 +21,7 @@ from torch import Tensor
 from interp_edit.errors import InterpEditError
 
 # the largest noise-sample count a trace accepts: every sample is a row of each batched pass,
-# so this bounds the memory of the corrupted runs (~1.5 GB of activations per 100 rows at
-# the default model's size and a 20-token prompt, before the cells are batched)
+# so this bounds the memory of the corrupted runs (the paper's traces use 10)
 MAX_SAMPLES = 1024
 MAX_SEED = 2**63 - 1
 
