@@ -83,14 +83,18 @@ class MENDConfig:
     contrast: bool = False  # the input gradient also raises the NLL of target_true (if given)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
-        object.__setattr__(self, "shapes", tuple(tuple(int(d) for d in s) for s in self.shapes))
+        layers = _validate.items("MENDConfig.layers", self.layers)
+        object.__setattr__(self, "layers", tuple(_validate.integer("MENDConfig.layers entry", x, 0)
+                                                 for x in layers))
+        object.__setattr__(self, "shapes", tuple(
+            tuple(_validate.count("MENDConfig.shapes size", d)
+                  for d in _validate.items("MENDConfig.shapes entry", s))
+            for s in _validate.items("MENDConfig.shapes", self.shapes)))
         if self.layer_choice not in LAYER_CHOICES:
             raise InterpEditError(f"layer_choice {self.layer_choice!r}: use one of {LAYER_CHOICES}")
         if not self.layers or len(self.layers) != len(self.shapes):
             raise InterpEditError("an editor needs at least one layer, each with its shape")
-        if self.rank < 1 or self.n_blocks < 1 or not self.init_edit_lr > 0:
-            raise InterpEditError("rank and n_blocks must be >= 1 and init_edit_lr > 0")
+        _validate.fields(self, counts=("rank", "n_blocks"), positive=("init_edit_lr",))
 
     @classmethod
     def for_model(cls, model: Model, layers: Sequence[int], layer_choice: str,

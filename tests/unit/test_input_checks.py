@@ -328,3 +328,21 @@ def test_model_counts(fm, call, match):
 def test_wrong_types_at_the_entry_points(fm, call, match):
     with pytest.raises(InterpEditError, match=match):
         call(fm)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(layers=[1.5]), "layers entry must be an integer"),
+    (dict(layers=[True]), "layers entry must be an integer"),
+    (dict(layers=5), "layers must be a list"),
+    (dict(shapes=[(64, "128")]), "shapes size must be an integer"),
+    (dict(shapes=[64]), "shapes entry must be a list"),
+    (dict(rank=0), "rank must be a positive integer"),
+    (dict(init_edit_lr=float("nan")), "init_edit_lr must be a finite"),
+])
+def test_mend_editor_configs_are_checked(kw, match):
+    from interp_edit.editing.mend import MENDConfig
+
+    base = dict(model_name="m", fingerprint="f", layers=(1,), layer_choice="given",
+                shapes=((64, 128),))
+    with pytest.raises(InterpEditError, match=match):
+        MENDConfig(**(base | kw))
