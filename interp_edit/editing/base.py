@@ -181,7 +181,9 @@ class AppliedEdit:
 
     - ``deltas``: parameter name -> weight change (empty for in-context methods);
     - ``context``: text prepended to prompts by in-context methods (IKE); use ``wrap``;
-    - ``info``: JSON-serialisable details (chosen layer and why, timings, losses).
+    - ``info``: JSON-serialisable details (chosen layer and why, timings, losses);
+    - ``keys``: parameter name -> the keys ``[n, d_in]`` the edit wrote values for (ROME's
+      and MEMIT's k*), so that later edits can protect them (AlphaEdit).
     """
 
     model: Model | None
@@ -191,6 +193,7 @@ class AppliedEdit:
     deltas: dict[str, Tensor] = field(default_factory=dict)
     context: str = ""
     info: dict[str, Any] = field(default_factory=dict)
+    keys: dict[str, Tensor] = field(default_factory=dict)
     _originals: dict[str, Tensor] = field(default_factory=dict, repr=False)
     model_name: str = ""
     fingerprint: str = ""
@@ -207,6 +210,7 @@ class AppliedEdit:
         *,
         owned: bool = False,
         added_to: Mapping[str, Tensor] | None = None,
+        keys: Mapping[str, Tensor] | None = None,
     ) -> "AppliedEdit":
         """Record ``deltas`` and apply them to ``model`` (the common path for weight editors).
         ``owned``: the editor hands its fresh tensors over, so they are kept, not copied.
@@ -222,6 +226,7 @@ class AppliedEdit:
             hparams=_hparams_dict(hparams),
             deltas={k: v.detach() if owned else v.detach().clone() for k, v in deltas.items()},
             info=dict(info or {}),
+            keys={k: v.detach().clone() for k, v in (keys or {}).items()},
             model_name=model.name,
             fingerprint=model.fingerprint,
         )
@@ -320,6 +325,7 @@ class AppliedEdit:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.deltas.items()}
+        tensors |= {_KEYS + k: v.detach().contiguous().cpu() for k, v in self.keys.items()}
         meta = {"interp_edit": json.dumps(self.metadata(), default=_json_default)}
         save_file(tensors, str(path), metadata=meta)
         return path
@@ -337,17 +343,27 @@ def load_edit(path: str | Path) -> AppliedEdit:
     if header is None:
         raise InterpEditError(f"{path} is not an interp_edit edit (no metadata)")
     meta = json.loads(header)
+    tensors = load_file(str(path))
     return AppliedEdit(
         model=None,
         method=meta["method"],
         requests=[EditRequest(**r) for r in meta["requests"]],
         hparams=meta["hparams"],
-        deltas=load_file(str(path)),
+        deltas={k: v for k, v in tensors.items() if not k.startswith(_KEYS)},
         context=meta.get("context", ""),
         info=meta.get("info", {}),
+        keys={k[len(_KEYS):]: v for k, v in tensors.items() if k.startswith(_KEYS)},
         model_name=meta["model_name"],
         fingerprint=meta["fingerprint"],
     )
+
+
+_KEYS = "keys/"  # prefix of the written keys' tensor names in a saved edit
+
+
+def applied_edits(model: Model) -> tuple[AppliedEdit, ...]:
+    """The edits applied to ``model``, oldest first."""
+    return tuple(_edit_stack(model))
 
 
 def _edit_stack(model: Model) -> list[AppliedEdit]:
