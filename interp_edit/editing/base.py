@@ -92,6 +92,8 @@ _METHOD_MODULES = {
     "ike": "interp_edit.editing.ike",
     "ft": "interp_edit.editing.finetune",
     "ft-l": "interp_edit.editing.finetune",
+    "memit": "interp_edit.editing.memit",
+    "alphaedit": "interp_edit.editing.alphaedit",
 }
 
 
@@ -383,6 +385,19 @@ def _json_default(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj):
         return dataclasses.asdict(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+class Laps:
+    """Lap timer: ``laps("phase")`` records the seconds since the previous lap in ``.laps``."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(now - self._t, 3)
+        self._t = now
 
 
 def requests_from(items: Iterable[Any]) -> list[EditRequest]:

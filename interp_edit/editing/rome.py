@@ -23,7 +23,6 @@ k* and v*) and returned as one :class:`AppliedEdit`.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -34,6 +33,7 @@ from torch import Tensor
 from interp_edit.editing.base import (
     AppliedEdit,
     EditRequest,
+    Laps,
     get_parameter,
     parameter_name,
     register_editor,
@@ -138,7 +138,7 @@ def apply_rome(model: Model, requests: Sequence[EditRequest], hp: ROMEHparams) -
 
 def rome_step(model: Model, req: EditRequest, hp: ROMEHparams, contexts: Sequence[str]) -> RomeStep:
     """One request on the current weights: the layer, k*, v* and ΔW."""
-    clock = _Clock()
+    clock = Laps()
     layer, why, trace = choose_layer(model, req, hp)
     clock("locate")
     proj = model.mlp_out_proj(layer)
@@ -217,16 +217,3 @@ def rank_one_update(
     no weight on the preserved keys (:func:`~interp_edit.editing.update.memit_update`)."""
     resid = (v.double() - w.double() @ k.double())[:, None]
     return memit_update(resid, k[:, None], mom2, ridge=ridge).to(w.dtype)
-
-
-class _Clock:
-    """Lap timer: ``clock("phase")`` records the seconds since the previous lap."""
-
-    def __init__(self) -> None:
-        self.laps: dict[str, float] = {}
-        self._t = time.perf_counter()
-
-    def __call__(self, name: str) -> None:
-        now = time.perf_counter()
-        self.laps[name] = round(now - self._t, 3)
-        self._t = now

@@ -72,10 +72,13 @@ def alphaedit_update(
     alpha: float = 1.0,
 ) -> Float[Tensor, "d_model d_mlp"]:
     """ΔW = R Kᵀ P (P (KKᵀ + K_pK_pᵀ) + αI)⁻¹ with P = UUᵀ, computed in the r-dimensional
-    null space: ΔW = R Aᵀ (AAᵀ + A_pA_pᵀ + αI)⁻¹ Uᵀ with A = UᵀK, A_p = UᵀK_p (float64)."""
+    null space: ΔW = R Aᵀ (AAᵀ + A_pA_pᵀ + αI)⁻¹ Uᵀ with A = UᵀK, A_p = UᵀK_p (float64).
+    ``alpha`` is in units of the keys' mean squared norm (the batch's), so one setting
+    serves models whose keys differ in scale."""
     u = basis.double()
     a = u.T @ keys.double()  # [r, n]
-    gram = a @ a.T + alpha * torch.eye(len(a), dtype=a.dtype, device=a.device)  # [r, r]
+    scale = keys.double().square().sum(0).mean()
+    gram = a @ a.T + alpha * scale * torch.eye(len(a), dtype=a.dtype, device=a.device)
     if protected is not None and protected.shape[1]:
         ap = u.T @ protected.double()
         gram = gram + ap @ ap.T
