@@ -18,15 +18,11 @@ def private_cache(tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def HP(fm, tmp_path_factory):
+def HP(fact_corpus):
     """Settings for the 4-layer fact model (as ROME's tests: no prefixes, its own sentences
-    as the statistics corpus, layer 0, where its facts can be rewritten)."""
-    path = tmp_path_factory.mktemp("corpus") / "facts.txt"
-    lines = [t.format(f.subject) + " " + f.attribute + " ." for f in fm.facts
-             for t in (f.template, *f.paraphrases)]
-    path.write_text("\n".join(lines * 4) + "\n")
+    as the statistics corpus; layers from 0, where its facts can be rewritten)."""
     return dict(n_prefixes=0, v_steps=100, v_nll_stop=0.01, v_weight_decay=0.01, v_lr=1.0,
-                corpus=str(path), stats_tokens=2000, precision="fp32")
+                corpus=str(fact_corpus), stats_tokens=2000, precision="fp32")
 
 
 def _city_requests(fm, shift=1):
