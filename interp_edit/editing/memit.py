@@ -15,7 +15,10 @@ One update for a batch of facts, spread over a contiguous range of MLP layers ``
 
 With one layer, one fact and λ = 0 this is ROME's update (the same k*, v* and C). AlphaEdit
 (:mod:`~interp_edit.editing.alphaedit`) is this procedure with another per-layer update.
-``layers="auto"`` takes the range from the tracing module's locate step and records why.
+``layers="auto"`` takes the range from the tracing module's locate step
+(:func:`~interp_edit.tracing.locate.locate`: the ``auto_span`` contiguous MLP layers with the
+largest summed indirect effect at the last subject token, over the batch's first
+``auto_facts`` facts) and records the range, why, and the effects.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from interp_edit.editing.vstar import VOptions, optimise_in_groups
 from interp_edit.errors import InterpEditError
 from interp_edit.hooks import capture, hooked
 from interp_edit.models import Model, mlp_key_hook, resid_hook
+from interp_edit.tracing.locate import locate, search_layers
 
 # one layer's update: (layer, R [d_model, n], K [d_mlp, n], C [d_mlp, d_mlp]) -> ΔW
 LayerUpdate = Callable[[int, Tensor, Tensor, Tensor], Tensor]
@@ -53,8 +57,11 @@ class MEMITHparams:
     """MEMIT's settings. The defaults work on the default model (SmolLM2-135M)."""
 
     layers: tuple[int, ...] | str = (3, 4, 5, 6, 7)  # a contiguous range, or "auto"
-    auto_span: int = 5  # "auto": this many layers around the largest MLP effect ...
-    auto_search: tuple[float, float] = (0.0, 0.5)  # ... searched in this depth fraction
+    auto_span: int = 5  # "auto": the span of layers with the largest summed MLP effect ...
+    auto_search: tuple[float, float] = (0.0, 0.5)  # ... inside this fraction of the depth,
+    auto_facts: int = 16  # ... traced over the batch's first this many facts
+    trace_samples: int = 3  # noise samples of the locating trace
+    trace_window: int | None = None  # MLP layers restored together (None: locate's default)
     mom2_update_weight: float = 1500.0  # λ: weight of the preserved keys (C) against the batch
     n_prefixes: int = 5  # context prefixes sampled from the model for k* and v*
     prefix_len: int = 10  # tokens per prefix
@@ -83,10 +90,9 @@ class MEMITHparams:
                 raise InterpEditError(f"layers {layers} must be a contiguous ascending range")
             object.__setattr__(self, "layers", layers)
         object.__setattr__(self, "auto_search", tuple(self.auto_search))
-        lo, hi = self.auto_search
-        if not 0.0 <= lo < hi <= 1.0:
-            raise InterpEditError(f"auto_search {self.auto_search} is not 0 <= lo < hi <= 1")
-        for name in ("v_lr", "v_steps", "stats_tokens", "v_batch", "auto_span"):
+        search_layers(2, self.auto_search)  # raises unless 0 <= start < stop <= 1
+        for name in ("v_lr", "v_steps", "stats_tokens", "v_batch", "auto_span", "auto_facts",
+                     "trace_samples"):
             if not getattr(self, name) > 0:
                 raise InterpEditError(f"hparam {name} must be positive")
         for name in ("n_prefixes", "v_weight_decay", "kl_factor", "mom2_ridge", "v_nll_stop",
@@ -130,9 +136,15 @@ def choose_layers(model: Model, requests: Sequence[EditRequest],
                 f"layers {hp.layers} are outside the {model.n_layers}-layer model {model.name!r}"
                 f" (layers {bad}): use indices 0..{model.n_layers - 1}")
         return hp.layers, f"given (layers={list(hp.layers)})", None
-    raise InterpEditError(
-        "layers='auto' needs interp_edit.tracing.locate, which this checkout does not have yet;"
-        " give a range, e.g. layers=(3, 4, 5, 6, 7)")
+    lo, hi = search_layers(model.n_layers, hp.auto_search)
+    if hp.auto_span > hi - lo:
+        raise InterpEditError(f"auto_span={hp.auto_span} is wider than the {hi - lo} layers "
+                              f"that auto_search={hp.auto_search} searches on {model.name!r}")
+    traced = list(requests[: hp.auto_facts])
+    loc = locate(model, traced, kind="mlp", span=hp.auto_span, search=hp.auto_search,
+                 window=hp.trace_window, samples=hp.trace_samples, seed=hp.seed + 1)
+    why = f"{loc.reason} (traced: the first {len(traced)} of the {len(requests)} facts)"
+    return tuple(loc.layers), why, loc.to_dict()
 
 
 def mass_edit(model: Model, requests: Sequence[EditRequest], hp: MEMITHparams, method: str,

@@ -184,26 +184,24 @@ def choose_layers(
         return cfg.layers, "given", {}
     if cfg.layers == "last":
         return last_layers(model, cfg.n_layers), "last", {}
-    from interp_edit.tracing import trace
+    from interp_edit.tracing.locate import locate
 
-    effects, traced = torch.zeros(model.n_layers), []
+    # the records the model knows (p(true) > p(new)): the trace of an unknown fact says nothing
+    known = []
     for rec in records:
-        if len(traced) == cfg.trace_facts:
+        if len(known) == cfg.trace_facts:
             break
         p_true, p_new = model.next_token_probs([rec.text] * 2, [rec.target_true, rec.target_new])
-        if p_true <= p_new:
-            continue  # the model does not know this fact: its trace says nothing
-        last = model.subject_range(rec.text, rec.subject)[1] - 1
-        r = trace(model, rec.text, rec.subject, target=rec.target_true, kind="mlp", window=5,
-                  samples=3, positions=[last], progress=False)
-        effects += torch.nan_to_num(r.indirect_effect[last])
-        traced.append(rec.case_id)
-    if not traced:
+        if p_true > p_new:
+            known.append(rec)
+    if not known:
         raise InterpEditError("layers='traced': the model knows none of the training records")
-    effects /= len(traced)
-    top = sorted(effects.topk(min(cfg.n_layers, model.n_layers)).indices.tolist())
-    return tuple(top), "traced", {"mlp_effects": [round(float(e), 5) for e in effects],
-                                  "traced_records": traced, "window": 5, "samples": 3}
+    # the n_layers contiguous layers of the largest summed MLP effect, anywhere in the depth
+    loc = locate(model, known, kind="mlp", span=min(cfg.n_layers, model.n_layers),
+                 search=(0.0, 1.0))
+    return loc.layers, "traced", {"mlp_effects": [round(float(e), 5) for e in loc.effects],
+                                  "traced_records": [r.case_id for r in known],
+                                  "reason": loc.reason, **loc.settings}
 
 
 # ---- training ---------------------------------------------------------------------------------

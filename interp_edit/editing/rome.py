@@ -4,8 +4,9 @@ An MLP output projection W (``model.mlp_out_proj(layer)``, ``[d_model, d_mlp]``)
 linear associative memory: the key k at the subject's last token maps to a value W k that
 carries the subject's attributes. One edit:
 
-1. **locate**: ``layer="auto"`` runs the MLP causal trace of the request and takes the layer
-   with the largest indirect effect at the subject's last token (``layer=int`` overrides);
+1. **locate**: ``layer="auto"`` asks :func:`interp_edit.tracing.locate` for the layer with the
+   largest MLP indirect effect at the subject's last token, within ``auto_search`` (a fraction
+   of the depth); ``layer=int`` overrides;
 2. **k\\***: the mean key at the subject's last token over the prompt and sampled context
    prefixes (:mod:`interp_edit.editing.keys`);
 3. **v\\***: W k* + δ, with δ optimised through the hook layer (added to the MLP output at the
@@ -44,18 +45,21 @@ from interp_edit.editing.update import memit_update
 from interp_edit.editing.vstar import VOptions, optimise_deltas
 from interp_edit.errors import InterpEditError
 from interp_edit.models import Model
+from interp_edit.tracing.locate import locate, search_layers
 
 @dataclass(frozen=True)
 class ROMEHparams:
-    """ROME's settings. The defaults work on the default model (SmolLM2-135M)."""
+    """ROME's settings. Layer defaults are fractions of the depth, not layer numbers."""
 
-    layer: int | str = "auto"  # "auto": the layer of the largest MLP effect; or an index
-    auto_layers: tuple[int, int] = (1, 10)  # "auto" searches layers [lo, hi) (clipped)
-    auto_fallback: int = 2  # "auto" takes this layer when no MLP effect reaches min_effect
+    layer: int | str = "auto"  # "auto": where the fact is recalled (tracing.locate); or an index
+    auto_search: tuple[float, float] = (0.0, 0.5)  # "auto" searches this fraction of the depth
+    # "auto" takes this fraction of the depth (an early layer, where edits work best: README's
+    # localization study) when no MLP effect in the search reaches min_effect
+    auto_fallback: float = 0.07
     min_effect: float = 0.02  # smallest indirect effect that counts as located
     trace_method: str = "fast"  # "fast" (exact) | "attribution" (gradient estimate)
     trace_samples: int = 3  # noise samples of the locating trace
-    trace_window: int = 5  # MLP layers restored together in the locating trace
+    trace_window: int | None = None  # MLP layers restored together (None: locate's default)
     n_prefixes: int = 5  # context prefixes sampled from the model for k* and v*
     prefix_len: int = 10  # tokens per prefix
     seed: int = 0  # seeds the prefixes and the generated corpus
@@ -76,7 +80,7 @@ class ROMEHparams:
         if self.trace_method not in ("fast", "reference", "attribution"):
             raise InterpEditError(f"trace_method {self.trace_method!r}: use 'fast' or "
                                   "'attribution'")
-        for name in ("v_lr", "v_steps", "stats_tokens", "trace_samples", "trace_window"):
+        for name in ("v_lr", "v_steps", "stats_tokens", "trace_samples"):
             if not getattr(self, name) > 0:
                 raise InterpEditError(f"ROME hparam {name} must be positive")
         for name in ("n_prefixes", "v_weight_decay", "kl_factor", "mom2_ridge", "v_nll_stop"):
@@ -84,10 +88,13 @@ class ROMEHparams:
                 raise InterpEditError(f"ROME hparam {name} must be >= 0")
         if self.precision not in ("bf16", "fp32"):
             raise InterpEditError(f"precision must be 'bf16' or 'fp32', not {self.precision!r}")
-        object.__setattr__(self, "auto_layers", tuple(self.auto_layers))
-        lo, hi = self.auto_layers
-        if not 0 <= lo < hi:
-            raise InterpEditError(f"auto_layers {self.auto_layers} is not a range 0 <= lo < hi")
+        if self.trace_window is not None and not self.trace_window > 0:
+            raise InterpEditError("ROME hparam trace_window must be positive (or None)")
+        object.__setattr__(self, "auto_search", tuple(self.auto_search))
+        search_layers(2, self.auto_search)  # raises unless 0 <= start < stop <= 1
+        if not 0.0 <= self.auto_fallback <= 1.0:
+            raise InterpEditError(f"auto_fallback={self.auto_fallback} is a fraction of the "
+                                  "depth in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -157,38 +164,19 @@ def rome_step(model: Model, req: EditRequest, hp: ROMEHparams, contexts: Sequenc
 
 
 def choose_layer(model: Model, req: EditRequest, hp: ROMEHparams) -> tuple[int, str, dict | None]:
-    """The edit layer, the reason in words, and the per-layer effects that decided it."""
+    """The edit layer, the reason in words, and the location that decided it
+    (:func:`interp_edit.tracing.locate`: the MLP trace of the request's true answer)."""
     if hp.layer != "auto":
         model._check_layer(hp.layer)
         return hp.layer, f"given (layer={hp.layer})", None
-    from interp_edit.tracing import trace
-
-    lo, hi = hp.auto_layers[0], min(hp.auto_layers[1], model.n_layers)
-    if lo >= hi:
-        raise InterpEditError(
-            f"auto_layers {hp.auto_layers} is empty on a {model.n_layers}-layer model")
-    last = model.subject_range(req.text, req.subject)[1] - 1
-    r = trace(model, req.text, req.subject, target=req.target_true, kind="mlp",
-              window=hp.trace_window, samples=hp.trace_samples, method=hp.trace_method,
-              seed=hp.seed + 1, positions=[last], layers=list(range(lo, hi)), progress=False)
-    effects = r.indirect_effect[last]
-    layer = lo + int(torch.nan_to_num(effects[lo:hi], nan=-float("inf")).argmax())
-    best = float(effects[layer])
-    how = (f"{hp.trace_method} trace of p({r.target.strip()}), window {hp.trace_window}, "
-           f"{hp.trace_samples} samples, layers {lo}..{hi - 1}")
-    if best >= hp.min_effect:
-        why = (f"largest MLP indirect effect at the last subject token {r.tokens[last]!r}: "
-               f"{best:.3f} at layer {layer} ({how})")
-    else:
-        model._check_layer(hp.auto_fallback)
-        why = (f"no MLP indirect effect at the last subject token {r.tokens[last]!r} reaches "
-               f"{hp.min_effect} (largest {best:.3f} at layer {layer}; {how}): fallback layer "
-               f"{hp.auto_fallback}")
-        layer = hp.auto_fallback
-    info = {"target": r.target, "method": r.method, "window": r.window, "samples": r.samples,
-            "low_score": r.low_score, "high_score": r.high_score, "token": last,
-            "effects": [None if e != e else round(float(e), 5) for e in effects.tolist()]}
-    return layer, why, info
+    loc = locate(model, req, kind="mlp", search=hp.auto_search, window=hp.trace_window,
+                 samples=hp.trace_samples, seed=hp.seed + 1, method=hp.trace_method)
+    layer, why = loc.layer, loc.reason
+    if float(loc.effects[layer]) < hp.min_effect:
+        layer = round(hp.auto_fallback * (model.n_layers - 1))
+        why = (f"no MLP indirect effect reaches min_effect {hp.min_effect} ({why}): fallback "
+               f"layer {layer} (auto_fallback {hp.auto_fallback} of the depth)")
+    return layer, why, loc.to_dict()
 
 
 def compute_v(

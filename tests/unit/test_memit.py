@@ -182,3 +182,16 @@ def test_keys_star_batches_key_star(fm):
     both = keys.keys_star(m, 1, [(r.template, r.subject) for r in reqs], contexts)
     for i, r in enumerate(reqs):
         torch.testing.assert_close(both[i], keys.key_star(m, 1, r.template, r.subject, contexts))
+
+
+def test_auto_layers_come_from_locate_and_are_recorded(fm, HP):
+    m = fm.model
+    reqs = _city_requests(fm)[:3]
+    loc = ie.locate(m, reqs[:2], kind="mlp", span=2, search=(0.0, 0.75), samples=2, seed=1)
+    with ie.edit(m, reqs, method="memit", layers="auto", auto_span=2, auto_search=(0.0, 0.75),
+                 auto_facts=2, trace_samples=2, **HP) as e:
+        assert e.info["layers"] == list(loc.layers) and len(loc.layers) == 2
+        assert e.info["why"].startswith(loc.reason) and "first 2 of the 3 facts" in e.info["why"]
+        assert e.info["locate"]["layers"] == list(loc.layers)
+    with pytest.raises(InterpEditError, match="wider than"):
+        ie.edit(m, reqs, method="memit", layers="auto", auto_span=4, auto_search=(0.0, 0.5), **HP)
