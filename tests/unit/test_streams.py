@@ -92,3 +92,13 @@ def test_bad_protocol_inputs(fm, HP):
                  perplexity_text="/no/such.txt", progress=False, **HP)
     with pytest.raises(InterpEditError, match="need an edit method"):
         evaluate(m, recs, method="none", batch_size=2, progress=False)
+
+
+def test_cli_protocol_options():
+    from interp_edit.cli import build_parser
+
+    args = build_parser().parse_args([
+        "evaluate", "--method", "alphaedit", "--path", "cf.json", "--n", "100",
+        "--batch-size", "20", "--sequential", "--every", "2", "--perplexity-text", "wt.txt"])
+    assert (args.batch_size, args.sequential, args.every, args.perplexity_text) == (
+        20, True, 2, "wt.txt")
