@@ -195,3 +195,31 @@ def test_auto_layers_come_from_locate_and_are_recorded(fm, HP):
         assert e.info["locate"]["layers"] == list(loc.layers)
     with pytest.raises(InterpEditError, match="wider than"):
         ie.edit(m, reqs, method="memit", layers="auto", auto_span=4, auto_search=(0.0, 0.5), **HP)
+
+
+def test_sequential_alphaedit_keeps_earlier_edits_memit_loses_some(fm, HP):
+    """Four batches of four facts that share one template ("{} lives in the city of"), applied
+    one after another: every AlphaEdit edit that took still holds at the end; MEMIT loses
+    some of its earlier edits (the same-template failure)."""
+    m = fm.model
+    reqs = _city_requests(fm)
+
+    def holds(r):
+        return bool(m.next_token_probs([r.text, r.text], [r.target_true, r.target_new]).diff() > 0)
+
+    before = _weights(m)
+    outcome = {}
+    for method, extra in (("memit", dict(mom2_update_weight=1.0)),
+                          ("alphaedit", dict(alpha=1e-3, null_threshold=0.3))):
+        stream, took = [], []
+        for b in range(0, 16, 4):
+            stream.append(ie.edit(m, reqs[b:b + 4], method=method, layers=(0,), **HP, **extra))
+            took += [i for i in range(b, b + 4) if holds(reqs[i])]
+        outcome[method] = (len(took), sum(holds(reqs[i]) for i in took))
+        for e in reversed(stream):
+            e.undo()
+        assert _same(m, before)
+    took, kept = outcome["alphaedit"]
+    assert took >= 10 and kept == took, outcome
+    took, kept = outcome["memit"]
+    assert kept < took, outcome
