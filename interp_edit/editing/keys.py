@@ -8,7 +8,8 @@ whatever text precedes the subject (Meng et al. 2022, §3.1).
 - :func:`sample_token_ids`: seeded top-k sampling from the model (prefixes, generated corpora);
 - :func:`context_templates`: ``("{}", "<prefix>. {}", ...)``, cached per model on disk;
 - :func:`encode_facts`: tokenized prompts with the subject's last token and target positions;
-- :func:`subject_keys` / :func:`key_star`: the keys at the subject's last token and their mean.
+- :func:`subject_keys` / :func:`key_star` / :func:`keys_star`: the keys at the subject's last
+  token and their mean over the contexts, for one fact or for a batch of facts in one pass.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+from einops import rearrange
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
@@ -155,21 +157,28 @@ class FactBatch:
         pos = torch.arange(self.ids.shape[1], device=self.ids.device)
         return pos[None, :] == self.subject_last[:, None]
 
+    def select(self, rows: Int[Tensor, "k"]) -> "FactBatch":
+        """The batch of ``rows`` only (right padding stays exact for causal attention)."""
+        return FactBatch(self.ids[rows], self.subject_last[rows], self.target_labels[rows],
+                         self.target_mask[rows])
+
 
 def encode_facts(
     model: Model,
     templates: Sequence[str],
-    subject: str,
+    subject: str | Sequence[str],
     targets: str | None | Sequence[str | None] = None,
 ) -> FactBatch:
-    """Fill ``subject`` into each template (one ``{}`` each, e.g. a context template applied
+    """Fill the subject into each template (one ``{}`` each, e.g. a context template applied
     to the request's prompt) and append all but the last token of the row's target, so that
-    the logits at the masked positions predict every target token. ``targets``: one for all
-    rows, or one per row (``None``: the prompt alone)."""
+    the logits at the masked positions predict every target token. ``subject``: one for all
+    rows, or one per row; ``targets``: one for all rows, or one per row (``None``: the prompt
+    alone)."""
     if targets is None or isinstance(targets, str):
         targets = [targets] * len(templates)
+    subjects = [subject] * len(templates) if isinstance(subject, str) else list(subject)
     seqs, subj_last, spans = [], [], []
-    for tpl, target in zip(templates, targets, strict=True):
+    for tpl, subject, target in zip(templates, subjects, targets, strict=True):
         text = tpl.format(subject)
         # the subject occurrence that replaces "{}" (a prefix may mention the subject too)
         occurrence = _count_occurrences(text[: tpl.index("{}")], subject)
@@ -209,5 +218,21 @@ def key_star(
     model: Model, layer: int, template: str, subject: str, contexts: Sequence[str]
 ) -> Float[Tensor, "d_mlp"]:
     """k*: the mean key at the subject's last token over ``template`` in every context."""
-    batch = encode_facts(model, [c.format(template) for c in contexts], subject)
-    return subject_keys(model, layer, batch).mean(0)
+    return keys_star(model, layer, [(template, subject)], contexts)[0]
+
+
+def context_batch(
+    model: Model, facts: Sequence[tuple[str, str]], contexts: Sequence[str]
+) -> FactBatch:
+    """Every fact ``(template, subject)`` in every context, fact-major: row ``i * len(contexts)
+    + j`` is fact i in context j (context 0 is ``"{}"``, the prompt alone)."""
+    rows = [(c.format(tpl), subj) for tpl, subj in facts for c in contexts]
+    return encode_facts(model, [t for t, _ in rows], [s for _, s in rows])
+
+
+def keys_star(
+    model: Model, layer: int, facts: Sequence[tuple[str, str]], contexts: Sequence[str]
+) -> Float[Tensor, "n_facts d_mlp"]:
+    """k* of each fact ``(template, subject)``: its mean key over the contexts, in one pass."""
+    keys = subject_keys(model, layer, context_batch(model, facts, contexts))
+    return rearrange(keys, "(f c) d -> f c d", c=len(contexts)).mean(1)
