@@ -6,10 +6,12 @@ An :class:`EditRecord` is a CounterFact-style case: the fact to rewrite (``promp
 - ``paraphrases``: prompts whose answer should become ``target_new``;
 - ``neighborhood``: ``(prompt, answer)`` pairs about *other* subjects whose answer must not change
   (in CounterFact the answer is ``target_true``: same relation, same object, another subject);
-- ``reverse``: ``(prompt, answer)`` pairs that ask the edited fact backwards, answered by the
-  subject ("The landmark in Taipei called the" -> "Space Needle");
-- ``portability``: ``(prompt, answer)`` pairs whose answer follows from the new fact
-  ("The Space Needle is in the country of" -> "Taiwan");
+- ``reverse``: ``(prompt, answer, answer_before)`` probes that ask the edited fact backwards,
+  answered by the subject after the edit ("Paris is the capital of" -> the edited country;
+  before it, "France");
+- ``portability``: ``(prompt, answer, answer_before)`` probes whose answer follows from the new
+  fact through facts the model knows ("The city where {s} worked is located in the country
+  of" -> the new city's country; before it, the true city's);
 - ``generation_prompts``: prompts for free generation (fluency).
 """
 
@@ -23,6 +25,8 @@ from interp_edit.editing.base import EditRequest
 from interp_edit.errors import InterpEditError
 
 Pairs = tuple[tuple[str, str], ...]
+# (prompt, answer after the edit, answer before it)
+Probes = tuple[tuple[str, str, str], ...]
 
 
 @dataclass(frozen=True)
@@ -36,8 +40,8 @@ class EditRecord:
     target_true: str
     paraphrases: tuple[str, ...] = ()
     neighborhood: Pairs = ()
-    reverse: Pairs = ()
-    portability: Pairs = ()
+    reverse: Probes = ()
+    portability: Probes = ()
     generation_prompts: tuple[str, ...] = ()
     source: str = ""
 
@@ -54,9 +58,14 @@ class EditRecord:
         # accept lists from JSON and store tuples, so records stay hashable and immutable
         for name in ("paraphrases", "generation_prompts"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
-        for name in ("neighborhood", "reverse", "portability"):
-            pairs = tuple((str(p), str(a)) for p, a in getattr(self, name))
-            object.__setattr__(self, name, pairs)
+        pairs = tuple((str(p), str(a)) for p, a in self.neighborhood)
+        object.__setattr__(self, "neighborhood", pairs)
+        for name in ("reverse", "portability"):
+            probes = getattr(self, name)
+            if any(len(x) != 3 or not all(str(y).strip() for y in x) for x in probes):
+                raise InterpEditError(f"record {self.case_id!r}: each {name} probe is "
+                                      "[prompt, answer, answer_before], none empty")
+            object.__setattr__(self, name, tuple(tuple(str(y) for y in x) for x in probes))
 
     @property
     def text(self) -> str:
