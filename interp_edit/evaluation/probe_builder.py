@@ -82,6 +82,9 @@ class ProbeSettings:
 
     max_hops: int = 2
     require_known_edit: bool = True
+    # the model checks only the first this many edits (in data order) that could get a probe
+    # of each kind (None: all); they cost a forward pass each, the kinds' sizes differ tenfold
+    candidates_per_kind: int | None = 400
 
 
 def facts_from_records(records: Iterable[EditRecord], schema: Schema = COUNTERFACT) -> list[Fact]:
@@ -108,11 +111,13 @@ def build_probes(
     schema: Schema = COUNTERFACT,
     settings: ProbeSettings = ProbeSettings(),
 ) -> list[EditRecord]:
-    """``edits`` (of schema relations) with their reverse and portability probes; edits with
-    neither, or (``require_known_edit``) that the model does not know, are dropped."""
+    """``edits`` (of schema relations) with their reverse and portability probes, in the
+    order of :func:`interleave`; edits with neither, or (``require_known_edit``) that the
+    model does not know, are dropped."""
     schema = replace(schema, max_hops=settings.max_hops)
     edits = [(r, rid) for r in edits if (rid := schema.relation_of(r.prompt)) is not None
              and r.target_new != r.target_true]
+    edits = _candidates(edits, kb, schema, settings.candidates_per_kind)
     if settings.require_known_edit:
         edits = [e for e, ok in zip(edits, knows_edit(model, [r for r, _ in edits])) if ok]
     hop = _Hops(model, kb, schema)
@@ -128,7 +133,30 @@ def build_probes(
         rev = _reverse(rec, rid, kb, schema)
         if rev or port:
             out.append(replace(rec, reverse=rev, portability=port))
-    return out
+    return interleave(out)
+
+
+def _candidates(edits: list[tuple[EditRecord, str]], kb: KnowledgeBase, schema: Schema,
+                limit: int | None) -> list[tuple[EditRecord, str]]:
+    """The edits that could get a reverse probe, or a portability probe (the data have the
+    first hop from both objects), at most ``limit`` of each kind, in their order."""
+    def portable(rec: EditRecord, rid: str) -> bool:
+        return any((rec.target_new, c[0]) in kb.forward and (rec.target_true, c[0]) in kb.forward
+                   for c in schema.chains(rid))
+
+    rev = [i for i, (r, rid) in enumerate(edits) if _reverse(r, rid, kb, schema)][:limit]
+    port = [i for i, (r, rid) in enumerate(edits) if portable(r, rid)][:limit]
+    return [edits[i] for i in sorted({*rev, *port})]
+
+
+def interleave(records: Sequence[EditRecord]) -> list[EditRecord]:
+    """Records with portability probes alternating with the others (each group in its order),
+    so the first ``n`` of a set measure both kinds."""
+    port = [r for r in records if r.portability]
+    rest = [r for r in records if not r.portability]
+    out = [r for pair in zip(port, rest) for r in pair]
+    k = min(len(port), len(rest))
+    return out + port[k:] + rest[k:]
 
 
 class _Hops:
@@ -220,6 +248,7 @@ def save_probe_set(path: str | os.PathLike, records: Sequence[EditRecord], model
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(doc, f, indent=0, ensure_ascii=False)
+        os.chmod(tmp, 0o644)  # a data file to share, not mkstemp's private 0600
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

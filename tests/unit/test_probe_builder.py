@@ -165,3 +165,13 @@ def test_shipped_probe_set_of_the_default_model():
         for prompt, new, old in r.reverse:
             assert prompt.startswith(r.target_new) or r.target_new in prompt
             assert new == r.subject != old
+
+
+def test_interleave_alternates_the_kinds():
+    from interp_edit.evaluation.probe_builder import interleave
+
+    probe = (("p", "x", "y"),)
+    recs = [EditRecord(i, "{} x", "s", "a", "b", portability=probe if port else (),
+                       reverse=() if port else probe)
+            for i, port in enumerate([True, False, True, True, False])]
+    assert [r.case_id for r in interleave(recs)] == [0, 1, 2, 4, 3]
