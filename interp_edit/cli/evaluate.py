@@ -25,7 +25,8 @@ def register(sub) -> None:
     p.add_argument("--path", default=None,
                    help="dataset JSON (CounterFact official or flattened, or zsRE MEND format)")
     p.add_argument("--dataset", choices=_DATASETS, default=None,
-                   help="how to read --path (default: counterfact; 'probes' needs no path)")
+                   help="how to read --path (default: counterfact; 'probes' without a path: the "
+                        "model's reverse and portability probe set)")
     p.add_argument("--n", type=int, default=None, help="stop after this many evaluated records")
     p.add_argument("--out", default=None, help="directory (or .json path) for the report files")
     p.add_argument("--fluency", action="store_true", help="also measure generation n-gram entropy")
@@ -76,7 +77,7 @@ def run(args) -> int:
         writable(report_path(args.out, args.method))
     kind = args.dataset or ("probes" if args.path is None else "counterfact")
     if kind == "probes":
-        records = load_probes(args.path)
+        records = load_probes(args.path or args.model)
     elif args.path is None:
         raise InterpEditError(f"--dataset {kind} needs --path FILE.json")
     else:
