@@ -23,7 +23,8 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from interp_edit._cache import cache_dir
-from interp_edit._llama import LlamaStepper
+from interp_edit.arch import adapter
+from interp_edit.arch.stepper import Stepper
 from interp_edit.hooks import capture, hooked
 from interp_edit.models import Model, mlp_key_hook
 
@@ -43,7 +44,7 @@ def sample_token_ids(
     document-start token (see :func:`document_start`), which the returned rows omit.
     Seeded; the global RNG state is left untouched.
 
-    Llama-family models sample on the layer stepper (:func:`_sample_on_stepper`: the tokens
+    Models the layer stepper runs sample on it (:func:`_sample_on_stepper`: the tokens
     ``generate`` draws, up to float rounding; 1.6x faster on a 2-core CPU at 128 rows, see
     ``benchmarks/bench_sampling.py``), others through ``generate``."""
     from tqdm.auto import tqdm
@@ -68,7 +69,7 @@ def sample_token_ids(
         ids = torch.tensor([doc + model.tokenize(starters[i]).tolist()] * rows, device=model.device)
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed * 100_003 + j)
-            if LlamaStepper.supports(model):  # the weights only: bridge hooks do not apply
+            if Stepper.supports(model):  # the weights only: bridge hooks do not apply
                 gen = _sample_on_stepper(model, ids, length, top_k, banned=_eos_ids(model)
                                          if exact else [])
             else:
@@ -100,18 +101,14 @@ def _sample_on_stepper(model: Model, ids: Int[Tensor, "rows prompt"], length: in
         scores.masked_fill_(scores < kth, -math.inf)
         return torch.multinomial(scores.softmax(-1), 1)
 
-    return LlamaStepper(model, ids.shape[1] + length).decode(ids, length, draw)
+    return Stepper(model, ids.shape[1] + length).decode(ids, length, draw)
 
 
 def document_start(model: Model) -> list[int]:
-    """The token that opens a plain document, to sample ordinary text after: the tokenizer's
-    ``<|endoftext|>`` (GPT-2, SmolLM), else a BOS token that is not a chat marker, else none.
+    """The token that opens a plain document (:meth:`interp_edit.arch.Adapter.document_start`:
+    the end-of-text token where the tokenizer has one, else a non-chat BOS, else none).
     After a bare "The" with no such token, SmolLM2 continues with code-like fragments."""
-    tok = model.tokenizer
-    vocab = tok.get_vocab()
-    if "<|endoftext|>" in vocab:
-        return [vocab["<|endoftext|>"]]
-    return [tok.bos_token_id] if model.prepend_bos else []
+    return adapter(model).document_start()
 
 
 def context_templates(

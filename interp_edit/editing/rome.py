@@ -1,7 +1,8 @@
 """ROME: Rank-One Model Editing (Meng et al. 2022), with consistent keys.
 
-An MLP output projection W (``model.mlp_out_proj(layer)``, ``[d_model, d_mlp]``) is read as a
-linear associative memory: the key k at the subject's last token maps to a value W k that
+An MLP output projection W (``model.mlp_out_proj(layer)``, seen as ``[d_model, d_mlp]``
+whatever its storage: :meth:`interp_edit.arch.Adapter.mlp_out_matrix`; GPT-2's Conv1D stores
+it transposed) is read as a linear associative memory: the key k at the subject's last token maps to a value W k that
 carries the subject's attributes. One edit:
 
 1. **locate**: ``layer="auto"`` runs the MLP causal trace of the request and takes the layer
@@ -31,6 +32,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from interp_edit.arch import adapter
 from interp_edit.editing.base import (
     AppliedEdit,
     EditRequest,
@@ -42,7 +44,7 @@ from interp_edit.editing.keys import FactBatch, context_templates, encode_facts,
 from interp_edit.editing.stats import GENERATED, autocast, second_moment, solve_mom2
 from interp_edit.errors import InterpEditError
 from interp_edit.hooks import add_delta, hooked
-from interp_edit.models import Model, mlp_out_hook
+from interp_edit.models import Model, mlp_write_hook
 
 KL_TEMPLATE = "{} is a"  # the essence prompt whose next-token distribution must not change
 
@@ -97,10 +99,11 @@ class RomeStep:
     """One request's edit, computed on the current weights (not applied)."""
 
     layer: int
-    parameter: str  # hf_model parameter name of the edited weight
+    parameter: str  # Hugging Face state-dict name of the edited weight
     k: Float[Tensor, "d_mlp"]  # k*: mean key at the subject's last token
     v: Float[Tensor, "d_model"]  # v*: the value W' k* must produce
-    delta: Float[Tensor, "d_model d_mlp"]  # ΔW, rank one
+    delta: Float[Tensor, "d_model d_mlp"]  # ΔW, rank one, as [d_model, d_mlp]
+    update: Tensor  # ΔW in the parameter's own orientation (what is added to it)
     info: dict  # why this layer, the locating trace, the v* losses, seconds per phase
 
 
@@ -117,9 +120,9 @@ def apply_rome(model: Model, requests: Sequence[EditRequest], hp: ROMEHparams) -
             weight = model.mlp_out_proj(step.layer).weight
             originals.setdefault(step.parameter, weight.detach().clone())
             with torch.no_grad():
-                weight.add_(step.delta)  # the next request sees this one
+                weight.add_(step.update)  # the next request sees this one
             prev = total.get(step.parameter)
-            total[step.parameter] = step.delta if prev is None else prev + step.delta
+            total[step.parameter] = step.update if prev is None else prev + step.update
             infos.append(step.info)
     finally:
         with torch.no_grad():
@@ -146,13 +149,15 @@ def rome_step(model: Model, req: EditRequest, hp: ROMEHparams, contexts: Sequenc
     clock("stats")
     k = key_star(model, layer, req.template, req.subject, contexts)
     clock("k")
-    w = proj.weight.detach()
+    ad = adapter(model)
+    w = ad.mlp_out_matrix(layer).detach()  # [d_model, d_mlp], whatever the storage
     v, losses = compute_v(model, layer, req, w @ k, contexts, hp)
     clock("v")
     delta = rank_one_update(w, k, v, mom2, ridge=hp.mom2_ridge)
     clock("update")
     info = {"layer": layer, "why": why, "trace": trace, "v": losses, "seconds": clock.laps}
-    return RomeStep(layer, parameter_name(model, proj), k, v, delta, info)
+    return RomeStep(layer, parameter_name(model, proj), k, v, delta,
+                    ad.to_parameter(layer, delta), info)
 
 
 def choose_layer(model: Model, req: EditRequest, hp: ROMEHparams) -> tuple[int, str, dict | None]:
@@ -198,8 +203,10 @@ def compute_v(
     contexts: Sequence[str],
     hp: ROMEHparams,
 ) -> tuple[Float[Tensor, "d_model"], dict]:
-    """v* = v0 + δ, with δ added to the MLP output at the subject's last token, optimised for
-    the new target after every context (NLL) while "{subject} is a" keeps its distribution
+    """v* = v0 + δ, with δ added to what the MLP output matrix writes (before any post-norm)
+    at the subject's last token, optimised (Adam; a step that raises the loss is undone and
+    the step size halved, so ``v_lr`` may be too large for a model without the loss rising)
+    for the new target after every context (NLL) while "{subject} is a" keeps its distribution
     (KL), under weight decay and the norm clamp ‖δ‖ ≤ clamp_norm_factor · ‖v0‖."""
     templates = [c.format(req.template) for c in contexts]
     batch = encode_facts(model, [*templates, KL_TEMPLATE], req.subject,
@@ -212,6 +219,7 @@ def compute_v(
     rows = batch.target_mask.nonzero()[:, 0]  # the row of each target token
     n_target = batch.target_mask.sum(1)[:kl_row]
     kl_init, curve = None, []
+    best = (float("inf"), delta.detach().clone())  # (loss, δ) of the lowest loss so far
     for step in range(hp.v_steps):
         with autocast(model, hp.precision):
             logp_target, logp_kl = _edited_logprobs(model, layer, batch, delta, kl_row, kl_pos)
@@ -223,6 +231,14 @@ def compute_v(
         decay = hp.v_weight_decay * delta.norm() / v0.norm() ** 2
         loss = nll + hp.kl_factor * kl + decay
         curve.append((loss.item(), nll.item(), kl.item()))
+        if loss.item() > best[0]:  # overshot: back to the best δ with half the step size
+            with torch.no_grad():
+                delta.copy_(best[1])
+            for group in opt.param_groups:
+                group["lr"] /= 2
+            opt.state.clear()
+            continue
+        best = (loss.item(), delta.detach().clone())
         if nll.item() < hp.v_nll_stop or step == hp.v_steps - 1:
             break
         opt.zero_grad()
@@ -231,8 +247,11 @@ def compute_v(
         with torch.no_grad():  # project back into the ball ‖δ‖ ≤ max_norm
             if delta.norm() > max_norm:
                 delta.mul_(max_norm / delta.norm())
+    delta = best[1]
+    kept = min(range(len(curve)), key=lambda i: curve[i][0])  # the step whose δ is kept
     losses = {"steps": len(curve), "loss": [round(c[0], 4) for c in curve],
-              "nll": [round(curve[0][1], 4), round(curve[-1][1], 4)], "kl": round(curve[-1][2], 5),
+              "nll": [round(curve[0][1], 4), round(curve[kept][1], 4)],
+              "kl": round(curve[kept][2], 5), "lr": opt.param_groups[0]["lr"],
               "delta_norm_ratio": round(float(delta.detach().norm() / v0.norm()), 4)}
     return (v0 + delta).detach(), losses
 
@@ -244,7 +263,7 @@ def _edited_logprobs(
     """Log-probabilities of every target token (in ``target_mask`` order) and the
     next-token log-distribution of the KL row, with δ added at each subject's last token."""
     bump = batch.at_subject_last()[..., None] * delta  # [batch, pos, d_model]
-    with hooked(model, [add_delta(mlp_out_hook(layer), slice(None), bump)]):
+    with hooked(model, [add_delta(mlp_write_hook(layer), slice(None), bump)]):
         logits = model.logits(batch.ids)  # [batch, pos, d_vocab]
     target = logits[batch.target_mask].float().log_softmax(-1)  # [n_target_tokens, d_vocab]
     labels = batch.target_labels[batch.target_mask]
