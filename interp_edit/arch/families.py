@@ -183,6 +183,18 @@ class Adapter:
             f"{type(mod).__name__}, neither nn.Linear nor Conv1D, so its orientation is "
             f"unknown; supported families: {supported()}")
 
+    @cached_property
+    def _block_of(self) -> dict[int, int]:
+        """id(parameter) -> the index of the block that holds it."""
+        return {id(p): j for j, block in enumerate(self.model.bridge.blocks)
+                for p in block.parameters()}
+
+    def layer_of(self, name: str) -> int | None:
+        """The block holding parameter ``name`` (either naming), or None (embeddings, final
+        norm, unembedding, or no such parameter)."""
+        param = self.model.parameters_by_name.get(name)
+        return None if param is None else self._block_of.get(id(param))
+
     # ---- the MLP output matrix, one orientation --------------------------------------------
     def mlp_out_matrix(self, layer: int) -> Float[Tensor, "d_model d_mlp"]:
         """``layer``'s MLP output weight as ``[d_model, d_mlp]`` (a view, no copy)."""

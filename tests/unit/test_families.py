@@ -172,3 +172,19 @@ def test_ike_runs(model):
     req = ie.EditRequest(PROMPT, SUBJECT, "Tokyo")
     with ie.edit(model, [req], method="ike", demos=0) as edit:
         assert edit.context and float(model.next_token_probs(edit.wrap(PROMPT), "Tokyo")) >= 0
+
+
+def test_edits_saved_with_wrapped_names_still_load(model, tmp_path):
+    """Files written before edits used Hugging Face names (the bridge's wrapped paths)."""
+    from interp_edit.editing.base import AppliedEdit
+
+    wrapped = next(n for n, p in model.hf_model.named_parameters()
+                   if p is model.mlp_out_proj(1).weight)
+    assert "_original_component" in wrapped
+    delta = torch.full_like(model.mlp_out_proj(1).weight, 1e-3)
+    old = AppliedEdit.from_deltas(model, "toy", [], {}, {wrapped: delta})
+    path = old.save(tmp_path / "old.safetensors")
+    want = model.mlp_out_proj(1).weight.detach().clone()
+    old.undo()
+    with load_edit(path).apply(model):
+        assert torch.equal(model.mlp_out_proj(1).weight, want)
