@@ -1,7 +1,8 @@
 """ROME: Rank-One Model Editing (Meng et al. 2022), with consistent keys.
 
-An MLP output projection W (``model.mlp_out_proj(layer)``, ``[d_model, d_mlp]``) is read as a
-linear associative memory: the key k at the subject's last token maps to a value W k that
+An MLP output projection W (``model.mlp_out_proj(layer)``, seen as ``[d_model, d_mlp]``
+whatever its storage: :meth:`interp_edit.arch.Adapter.mlp_out_matrix`; GPT-2's Conv1D stores
+it transposed) is read as a linear associative memory: the key k at the subject's last token maps to a value W k that
 carries the subject's attributes. One edit:
 
 1. **locate**: ``layer="auto"`` asks :func:`interp_edit.tracing.locate` for the layer with the
@@ -35,6 +36,7 @@ from torch import Tensor
 
 from interp_edit import _validate
 from interp_edit._cache import tensors_digest
+from interp_edit.arch import adapter
 from interp_edit.editing.base import (
     AppliedEdit,
     EditRequest,
@@ -50,6 +52,7 @@ from interp_edit.editing.vstar import VOptions, optimise_deltas
 from interp_edit.errors import InterpEditError
 from interp_edit.models import Model
 from interp_edit.tracing.locate import locate, search_layers
+
 
 @dataclass(frozen=True)
 class ROMEHparams:
@@ -120,10 +123,11 @@ class RomeStep:
     """One request's edit, computed on the current weights (not applied)."""
 
     layer: int
-    parameter: str  # hf_model parameter name of the edited weight
+    parameter: str  # Hugging Face state-dict name of the edited weight
     k: Float[Tensor, "d_mlp"]  # k*: mean key at the subject's last token
     v: Float[Tensor, "d_model"]  # v*: the value W' k* must produce
-    delta: Float[Tensor, "d_model d_mlp"]  # ΔW, rank one
+    delta: Float[Tensor, "d_model d_mlp"]  # ΔW, rank one, as [d_model, d_mlp]
+    update: Tensor  # ΔW in the parameter's own orientation (what is added to it)
     info: dict  # why this layer, the locating trace, the v* losses, seconds per phase
 
 
@@ -142,12 +146,12 @@ def apply_rome(model: Model, requests: Sequence[EditRequest], hp: ROMEHparams) -
             weight = model.mlp_out_proj(step.layer).weight
             originals.setdefault(step.parameter, weight.detach().clone())
             with torch.no_grad():
-                weight.add_(step.delta)  # the next request sees this one
+                weight.add_(step.update)  # the next request sees this one
             if i + 1 < len(requests):  # and caches see it too (Model.weights_key)
                 marks.enter_context(model.weights_changed(
-                    tensors_digest({step.parameter: step.delta})))
+                    tensors_digest({step.parameter: step.update})))
             prev = total.get(step.parameter)
-            total[step.parameter] = step.delta if prev is None else prev + step.delta
+            total[step.parameter] = step.update if prev is None else prev + step.update
             written.setdefault(step.parameter, []).append(step.k)
             infos.append(step.info)
     finally:
@@ -177,13 +181,15 @@ def rome_step(model: Model, req: EditRequest, hp: ROMEHparams, contexts: Sequenc
     clock("stats")
     k = key_star(model, layer, req.template, req.subject, contexts)
     clock("k")
-    w = proj.weight.detach()
+    ad = adapter(model)
+    w = ad.mlp_out_matrix(layer).detach()  # [d_model, d_mlp], whatever the storage
     v, losses = compute_v(model, layer, req, w @ k, contexts, hp)
     clock("v")
     delta = rank_one_update(w, k, v, mom2, ridge=hp.mom2_ridge)
     clock("update")
     info = {"layer": layer, "why": why, "trace": trace, "v": losses, "seconds": clock.laps}
-    return RomeStep(layer, parameter_name(model, proj), k, v, delta, info)
+    return RomeStep(layer, parameter_name(model, proj), k, v, delta,
+                    ad.to_parameter(layer, delta), info)
 
 
 def choose_layer(model: Model, req: EditRequest, hp: ROMEHparams) -> tuple[int, str, dict | None]:

@@ -74,6 +74,7 @@ def second_moments(
     ``"fp32"`` runs it in float32. ``refresh`` rebuilds cached entries; ``progress`` shows a
     bar (``None``: on a terminal). Returns float32 matrices on the model's device."""
     autocast(model, precision)  # checks the name
+    seq_len = min(seq_len, model.n_ctx)  # learned positions end at the context (GPT-2, OPT)
     if n_tokens < seq_len:
         raise InterpEditError(f"n_tokens={n_tokens} is less than one chunk of {seq_len} tokens")
     for layer in layers:
