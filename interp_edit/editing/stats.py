@@ -77,6 +77,7 @@ def second_moments(
     autocast(model, precision)  # checks the name
     n_tokens, seq_len = _validate.count("n_tokens", n_tokens), _validate.count("seq_len", seq_len)
     batch_size, seed = _validate.count("batch_size", batch_size), _validate.seed("seed", seed)
+    seq_len = min(seq_len, model.n_ctx)  # learned positions end at the context (GPT-2, OPT)
     if n_tokens < seq_len:
         raise InterpEditError(f"n_tokens={n_tokens} is less than one chunk of {seq_len} tokens")
     for layer in layers:
@@ -110,10 +111,11 @@ def second_moments(
 
 
 def solve_mom2(
-    mom2: Float[Tensor, "d_mlp d_mlp"], k: Float[Tensor, "d_mlp"], ridge: float = 0.0
-) -> Float[Tensor, "d_mlp"]:
-    """C⁻¹k in float64, with C = mom2 + ridge · mean(diag mom2) · I. The Cholesky factor of
-    each matrix is kept in memory, so repeated edits at a layer solve in milliseconds."""
+    mom2: Float[Tensor, "d_mlp d_mlp"], k: Float[Tensor, "d_mlp *n"], ridge: float = 0.0
+) -> Float[Tensor, "d_mlp *n"]:
+    """C⁻¹k in float64 (``k`` one key or a matrix of keys as columns), with
+    C = mom2 + ridge · mean(diag mom2) · I. The Cholesky factor of each matrix is kept in
+    memory, so repeated edits at a layer solve in milliseconds."""
     key = (id(mom2), float(ridge))
     hit = _FACTORS.get(key)
     if hit is None or hit[0] is not mom2:
@@ -125,7 +127,9 @@ def solve_mom2(
                 "the key second moment is singular (too few tokens for d_mlp dimensions?): "
                 "use more stats tokens or a ridge > 0")
         _FACTORS[key] = hit = (mom2, factor)
-    return torch.cholesky_solve(k.double()[:, None], hit[1])[:, 0]
+    rhs = k.double()
+    out = torch.cholesky_solve(rhs[:, None] if rhs.dim() == 1 else rhs, hit[1])
+    return out[:, 0] if rhs.dim() == 1 else out
 
 
 def stats_info(model: Model, layer: int, corpus: str | os.PathLike = GENERATED,
