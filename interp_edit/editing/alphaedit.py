@@ -21,11 +21,11 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from interp_edit import _validate
 from interp_edit.editing.base import AppliedEdit, EditRequest, applied_edits, parameter_name
 from interp_edit.editing.base import register_editor
 from interp_edit.editing.memit import MEMITHparams, mass_edit
 from interp_edit.editing.update import alphaedit_update, null_basis
-from interp_edit.errors import InterpEditError
 from interp_edit.models import Model
 
 
@@ -38,10 +38,7 @@ class AlphaEditHparams(MEMITHparams):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.null_threshold > 0:
-            raise InterpEditError("null_threshold must be positive")
-        if self.alpha < 0:
-            raise InterpEditError("alpha must be >= 0")
+        _validate.fields(self, positive=("null_threshold",), nonnegative=("alpha",))
 
 
 @register_editor("alphaedit", AlphaEditHparams)

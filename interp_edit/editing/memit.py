@@ -31,6 +31,7 @@ from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor
 
+from interp_edit import _validate
 from interp_edit.arch import adapter
 from interp_edit.editing.base import (
     AppliedEdit,
@@ -84,24 +85,30 @@ class MEMITHparams:
             if isinstance(self.layers, int) or not self.layers:
                 raise InterpEditError(
                     f"layers must be 'auto' or a non-empty tuple of layers, not {self.layers!r}")
-            layers = tuple(self.layers)
-            if any(not isinstance(x, int) or x < 0 for x in layers):
-                raise InterpEditError(f"layers {layers} must be non-negative integers")
+            layers = tuple(_validate.integer("MEMITHparams.layers entry", x, 0)
+                           for x in _validate.items("MEMITHparams.layers", self.layers))
             if list(layers) != list(range(layers[0], layers[0] + len(layers))):
                 raise InterpEditError(f"layers {layers} must be a contiguous ascending range")
             object.__setattr__(self, "layers", layers)
-        object.__setattr__(self, "auto_search", tuple(self.auto_search))
+        auto_search = _validate.items("MEMITHparams.auto_search", self.auto_search)
+        for x in auto_search:
+            _validate.number("auto_search (fractions of the depth)", x, 0.0, 1.0)
+        object.__setattr__(self, "auto_search", tuple(auto_search))
         search_layers(2, self.auto_search)  # raises unless 0 <= start < stop <= 1
-        for name in ("v_lr", "v_steps", "stats_tokens", "v_batch", "auto_span", "auto_facts",
-                     "trace_samples"):
-            if not getattr(self, name) > 0:
-                raise InterpEditError(f"hparam {name} must be positive")
-        for name in ("n_prefixes", "v_weight_decay", "kl_factor", "mom2_ridge", "v_nll_stop",
-                     "mom2_update_weight"):
-            if getattr(self, name) < 0:
-                raise InterpEditError(f"hparam {name} must be >= 0")
-        if self.precision not in ("bf16", "fp32"):
-            raise InterpEditError(f"precision must be 'bf16' or 'fp32', not {self.precision!r}")
+        _validate.fields(self, counts=("v_steps", "stats_tokens", "v_batch", "auto_span",
+                                       "auto_facts", "prefix_len"),
+                         positive=("v_lr", "clamp_norm_factor"),
+                         nonnegative=("v_weight_decay", "kl_factor", "mom2_ridge", "v_nll_stop",
+                                      "mom2_update_weight"),
+                         seeds=("seed",))
+        object.__setattr__(self, "trace_samples", _validate.count(
+            "MEMITHparams.trace_samples", self.trace_samples, 1, _validate.MAX_SAMPLES))
+        object.__setattr__(self, "n_prefixes", _validate.count("MEMITHparams.n_prefixes",
+                                                               self.n_prefixes, 0))
+        if self.trace_window is not None:
+            _validate.fields(self, counts=("trace_window",))
+        _validate.choice("precision", self.precision, ("bf16", "fp32"))
+        _validate.text("MEMITHparams.corpus", self.corpus)
 
 
 @register_editor("memit", MEMITHparams)
