@@ -172,4 +172,3 @@ def test_a_trace_of_a_model_with_a_nan_weight_is_an_error_not_a_nan_grid(fm):
     finally:
         with torch.no_grad():
             w.copy_(keep)
-
