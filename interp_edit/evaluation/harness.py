@@ -95,6 +95,12 @@ def evaluate(
     # the whole configuration before the first record: a wrong one is an error, not a skip
     # of every record ("edit failed" is for what goes wrong with one record's edit)
     hp = _resolve_hparams(model, method, hparams)
+    stream = None
+    if batch_size is not None or sequential:
+        stream = streams.StreamOptions(1 if batch_size is None else batch_size, sequential,
+                                       every, perplexity_text, edits_dir=edits_dir)
+        if method == BASELINE:
+            raise InterpEditError("the batch and sequential protocols need an edit method")
 
     rng = random.Random(seed)
     pool = [(r.subject, r.text) for r in rng.sample(records, min(n_unrelated, len(records)))]
@@ -104,12 +110,7 @@ def evaluate(
     skipped: list[dict[str, Any]] = []
     settings = {"fluency_tokens": fluency_tokens if fluency else None,
                 "unrelated_prompts": [p for _, p in pool]}
-    stream = None
-    if batch_size is not None or sequential:
-        stream = streams.StreamOptions(1 if batch_size is None else batch_size, sequential,
-                                       every, perplexity_text, edits_dir=edits_dir)
-        if method == BASELINE:
-            raise InterpEditError("the batch and sequential protocols need an edit method")
+    if stream is not None:
         settings.update(stream.settings())
     seconds_before = 0.0
     if resume is not None:

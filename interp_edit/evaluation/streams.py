@@ -34,6 +34,7 @@ from typing import Any, Sequence
 
 import torch
 
+from interp_edit import _validate
 from interp_edit.editing.base import AppliedEdit, edit, load_edit
 from interp_edit.errors import InterpEditError
 from interp_edit.evaluation import metrics
@@ -58,10 +59,13 @@ class StreamOptions:
     edits_dir: str | None = None  # save each batch's edit here (needed to resume a stream)
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.batch_size, int) and self.batch_size > 0):
-            raise InterpEditError(f"batch_size must be a positive integer, not {self.batch_size!r}")
-        if not self.every > 0 or not self.perplexity_tokens > 1:
-            raise InterpEditError("every and perplexity_tokens must be positive")
+        _validate.fields(self, counts=("batch_size", "every"))
+        object.__setattr__(self, "perplexity_tokens", _validate.count(
+            "perplexity_tokens", self.perplexity_tokens, 2))
+        object.__setattr__(self, "fluency_prompts", _validate.count(
+            "fluency_prompts", self.fluency_prompts, 0))
+        if not isinstance(self.sequential, bool):
+            raise InterpEditError(f"sequential must be True or False, not {self.sequential!r}")
         if self.perplexity_text is not None and not Path(self.perplexity_text).is_file():
             raise InterpEditError(f"perplexity_text {self.perplexity_text!r} is not a file")
 

@@ -148,7 +148,7 @@ def test_evaluate_with_a_wrong_configuration_exits_2_without_a_report(tiny_cli, 
     code = main(["evaluate", "--method", "ft", "--path", str(data), "--hparam", "layer=99",
                  "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
-    assert code == 2 and _one_line_error(err) and "FTHparams.layer must be in 0..3" in err
+    assert code == 2 and _one_line_error(err) and "layer 99 is out of range" in err
     assert not (tmp_path / "out" / "ft.json").exists()
 
 
