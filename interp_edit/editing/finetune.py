@@ -20,6 +20,7 @@ from typing import Sequence
 
 import torch
 
+from interp_edit import _validate
 from interp_edit.editing.base import AppliedEdit, EditRequest, parameter_name, register_editor
 from interp_edit.errors import InterpEditError
 from interp_edit.models import Model
@@ -51,17 +52,20 @@ class FTHparams:
         return layer
 
     def __post_init__(self) -> None:
-        if isinstance(self.layer, bool) or not (
-                (isinstance(self.layer, int) and self.layer >= 0)
-                or (isinstance(self.layer, float) and 0 <= self.layer < 1)):
-            raise InterpEditError(f"layer must be a layer index or a fraction of the depth in "
-                                  f"[0, 1), not {self.layer!r}")
-        if self.steps < 1 or not self.lr > 0:
-            raise InterpEditError(f"steps must be >= 1 and lr > 0 (got steps={self.steps}, "
-                                  f"lr={self.lr})")
-        if self.norm_constraint is not None and not self.norm_constraint > 0:
-            raise InterpEditError(f"norm_constraint must be positive or None, "
-                                  f"not {self.norm_constraint}")
+        if isinstance(self.layer, float) and not isinstance(self.layer, bool):
+            _validate.number("FTHparams.layer (a fraction of the depth)", self.layer, 0.0, 1.0)
+            if self.layer >= 1:
+                raise InterpEditError(f"FTHparams.layer={self.layer}: a fraction of the depth "
+                                      "is in [0, 1)")
+        else:
+            object.__setattr__(self, "layer", _validate.integer("FTHparams.layer", self.layer, 0))
+        _validate.fields(self, counts=("steps",), positive=("lr",),
+                         nonnegative=("weight_decay", "stop_loss"))
+        if self.norm_constraint is not None:
+            _validate.fields(self, positive=("norm_constraint",))
+
+    def check_model(self, model: Model) -> None:
+        _validate.index("FTHparams.layer", self.layer_index(model), model.n_layers)
 
 
 @dataclass(frozen=True)
