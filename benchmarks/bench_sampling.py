@@ -4,8 +4,8 @@
         .venv/bin/python benchmarks/bench_sampling.py [--rows 128] [--length 127] [--corpus]
 
 ``interp_edit.editing.keys.sample_token_ids`` draws ROME's context prefixes and the default
-``corpus="generated"`` for the key statistics. On Llama-family models it runs on the layer
-stepper (key/value buffers, no bridge wrappers) and draws what ``generate`` draws. This runs
+``corpus="generated"`` for the key statistics. On the families the layer stepper runs, it
+runs on the stepper (key/value buffers, no bridge wrappers) and draws what ``generate`` draws. This runs
 one batch of ``--rows`` x ``--length`` new tokens both ways, one after the other in one
 process, and prints the wall times, the ratio, and how many rows came out identical.
 ``--corpus`` then builds the whole default corpus (100,000 tokens, 782 x 128) into a

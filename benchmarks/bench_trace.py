@@ -2,7 +2,10 @@
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_trace.py \
         [--facts 20] [--pearson-samples 3] [--pearson-only] [--steps] [--work-only] [--profile]
-        [--data DIR]
+        [--data DIR] [--model FAMILY|tiny|PATH]
+
+``--model``: fast vs reference side by side on another model (a tiny random model of a family,
+every family, or a path / name for ``ie.load_model``), see ``_families.py``.
 
 1. One fact (10-token prompt, 10 noise samples), kinds resid/mlp/attn: wall and CPU time of the
    reference (one forward pass per cell), the fast engine (per kind, and all three kinds sharing
@@ -52,7 +55,8 @@ import interp_edit as ie
 from interp_edit.tracing import engine, reference
 from interp_edit.tracing.inputs import plan, prepare, select_cells
 
-from _machine import dtype_line, matmul_rate, up_proj  # benchmarks/, beside this script
+from _families import side_by_side  # benchmarks/, beside this script
+from _machine import dtype_line, matmul_rate, up_proj
 
 PROMPT, SUBJECT = "The Eiffel Tower is located in the city of", "The Eiffel Tower"  # defaults
 KINDS = ("resid", "mlp", "attn")
@@ -409,7 +413,13 @@ def main() -> None:
     ap.add_argument("--subject", default=SUBJECT, help="the traced fact's subject")
     ap.add_argument("--data", type=Path,
                     default=Path(__file__).resolve().parents[2] / "shared" / "data")  # fmt: skip
+    ap.add_argument("--model", help="fast vs reference on this model instead: a family's tiny "
+                    "model (e.g. gpt2), 'tiny' for every family, or a path / name")
     args = ap.parse_args()
+    if args.model:
+        print(f"## fast vs reference, {torch.get_num_threads()} torch threads, CPU seconds\n")
+        return print("\n".join(side_by_side(args.model, args.prompt, args.subject,
+                                             args.samples)))
     model = ie.load_model()
     print(f"## {model.name} on {platform.machine()}, {torch.get_num_threads()} torch threads\n")
     fact = Fact(args.prompt, args.subject)

@@ -5,7 +5,8 @@ scores the edited model on the same tokens) leaves everything below ``first`` as
 second pass needs only the blocks from ``first`` up.
 
 - :func:`block_input` computes the input of block ``first`` for some token ids: on
-  Llama-family models with no bridge hook installed, with the layer stepper
+  models the layer stepper runs (every family :mod:`interp_edit.arch` knows), with no bridge
+  hook installed, with the layer stepper
   (:mod:`interp_edit.arch.stepper`: the Hugging Face weights through ``torch.nn.functional``,
   without the bridge's per-hook overhead); otherwise with an ordinary bridge pass, recorded
   by :func:`record_block_input`.

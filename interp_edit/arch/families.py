@@ -82,12 +82,13 @@ FAMILIES: tuple[Family, ...] = (
     Family("olmo2", ("Olmo2ForCausalLM",), **_LLAMA, post_norm=True, stepper=True),
     Family("phi3", ("Phi3ForCausalLM",), **_LLAMA, stepper=True),
     Family("gpt2", ("GPT2LMHeadModel",), "transformer.h", "transformer.ln_f", "mlp.c_proj",
-           conv1d=True),
-    Family("gptj", ("GPTJForCausalLM",), "transformer.h", "transformer.ln_f", "mlp.fc_out"),
+           conv1d=True, stepper=True),
+    Family("gptj", ("GPTJForCausalLM",), "transformer.h", "transformer.ln_f", "mlp.fc_out",
+           stepper=True),
     Family("gpt_neox", ("GPTNeoXForCausalLM",), "gpt_neox.layers",
-           "gpt_neox.final_layer_norm", "mlp.dense_4h_to_h"),
+           "gpt_neox.final_layer_norm", "mlp.dense_4h_to_h", stepper=True),
     Family("opt", ("OPTForCausalLM",), "model.decoder.layers", "model.decoder.final_layer_norm",
-           "fc2"),
+           "fc2", stepper=True),
 )
 _BY_CLASS = {c: f for f in FAMILIES for c in f.classes}
 

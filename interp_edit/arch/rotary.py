@@ -54,3 +54,15 @@ def rope(x: Float[Tensor, "b p h d"], cos: Float[Tensor, "pos r"], sin: Float[Te
     if torch.is_grad_enabled() and x.requires_grad:
         return Rotary.apply(x, cos, sin)
     return rotate(x, cos, sin)
+
+
+def rope_pairs(x: Float[Tensor, "b p h d"], cos: Float[Tensor, "pos r"],
+               sin: Float[Tensor, "pos r"], start: int) -> Float[Tensor, "b p h d"]:
+    """GPT-J's rotary embedding: dimension pairs (2i, 2i+1) rotate together (``cos``/``sin``
+    already repeated per pair), on the first ``r`` dimensions of each head."""
+    p, r = x.shape[1], cos.shape[-1]
+    cos, sin = cos[start : start + p, None], sin[start : start + p, None]
+    part = x[..., :r]
+    turned = torch.stack((-part[..., 1::2], part[..., ::2]), -1).flatten(-2)
+    out = part * cos + turned * sin
+    return out if r == x.shape[-1] else torch.cat((out, x[..., r:]), -1)

@@ -39,8 +39,8 @@ from torch import Tensor
 
 from interp_edit._precision import PRECISIONS, low_precision_linear, low_precision_supported
 from interp_edit.arch.families import adapter
-from interp_edit.arch.parts import Parts, parts
-from interp_edit.arch.rotary import rope
+from interp_edit.arch.parts import Parts, parts, stepper_fits
+from interp_edit.arch.rotary import rope, rope_pairs
 from interp_edit.errors import InterpEditError
 
 SITES = ("attn", "mlp", "resid")
@@ -122,7 +122,7 @@ class Stepper:
     def supports(model) -> bool:
         """Whether the model's family runs on the stepper (the weights alone, no hooks)."""
         ad = adapter(model)
-        return ad.has_stepper and getattr(ad.hf.config, "pretraining_tp", 1) == 1
+        return ad.has_stepper and stepper_fits(ad)
 
     @staticmethod
     def usable(model) -> bool:
@@ -136,21 +136,35 @@ class Stepper:
         # model's dtype); None: the model's own weights
         self.dtype = p.embed.weight.dtype
         self.precision = None if precision in (None, self.dtype) else precision
-        self.layers, self.embed, self.norm = p.layers, p.embed, p.norm
+        self.layers, self.tokens, self.positions, self.norm = (p.layers, p.embed, p.positions,
+                                                                p.norm)
         self.lm_head, self.n_heads, self.n_kv = p.lm_head, p.n_heads, p.n_kv
         self.softcapped = adapter(model).softcapped
         self.n_tokens = n_tokens
         positions = torch.arange(n_tokens, device=model.device)[None]
-        probe = self.embed.weight[:1][None]  # dtype/device carrier for the rotary module
-        self.tables: dict[str | None, tuple[Tensor, Tensor]] = {}
-        for kind in p.rotary_types:  # Gemma 3: one table per layer type; else one
+        probe = self.tokens.weight[:1][None]  # dtype/device carrier for the rotary module
+        self.tables: dict[str | None, tuple[Tensor, Tensor] | None] = {None: None}
+        for kind in p.rotary_types if p.rotary is not None else ():
+            # Gemma 3: one table per layer type; else one
             cos, sin = (p.rotary(probe, positions) if kind is None
                         else p.rotary(probe, positions, kind))
+            if p.pairs:  # GPT-J: (sin, cos), one entry per pair of dimensions
+                sin, cos = (t.repeat_interleave(2, -1) for t in (cos, sin))
             self.tables[kind] = (cos[0], sin[0])  # [pos, rotary_dim]
+        self.rotate = rope_pairs if p.pairs else rope
         self.kv_shape = (self.n_kv, n_tokens, p.head_dim)
         self._masks: dict[tuple[int, int, int | None], Tensor | None] = {}
 
     # ---- pieces --------------------------------------------------------------------------
+    def embed(self, ids: Int[Tensor, "batch pos"], start: int = 0) -> Float[Tensor, "batch pos d"]:
+        """The input of layer 0 for tokens at positions ``start ..``: token embeddings (with
+        the family's scale, inside the module), plus learned position embeddings (GPT-2)."""
+        x = self.tokens(ids)
+        if self.positions is None:
+            return x
+        where = torch.arange(start, start + ids.shape[1], device=ids.device)
+        return x + self.positions(where)
+
     def _linear(self, lin: torch.nn.Module, x: Tensor) -> Tensor:
         return self._multiply(lin, self._narrow(x)).to(self.dtype)
 
@@ -173,7 +187,7 @@ class Stepper:
             if n_queries == 1 and (window is None or n_keys <= window):
                 self._masks[key] = None
             else:
-                ones = torch.ones(n_queries, n_keys, dtype=torch.bool, device=self.embed.weight.device)
+                ones = torch.ones(n_queries, n_keys, dtype=torch.bool, device=self.tokens.weight.device)
                 mask = ones.tril(diagonal=n_keys - n_queries)
                 if window is not None:
                     mask &= ~ones.tril(diagonal=n_keys - n_queries - window)
@@ -190,6 +204,8 @@ class Stepper:
         the multiplies' dtype (with a ``precision``, the activation and product are taken in
         it too: the output projection reads them in it anyway)."""
         lay, x = self.layers[j], self._narrow(x)
+        if lay.gate is None:
+            return lay.act(self._multiply(lay.up, x))
         hidden = lay.act(self._multiply(lay.gate, x))
         hidden *= self._multiply(lay.up, x)
         return hidden
@@ -242,7 +258,7 @@ class Stepper:
         the earlier positions; this slice's keys and values are written into them and read
         from there (decoding without a concatenation per step, :meth:`decode`)."""
         lay, patches = self.layers[j], patches or {}
-        cos, sin = self.tables[lay.rotary]
+        table = self.tables[lay.rotary]
         h = self._narrow(_norm(lay.attn_in_norm, x))
         q_in, q_start = (h[:, -1:], start + x.shape[1] - 1) if last_only else (h, start)
         whole = lay.qk_norm_whole
@@ -250,8 +266,9 @@ class Stepper:
         k = self._heads(lay.k, h, self.n_kv, lay.k_norm if whole else None)
         if not whole:
             q, k = _norm(lay.q_norm, q), _norm(lay.k_norm, k)
-        q = rope(q, cos, sin, q_start).transpose(1, 2)
-        k = rope(k, cos, sin, start).transpose(1, 2)
+        if table is not None:
+            q, k = self.rotate(q, *table, q_start), self.rotate(k, *table, start)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self._heads(lay.v, h, self.n_kv).transpose(1, 2)
         keys, values = k, v
         if cache is not None:
@@ -263,8 +280,10 @@ class Stepper:
         z = self._attend(j, q, keys, values)
         a = self._linear(lay.o, rearrange(z, "b h p d -> b p (h d)"))
         a = _apply(_norm(lay.attn_out_norm, a), patches.get("attn"))
-        mid = (x[:, -1:] if last_only else x) + a
-        m, key, write = self._patched_mlp(j, _norm(lay.mlp_in_norm, mid), patches.get("mlp"))
+        own = x[:, -1:] if last_only else x
+        mid = own + a
+        m, key, write = self._patched_mlp(j, _norm(lay.mlp_in_norm, own if lay.parallel else mid),
+                                          patches.get("mlp"))
         return LayerOut(_apply(mid + m, patches.get("resid")), a, m, k, v, key, write)
 
     def _mlp(self, j: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -322,12 +341,12 @@ class Stepper:
         values go into buffers sized for every position this stepper was built for, which
         must be at least ``prompt + length``."""
         shape = (ids.shape[0], *self.kv_shape)  # [batch, kv_head, n_tokens, d_head]
-        w = self.embed.weight
+        w = self.tokens.weight
         cache = [(w.new_empty(shape), w.new_empty(shape)) for _ in self.layers]
         out, new, start = [ids], ids, 0
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         for _ in range(length):
-            x = self.embed(new)
+            x = self.embed(new, start)
             for j, buffers in enumerate(cache):
                 x = self.layer(j, x, start, last_only=j == len(cache) - 1, cache=buffers).out
             start, new = start + new.shape[1], choose(self.unembed(x[:, -1]).float())

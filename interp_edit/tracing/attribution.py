@@ -82,7 +82,7 @@ def site_effects(
 def _stepper_runs(
     inputs: TraceInputs, noise: Tensor, precision: torch.dtype | None,
 ) -> tuple[Acts, Acts, TraceInputs, tuple[Tensor, Tensor, Tensor]]:
-    """One forward pass on the Llama layer stepper over the clean prompt (row 0: zero noise)
+    """One forward pass on the layer stepper over the clean prompt (row 0: zero noise)
     and the corrupted samples, so that the clean and corrupted activations come from the same
     multiplies (clean - corrupted holds no rounding difference where the noise changed
     nothing) and the weights are read once; logits at the last position only. The clean

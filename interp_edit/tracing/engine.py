@@ -26,9 +26,9 @@ it is 1/4.5 of the reference's multiply-adds for kind ``"resid"`` on the default
 cell still recomputes every later layer at every later position), 1/3.9 and 1/3.7 for MLP and
 attention windows. ``benchmarks/bench_trace.py`` counts them and measures the ratio.
 
-Models the layer stepper does not support (anything but Llama-family decoders), and models
-with hooks installed on the bridge, go through the hook layer instead, batching many cells
-per pass and unembedding the last position only
+Models the layer stepper does not run (families :mod:`interp_edit.arch` does not know), and
+models with hooks installed on the bridge, go through the hook layer instead, batching many
+cells per pass and unembedding the last position only
 (:func:`interp_edit.tracing.reference.hooked_grid`).
 """
 

@@ -21,7 +21,8 @@ from interp_edit.resume import block_input, logits_from, record_block_input
 from interp_edit.testing import _subjects
 
 ATOL = 1e-5
-STEPPER = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "olmo2", "phi3"}
+STEPPER = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "olmo2", "phi3",
+           "gpt2", "gptj", "gpt_neox", "opt"}  # every family: the layer stepper runs them all
 SUBJECT = _subjects(16, 0)[3]
 PROMPT = f"the home of {SUBJECT} is the city of"  # subject inside, longer than every window
 # the subject within every sliding window of the last token, so that an edit can reach it
