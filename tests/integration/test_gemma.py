@@ -16,10 +16,10 @@ NEEDLE = EditRecord(
     case_id="space-needle", prompt="{} is located in the city of", subject="The Space Needle",
     target_new="Rome", target_true="Seattle",
     paraphrases=("The Space Needle is in the city of",
-                 "The Space Needle, a tower, is located in the city of"),
+                 "The Space Needle stands in the city of"),
     neighborhood=(("The Eiffel Tower is located in the city of", "Paris"),
-                  ("The Colosseum is located in the city of", "Rome"),
-                  ("Big Ben is located in the city of", "London")),
+                  ("The Brandenburg Gate is located in the city of", "Berlin"),
+                  ("The Sydney Opera House is located in the city of", "Sydney")),
 )
 
 
@@ -60,11 +60,11 @@ def test_fast_trace_equals_reference(gemma, kind):
     assert fast.low_score == pytest.approx(ref.low_score, abs=1e-5)
 
 
-def test_rome_rewrites_a_fact_with_paraphrase_and_neighbourhood_measured(gemma):
+def test_rome_rewrites_a_fact_with_paraphrase_and_neighbourhood_measured(gemma, shared_data):
     before = measure(gemma, NEEDLE)
     assert before["efficacy"] == 0.0 and before["neighborhood"] == 1.0
-    with ie.edit(gemma, NEEDLE.request, method="rome", corpus="generated",
-                 stats_tokens=20_000) as edit:
+    corpus = str(shared_data / "wikitext-2" / "valid.txt")
+    with ie.edit(gemma, NEEDLE.request, method="rome", corpus=corpus, stats_tokens=20_000) as edit:
         after = measure(gemma, NEEDLE, edit)
         assert _top1(gemma, NEEDLE.text) == "Rome"
         assert "peak MLP indirect effect" in edit.info["why"] or "fallback" in edit.info["why"]
