@@ -50,9 +50,9 @@ def test_knows_facts(gemma, prompt, answer):
 def test_fast_trace_equals_reference(gemma, kind):
     args = (NEEDLE.text, NEEDLE.subject)
     opts = dict(kind=kind, samples=2, window=3, progress=False)
-    last = gemma.subject_range(*args)[1] - 1
-    if kind != "resid":  # the reference grid at the last subject token keeps the test short
-        opts["positions"] = [last]
+    first, end = gemma.subject_range(*args)
+    # the subject's tokens and the last one: where the effects are (and a test of minutes)
+    opts["positions"] = [*range(first, end), -1] if kind == "resid" else [end - 1]
     fast = ie.trace(gemma, *args, method="fast", **opts)
     ref = ie.trace(gemma, *args, method="reference", **opts)
     assert fast.target.strip() == "Seattle" and fast.high_score > 0.3
