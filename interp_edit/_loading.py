@@ -20,7 +20,7 @@ import torch
 
 from interp_edit._builtin import BUILTINS, assemble, cache_key, check_shape
 from interp_edit._cache import cache_dir, file_digest
-from interp_edit.errors import ModelNotAvailableError
+from interp_edit.errors import InterpEditError, ModelNotAvailableError
 
 _MANIFEST = "manifest.json"  # file -> size, written last into a dequantized directory
 _LEGACY = ("model.safetensors", "config.json")  # what a directory without a manifest needs
@@ -89,6 +89,11 @@ def _default_gguf() -> Path:
 def _load_gguf(path: Path, dtype: torch.dtype):
     """A GGUF file through the dequantized cache, keyed by the file's content (0.3 s to hash
     the default model's), so reinstalling the package reuses it."""
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise InterpEditError(
+                f"{path} is not a GGUF file (it does not start with the GGUF magic bytes): pass "
+                "a .gguf model file, a local Hugging Face model directory or a hub name")
     key = f"{path.stem}-{path.stat().st_size}-{file_digest(path, 8)}"
     return load_gguf(lambda: path, key, dtype)
 
