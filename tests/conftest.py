@@ -46,6 +46,15 @@ def default_model():
 
 
 @pytest.fixture(scope="session")
+def gemma():
+    """Gemma-3-270M, the second built-in model (its packages, offline)."""
+    import interp_edit as ie
+
+    with no_network():
+        return ie.load_model("gemma-3-270m")
+
+
+@pytest.fixture(scope="session")
 def fm():
     """The tiny model trained on synthetic facts (FactModel: .model, .facts)."""
     from interp_edit.testing import fact_model
