@@ -67,6 +67,25 @@ def table(reports: dict[str, EvalReport]) -> str:
     return "\n".join(lines)
 
 
+def spectrum(model, corpus: str, layers, thresholds=(0.1, 0.2, 0.3, 0.5)) -> str:
+    """Per layer: how many eigenvalues of C fall below each threshold × the mean (AlphaEdit's
+    null space) and what share of the keys' energy they carry."""
+    from interp_edit.editing.stats import second_moments
+
+    moments = second_moments(model, list(layers), corpus)
+    head = " | ".join(f"< {t} × mean: dims (energy)" for t in thresholds)
+    lines = [f"| layer | min / mean eigenvalue | {head} |",
+             "|---" * (2 + len(thresholds)) + "|"]
+    for layer, c in moments.items():
+        ev = torch.linalg.eigvalsh(c.double())
+        cells = []
+        for t in thresholds:
+            sel = ev < t * ev.mean()
+            cells.append(f"{int(sel.sum())} ({float(ev[sel].sum() / ev.sum()):.3f})")
+        lines.append(f"| {layer} | {float(ev.min() / ev.mean()):.3f} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
 def plot(reports: dict[str, EvalReport], path: Path) -> None:
     import matplotlib
 
@@ -97,21 +116,30 @@ def main() -> None:
     ap.add_argument("--methods", default="memit,alphaedit")
     ap.add_argument("--sequential-methods", default=None,
                     help="methods of the stream (default: --methods)")
-    ap.add_argument("--corpus", default=str(DATA / "wikitext-2" / "valid.txt"),
-                    help="key statistics corpus")
+    ap.add_argument("--data", type=Path, default=DATA, help="the shared data directory")
+    ap.add_argument("--corpus", default=None,
+                    help="key statistics corpus (default: WikiText-2 valid from --data)")
     ap.add_argument("--fluency", action="store_true", help="n-gram entropy at checkpoints")
     ap.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE",
                     help="editor hyperparameter for every run")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "mass_editing")
     ap.add_argument("--plot", type=Path, default=None, help="draw the stream curves here")
+    ap.add_argument("--spectrum", action="store_true",
+                    help="only print the key statistics' spectrum at MEMIT's default layers")
     args = ap.parse_args()
     from interp_edit.cli.evaluate import parse_hparams
 
+    args.corpus = args.corpus or str(args.data / "wikitext-2" / "valid.txt")
     torch.set_num_threads(1)
     enable_ctrl_c()
     args.out.mkdir(parents=True, exist_ok=True)
     model = ie.load_model()
-    records = ie.load_counterfact(DATA / "counterfact-edit.json")
+    if args.spectrum:
+        from interp_edit.editing.memit import MEMITHparams
+
+        print(spectrum(model, args.corpus, MEMITHparams().layers))
+        return
+    records = ie.load_counterfact(args.data / "counterfact-edit.json")
     hp = {"corpus": args.corpus, **parse_hparams(args.hparam)}
     reports: dict[str, EvalReport] = {}
     for method in args.methods.split(","):
@@ -126,7 +154,7 @@ def main() -> None:
         reports[name] = run(
             model, records, name, args.out, method, n=args.batch * args.batches,
             batch_size=args.batch, sequential=True, every=1, fluency=args.fluency,
-            perplexity_text=str(DATA / "wikitext-2" / "test.txt"),
+            perplexity_text=str(args.data / "wikitext-2" / "test.txt"),
             edits_dir=str(args.out / f"{name}-edits"), **hp)
     print(table(reports))
     summary = {k: {"n": r.n, "aggregate": {c: str(s) for c, s in r.aggregate().items()},
