@@ -10,7 +10,10 @@ From the edit stream ``counterfact-edit.json`` (the first records the model know
   of every fact edited so far, WikiText-2 perplexity and (``--fluency``) n-gram entropy; then
   the whole stream is undone and the weights are checked bit for bit.
 
-Each run's report is written as soon as it ends (``results/mass_editing/<run>.json``) and a
+v* depends only on the facts, the v* settings and the weights: while no edit is applied the
+runs share each fact's δ (:func:`share_vstar`; the batched optimisation gives every fact its
+one-at-a-time δ, see ``tests/unit/test_vstar.py``), so the batch runs of both methods and the
+first batch of each stream optimise it once. Each run's report is written as soon as it ends (``results/mass_editing/<run>.json``) and a
 finished run is not redone; a sequential run stopped with Ctrl-C resumes from its saved batch
 edits. Prints one markdown table; ``--plot`` draws the sequential curves.
 
@@ -32,6 +35,27 @@ from interp_edit.evaluation import EvalReport
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 CURVE = ("efficacy", "paraphrase", "neighborhood", "perplexity", "fluency")
+
+
+def share_vstar(model) -> None:
+    """Memoise each fact's δ, per layer and v* settings, while ``model`` has no edit applied."""
+    from interp_edit.editing import memit
+    from interp_edit.editing.base import applied_edits
+
+    real, memo = memit.optimise_in_groups, {}
+
+    def shared(m, layer, facts, v0, contexts, opts, group):
+        if applied_edits(m):
+            return real(m, layer, facts, v0, contexts, opts, group)
+        keys = [(layer, f, tuple(contexts), opts) for f in facts]
+        todo = [i for i, k in enumerate(keys) if k not in memo]
+        if todo:
+            d, info = real(m, layer, [facts[i] for i in todo], v0[todo], contexts, opts, group)
+            for j, i in enumerate(todo):
+                memo[keys[i]] = (d[j], info[j])
+        return torch.stack([memo[k][0] for k in keys]), [memo[k][1] for k in keys]
+
+    memit.optimise_in_groups = shared
 
 
 def run(model, records, name: str, out: Path, method: str, **kw) -> EvalReport:
@@ -134,6 +158,7 @@ def main() -> None:
     enable_ctrl_c()
     args.out.mkdir(parents=True, exist_ok=True)
     model = ie.load_model()
+    share_vstar(model)
     if args.spectrum:
         from interp_edit.editing.memit import MEMITHparams
 

@@ -97,14 +97,16 @@ def evaluate(
                 "unrelated_prompts": [p for _, p in pool]}
     stream = None
     if batch_size is not None or sequential:
-        stream = streams.StreamOptions(1 if batch_size is None else batch_size, sequential, every, perplexity_text,
-                                       edits_dir=edits_dir)
+        stream = streams.StreamOptions(1 if batch_size is None else batch_size, sequential,
+                                       every, perplexity_text, edits_dir=edits_dir)
         if method == BASELINE:
             raise InterpEditError("the batch and sequential protocols need an edit method")
         settings.update(stream.settings())
     seconds_before = 0.0
     if resume is not None:
         _check_resume(resume, model, method, hp, seed, settings)
+        rows, skipped = list(resume.rows), list(resume.skipped)
+        seconds_before = float(resume.info.get("seconds_total", 0.0))
     if stream is not None:
         t_start = time.perf_counter()
         chosen, skipped = streams.select(model, records, n, _skip_reason)
@@ -112,12 +114,9 @@ def evaluate(
                                         fluency_tokens if fluency else 0, seed, resume)
         return EvalReport(method=method, model_name=model.name, hparams=hp, rows=tuple(rows),
                           skipped=tuple(skipped), seed=seed,
-                          info={"seconds_total": time.perf_counter() - t_start
-                                + (float(resume.info.get("seconds_total", 0)) if resume else 0),
+                          info={"seconds_total": seconds_before + time.perf_counter() - t_start,
                                 "n_requested": n, "n_records": len(records), **settings,
                                 **info})
-        rows, skipped = list(resume.rows), list(resume.skipped)
-        seconds_before = float(resume.info.get("seconds_total", 0.0))
     done = {str(x["case_id"]) for x in (*rows, *skipped)}
     bar = tqdm(total=n or len(records), initial=len(rows), desc=f"evaluate {method}",
                disable=not progress)
