@@ -35,12 +35,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--data", type=Path, default=DATA, help="the shared data directory")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model = ie.load_model()
     hp = MEMITHparams(v_steps=args.steps, v_nll_stop=0.0)
     opts = VOptions.of(hp)
-    records = ie.load_counterfact(DATA / "counterfact-edit.json")[: args.n]
+    records = ie.load_counterfact(args.data / "counterfact-edit.json")[: args.n]
     facts = [(r.request.template, r.subject, r.target_new) for r in records]
     contexts = context_templates(model, hp.n_prefixes, hp.prefix_len, seed=hp.seed)
     k = keys_star(model, args.layer, [(t, s) for t, s, _ in facts], contexts)
