@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import ast
+import sys
 
 _DATASETS = ("counterfact", "zsre", "probes")
 
@@ -24,7 +25,8 @@ def register(sub) -> None:
     p.add_argument("--path", default=None,
                    help="dataset JSON (CounterFact official or flattened, or zsRE MEND format)")
     p.add_argument("--dataset", choices=_DATASETS, default=None,
-                   help="how to read --path (default: counterfact; 'probes' needs no path)")
+                   help="how to read --path (default: counterfact; 'probes' without a path: the "
+                        "model's reverse and portability probe set)")
     p.add_argument("--n", type=int, default=None, help="stop after this many evaluated records")
     p.add_argument("--out", default=None, help="directory (or .json path) for the report files")
     p.add_argument("--fluency", action="store_true", help="also measure generation n-gram entropy")
@@ -67,9 +69,15 @@ def run(args) -> int:
     from interp_edit.evaluation.report import report_path
     from interp_edit.models import load_model
 
+    from interp_edit import _validate
+    from interp_edit.cli import INTERRUPTED, writable
+
+    _validate.optional_count("--n", args.n)
+    if args.out:  # before any record is edited
+        writable(report_path(args.out, args.method))
     kind = args.dataset or ("probes" if args.path is None else "counterfact")
     if kind == "probes":
-        records = load_probes(args.path)
+        records = load_probes(args.path or args.model)
     elif args.path is None:
         raise InterpEditError(f"--dataset {kind} needs --path FILE.json")
     else:
@@ -102,4 +110,8 @@ def run(args) -> int:
     print(report.to_markdown())
     if args.out:
         print(f"wrote {report.save(args.out)} (+ .csv, .md)")
+    if report.info.get("interrupted"):
+        print(f"interrupted after {report.n} records" + (
+            "; go on with the same command and --resume" if args.out else ""), file=sys.stderr)
+        return INTERRUPTED
     return 0

@@ -25,7 +25,8 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from interp_edit._cache import cache_dir
-from interp_edit._llama import LlamaStepper
+from interp_edit.arch import adapter
+from interp_edit.arch.stepper import Stepper
 from interp_edit.hooks import capture, hooked
 from interp_edit.models import Model, mlp_key_hook
 
@@ -46,8 +47,8 @@ def sample_token_ids(
 
     The promise: plain top-k sampling at temperature 1 from the model's own next-token
     distribution (:func:`_draw`; none of the model's generation-config settings apply),
-    seeded, with the global RNG state left untouched. Llama-family models decode on the
-    layer stepper with a key/value cache; every other model on :func:`_sample_by_recompute`,
+    seeded, with the global RNG state left untouched. Models the layer stepper runs
+    (:class:`~interp_edit.arch.stepper.Stepper`) decode on it with a key/value cache; every other model on :func:`_sample_by_recompute`,
     the project's reference (one full forward pass per new token). Both make the same RNG
     calls, so they draw the same tokens up to float rounding of the scores. Neither depends
     on Hugging Face ``generate``, whose sampling internals change between releases."""
@@ -66,7 +67,7 @@ def sample_token_ids(
         ids = torch.tensor([doc + model.tokenize(starters[i]).tolist()] * rows, device=model.device)
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed * 100_003 + j)
-            if LlamaStepper.supports(model):  # the weights only: bridge hooks do not apply
+            if Stepper.supports(model):  # the weights only: bridge hooks do not apply
                 gen = _sample_on_stepper(model, ids, length, top_k, banned)
             else:
                 gen = _sample_by_recompute(model, ids, length, top_k, banned)
@@ -97,7 +98,7 @@ def _sample_on_stepper(model: Model, ids: Int[Tensor, "rows prompt"], length: in
     """``length`` tokens after ``ids`` drawn by :func:`_draw` from the fp32 scores of the last
     position, on the layer stepper with a key/value cache. A sequence that draws the end
     token goes on (the caller cuts it there), which changes no other row."""
-    return LlamaStepper(model, ids.shape[1] + length).decode(
+    return Stepper(model, ids.shape[1] + length).decode(
         ids, length, lambda scores: _draw(scores, top_k, banned))
 
 
@@ -113,14 +114,10 @@ def _sample_by_recompute(model: Model, ids: Int[Tensor, "rows prompt"], length: 
 
 
 def document_start(model: Model) -> list[int]:
-    """The token that opens a plain document, to sample ordinary text after: the tokenizer's
-    ``<|endoftext|>`` (GPT-2, SmolLM), else a BOS token that is not a chat marker, else none.
+    """The token that opens a plain document (:meth:`interp_edit.arch.Adapter.document_start`:
+    the end-of-text token where the tokenizer has one, else a non-chat BOS, else none).
     After a bare "The" with no such token, SmolLM2 continues with code-like fragments."""
-    tok = model.tokenizer
-    vocab = tok.get_vocab()
-    if "<|endoftext|>" in vocab:
-        return [vocab["<|endoftext|>"]]
-    return [tok.bos_token_id] if model.prepend_bos else []
+    return adapter(model).document_start()
 
 
 def context_templates(
@@ -128,10 +125,10 @@ def context_templates(
 ) -> tuple[str, ...]:
     """``"{}"`` followed by ``n`` templates ``"<sampled prefix>. {}"`` of about ``length``
     tokens each. Seeded and cached per model (in memory and under the cache directory)."""
-    key = (model.fingerprint, n, length, seed)
+    key = (model.weights_key, n, length, seed)
     if key in _TEMPLATES:
         return _TEMPLATES[key]
-    path = cache_dir("prefixes", model.fingerprint) / f"v2-n{n}-len{length}-seed{seed}.json"
+    path = cache_dir("prefixes", key[0]) / f"v2-n{n}-len{length}-seed{seed}.json"
     if path.exists():
         prefixes = json.loads(path.read_text())["prefixes"]
     else:

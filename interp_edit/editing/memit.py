@@ -31,6 +31,7 @@ from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor
 
+from interp_edit.arch import adapter
 from interp_edit.editing.base import (
     AppliedEdit,
     EditRequest,
@@ -161,7 +162,8 @@ def mass_edit(model: Model, requests: Sequence[EditRequest], hp: MEMITHparams, m
     top = layers[-1]
     batch = context_batch(model, [(r.template, r.subject) for r in requests], contexts)
     k_top, h_top = keys_and_outputs(model, top, top, batch, len(contexts))
-    v0 = k_top @ model.mlp_out_proj(top).weight.detach().T  # [n, d_model] W k* at the top
+    ad = adapter(model)
+    v0 = k_top @ ad.mlp_out_matrix(top).detach().T  # [n, d_model] W k* at the top
     facts = [(r.template, r.subject, r.target_new) for r in requests]
     delta, v_info = optimise_in_groups(model, top, facts, v0, contexts, VOptions.of(hp),
                                        hp.v_batch)
@@ -178,7 +180,8 @@ def mass_edit(model: Model, requests: Sequence[EditRequest], hp: MEMITHparams, m
             resid_norms.append(round(float(resid.norm(dim=1).mean()), 4))
             weight = model.mlp_out_proj(layer).weight
             name = parameter_name(model, model.mlp_out_proj(layer))
-            dw = layer_update(layer, resid.T, keys.T, mom2s[layer]).to(weight.dtype)
+            dw = ad.to_parameter(layer, layer_update(layer, resid.T, keys.T, mom2s[layer]))
+            dw = dw.to(weight.dtype)  # [d_model, d_mlp] in the parameter's own orientation
             originals[name] = weight.detach().clone()
             with torch.no_grad():
                 weight.add_(dw)  # the next layer's keys and residual see this update

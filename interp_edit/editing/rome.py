@@ -1,7 +1,8 @@
 """ROME: Rank-One Model Editing (Meng et al. 2022), with consistent keys.
 
-An MLP output projection W (``model.mlp_out_proj(layer)``, ``[d_model, d_mlp]``) is read as a
-linear associative memory: the key k at the subject's last token maps to a value W k that
+An MLP output projection W (``model.mlp_out_proj(layer)``, seen as ``[d_model, d_mlp]``
+whatever its storage: :meth:`interp_edit.arch.Adapter.mlp_out_matrix`; GPT-2's Conv1D stores
+it transposed) is read as a linear associative memory: the key k at the subject's last token maps to a value W k that
 carries the subject's attributes. One edit:
 
 1. **locate**: ``layer="auto"`` asks :func:`interp_edit.tracing.locate` for the layer with the
@@ -24,6 +25,8 @@ k* and v*) and returned as one :class:`AppliedEdit`.
 
 from __future__ import annotations
 
+import contextlib
+import numbers
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -31,6 +34,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from interp_edit import _validate
+from interp_edit._cache import tensors_digest
+from interp_edit.arch import adapter
 from interp_edit.editing.base import (
     AppliedEdit,
     EditRequest,
@@ -40,12 +46,13 @@ from interp_edit.editing.base import (
     register_editor,
 )
 from interp_edit.editing.keys import context_templates, key_star
-from interp_edit.editing.stats import GENERATED, second_moment
+from interp_edit.editing.stats import GENERATED, corpus_identity, second_moment
 from interp_edit.editing.update import memit_update
 from interp_edit.editing.vstar import VOptions, optimise_deltas
 from interp_edit.errors import InterpEditError
 from interp_edit.models import Model
 from interp_edit.tracing.locate import locate, search_layers
+
 
 @dataclass(frozen=True)
 class ROMEHparams:
@@ -75,26 +82,40 @@ class ROMEHparams:
     precision: str = "bf16"  # "bf16": autocast the v* passes and the statistics pass; "fp32"
 
     def __post_init__(self) -> None:
-        if not (self.layer == "auto" or (isinstance(self.layer, int) and self.layer >= 0)):
-            raise InterpEditError(f"layer must be 'auto' or a layer index, not {self.layer!r}")
-        if self.trace_method not in ("fast", "reference", "attribution"):
-            raise InterpEditError(f"trace_method {self.trace_method!r}: use 'fast' or "
-                                  "'attribution'")
-        for name in ("v_lr", "v_steps", "stats_tokens", "trace_samples"):
-            if not getattr(self, name) > 0:
-                raise InterpEditError(f"ROME hparam {name} must be positive")
-        for name in ("n_prefixes", "v_weight_decay", "kl_factor", "mom2_ridge", "v_nll_stop"):
-            if getattr(self, name) < 0:
-                raise InterpEditError(f"ROME hparam {name} must be >= 0")
-        if self.precision not in ("bf16", "fp32"):
-            raise InterpEditError(f"precision must be 'bf16' or 'fp32', not {self.precision!r}")
-        if self.trace_window is not None and not self.trace_window > 0:
-            raise InterpEditError("ROME hparam trace_window must be positive (or None)")
+        if self.layer != "auto":
+            if isinstance(self.layer, bool) or not isinstance(self.layer, numbers.Integral) or (
+                    self.layer < 0):
+                raise InterpEditError(f"layer must be 'auto' or a layer index, not "
+                                      f"{self.layer!r}")
+            object.__setattr__(self, "layer", int(self.layer))
+        _validate.choice("trace_method", self.trace_method, ("fast", "reference", "attribution"))
+        _validate.choice("precision", self.precision, ("bf16", "fp32"))
+        _validate.text("ROMEHparams.corpus", self.corpus)
+        _validate.fields(self, counts=("v_steps", "stats_tokens", "prefix_len"),
+                         positive=("v_lr", "clamp_norm_factor"),
+                         nonnegative=("v_weight_decay", "kl_factor", "mom2_ridge", "v_nll_stop"),
+                         seeds=("seed",))
+        object.__setattr__(self, "trace_samples", _validate.count(
+            "ROMEHparams.trace_samples", self.trace_samples, 1, _validate.MAX_SAMPLES))
+        object.__setattr__(self, "n_prefixes", _validate.count("ROMEHparams.n_prefixes",
+                                                               self.n_prefixes, 0))
+        _validate.number("min_effect", self.min_effect)
+        if self.trace_window is not None:
+            _validate.fields(self, counts=("trace_window",))
+        if isinstance(self.auto_search, (str, bytes)) or len(self.auto_search) != 2:
+            raise InterpEditError(f"auto_search={self.auto_search!r}: give (start, stop) "
+                                  "fractions of the depth, e.g. (0.0, 0.5)")
+        for x in self.auto_search:
+            _validate.number("auto_search (fractions of the depth)", x, 0.0, 1.0)
         object.__setattr__(self, "auto_search", tuple(self.auto_search))
         search_layers(2, self.auto_search)  # raises unless 0 <= start < stop <= 1
-        if not 0.0 <= self.auto_fallback <= 1.0:
-            raise InterpEditError(f"auto_fallback={self.auto_fallback} is a fraction of the "
-                                  "depth in [0, 1]")
+        _validate.number("auto_fallback (a fraction of the depth)", self.auto_fallback, 0.0, 1.0)
+
+    def check_model(self, model: Model) -> None:
+        """The layers asked for exist in ``model`` (checked before any work of an edit)."""
+        if self.layer != "auto":
+            _validate.index("ROMEHparams.layer", self.layer, model.n_layers)
+        corpus_identity(self.corpus, self.seed)  # a missing text file fails here, not later
 
 
 @dataclass(frozen=True)
@@ -102,10 +123,11 @@ class RomeStep:
     """One request's edit, computed on the current weights (not applied)."""
 
     layer: int
-    parameter: str  # hf_model parameter name of the edited weight
+    parameter: str  # Hugging Face state-dict name of the edited weight
     k: Float[Tensor, "d_mlp"]  # k*: mean key at the subject's last token
     v: Float[Tensor, "d_model"]  # v*: the value W' k* must produce
-    delta: Float[Tensor, "d_model d_mlp"]  # ΔW, rank one
+    delta: Float[Tensor, "d_model d_mlp"]  # ΔW, rank one, as [d_model, d_mlp]
+    update: Tensor  # ΔW in the parameter's own orientation (what is added to it)
     info: dict  # why this layer, the locating trace, the v* losses, seconds per phase
 
 
@@ -117,18 +139,23 @@ def apply_rome(model: Model, requests: Sequence[EditRequest], hp: ROMEHparams) -
     total: dict[str, Tensor] = {}
     written: dict[str, list[Tensor]] = {}  # parameter -> the k* of each request edited there
     infos = []
+    marks = contextlib.ExitStack()
     try:
-        for req in requests:
+        for i, req in enumerate(requests):
             step = rome_step(model, req, hp, contexts)
             weight = model.mlp_out_proj(step.layer).weight
             originals.setdefault(step.parameter, weight.detach().clone())
             with torch.no_grad():
-                weight.add_(step.delta)  # the next request sees this one
+                weight.add_(step.update)  # the next request sees this one
+            if i + 1 < len(requests):  # and caches see it too (Model.weights_key)
+                marks.enter_context(model.weights_changed(
+                    tensors_digest({step.parameter: step.update})))
             prev = total.get(step.parameter)
-            total[step.parameter] = step.delta if prev is None else prev + step.delta
+            total[step.parameter] = step.update if prev is None else prev + step.update
             written.setdefault(step.parameter, []).append(step.k)
             infos.append(step.info)
     finally:
+        marks.close()
         with torch.no_grad():
             for name, orig in originals.items():
                 get_parameter(model, name).copy_(orig)
@@ -154,13 +181,15 @@ def rome_step(model: Model, req: EditRequest, hp: ROMEHparams, contexts: Sequenc
     clock("stats")
     k = key_star(model, layer, req.template, req.subject, contexts)
     clock("k")
-    w = proj.weight.detach()
+    ad = adapter(model)
+    w = ad.mlp_out_matrix(layer).detach()  # [d_model, d_mlp], whatever the storage
     v, losses = compute_v(model, layer, req, w @ k, contexts, hp)
     clock("v")
     delta = rank_one_update(w, k, v, mom2, ridge=hp.mom2_ridge)
     clock("update")
     info = {"layer": layer, "why": why, "trace": trace, "v": losses, "seconds": clock.laps}
-    return RomeStep(layer, parameter_name(model, proj), k, v, delta, info)
+    return RomeStep(layer, parameter_name(model, proj), k, v, delta,
+                    ad.to_parameter(layer, delta), info)
 
 
 def choose_layer(model: Model, req: EditRequest, hp: ROMEHparams) -> tuple[int, str, dict | None]:

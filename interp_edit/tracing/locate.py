@@ -39,7 +39,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from interp_edit import _cache
+from interp_edit import _cache, _validate
 from interp_edit.errors import InterpEditError
 from interp_edit.models import Model, current_fingerprint
 from interp_edit.tracing.inputs import screen_precision
@@ -110,6 +110,7 @@ def locate(
         every_token: also trace every subject token (:attr:`Location.token_effects`).
         progress: called as ``progress(done, total)`` after each fact.
     """
+    _validate.instance("model", model, Model)
     items = _facts(facts)
     lo, hi = search_layers(model.n_layers, search)
     _check(kind, span, hi - lo, samples, method, window)
@@ -202,11 +203,10 @@ def _check(kind: str, span: Any, n_search: int, samples: Any, method: str, windo
         raise InterpEditError(f"unknown kind {kind!r}: choose one of {KINDS}")
     if method not in METHODS:
         raise InterpEditError(f"unknown method {method!r}: choose one of {METHODS}")
-    for name, value in (("span", span), ("samples", samples), ("window", window)):
-        if value is None and name == "window":
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InterpEditError(f"{name} must be an integer >= 1, got {value!r}")
+    _validate.count("span", span)
+    _validate.count("samples", samples, 1, _validate.MAX_SAMPLES)
+    if window is not None:
+        _validate.count("window", window)
     if span > n_search:
         raise InterpEditError(f"span={span} is longer than the {n_search} searched layers: "
                               "widen search (fractions of the depth) or shorten span")
