@@ -10,7 +10,10 @@ From the edit stream ``counterfact-edit.json`` (the first records the model know
   of every fact edited so far, WikiText-2 perplexity and (``--fluency``) n-gram entropy; then
   the whole stream is undone and the weights are checked bit for bit.
 
-Each run's report is written as soon as it ends (``results/mass_editing/<run>.json``) and a
+v* depends only on the facts, the v* settings and the weights: while no edit is applied the
+runs share each fact's δ (:func:`share_vstar`; the batched optimisation gives every fact its
+one-at-a-time δ, see ``tests/unit/test_vstar.py``), so the batch runs of both methods and the
+first batch of each stream optimise it once. Each run's report is written as soon as it ends (``results/mass_editing/<run>.json``) and a
 finished run is not redone; a sequential run stopped with Ctrl-C resumes from its saved batch
 edits. Prints one markdown table; ``--plot`` draws the sequential curves.
 
@@ -32,6 +35,27 @@ from interp_edit.evaluation import EvalReport
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 CURVE = ("efficacy", "paraphrase", "neighborhood", "perplexity", "fluency")
+
+
+def share_vstar(model) -> None:
+    """Memoise each fact's δ, per layer and v* settings, while ``model`` has no edit applied."""
+    from interp_edit.editing import memit
+    from interp_edit.editing.base import applied_edits
+
+    real, memo = memit.optimise_in_groups, {}
+
+    def shared(m, layer, facts, v0, contexts, opts, group):
+        if applied_edits(m):
+            return real(m, layer, facts, v0, contexts, opts, group)
+        keys = [(layer, f, tuple(contexts), opts) for f in facts]
+        todo = [i for i, k in enumerate(keys) if k not in memo]
+        if todo:
+            d, info = real(m, layer, [facts[i] for i in todo], v0[todo], contexts, opts, group)
+            for j, i in enumerate(todo):
+                memo[keys[i]] = (d[j], info[j])
+        return torch.stack([memo[k][0] for k in keys]), [memo[k][1] for k in keys]
+
+    memit.optimise_in_groups = shared
 
 
 def run(model, records, name: str, out: Path, method: str, **kw) -> EvalReport:
@@ -67,6 +91,25 @@ def table(reports: dict[str, EvalReport]) -> str:
     return "\n".join(lines)
 
 
+def spectrum(model, corpus: str, layers, thresholds=(0.1, 0.2, 0.3, 0.5)) -> str:
+    """Per layer: how many eigenvalues of C fall below each threshold × the mean (AlphaEdit's
+    null space) and what share of the keys' energy they carry."""
+    from interp_edit.editing.stats import second_moments
+
+    moments = second_moments(model, list(layers), corpus)
+    head = " | ".join(f"< {t} × mean: dims (energy)" for t in thresholds)
+    lines = [f"| layer | min / mean eigenvalue | {head} |",
+             "|---" * (2 + len(thresholds)) + "|"]
+    for layer, c in moments.items():
+        ev = torch.linalg.eigvalsh(c.double())
+        cells = []
+        for t in thresholds:
+            sel = ev < t * ev.mean()
+            cells.append(f"{int(sel.sum())} ({float(ev[sel].sum() / ev.sum()):.3f})")
+        lines.append(f"| {layer} | {float(ev.min() / ev.mean()):.3f} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
 def plot(reports: dict[str, EvalReport], path: Path) -> None:
     import matplotlib
 
@@ -97,21 +140,31 @@ def main() -> None:
     ap.add_argument("--methods", default="memit,alphaedit")
     ap.add_argument("--sequential-methods", default=None,
                     help="methods of the stream (default: --methods)")
-    ap.add_argument("--corpus", default=str(DATA / "wikitext-2" / "valid.txt"),
-                    help="key statistics corpus")
+    ap.add_argument("--data", type=Path, default=DATA, help="the shared data directory")
+    ap.add_argument("--corpus", default=None,
+                    help="key statistics corpus (default: WikiText-2 valid from --data)")
     ap.add_argument("--fluency", action="store_true", help="n-gram entropy at checkpoints")
     ap.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE",
                     help="editor hyperparameter for every run")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "mass_editing")
     ap.add_argument("--plot", type=Path, default=None, help="draw the stream curves here")
+    ap.add_argument("--spectrum", action="store_true",
+                    help="only print the key statistics' spectrum at MEMIT's default layers")
     args = ap.parse_args()
     from interp_edit.cli.evaluate import parse_hparams
 
+    args.corpus = args.corpus or str(args.data / "wikitext-2" / "valid.txt")
     torch.set_num_threads(1)
     enable_ctrl_c()
     args.out.mkdir(parents=True, exist_ok=True)
     model = ie.load_model()
-    records = ie.load_counterfact(DATA / "counterfact-edit.json")
+    share_vstar(model)
+    if args.spectrum:
+        from interp_edit.editing.memit import MEMITHparams
+
+        print(spectrum(model, args.corpus, MEMITHparams().layers))
+        return
+    records = ie.load_counterfact(args.data / "counterfact-edit.json")
     hp = {"corpus": args.corpus, **parse_hparams(args.hparam)}
     reports: dict[str, EvalReport] = {}
     for method in args.methods.split(","):
@@ -126,7 +179,7 @@ def main() -> None:
         reports[name] = run(
             model, records, name, args.out, method, n=args.batch * args.batches,
             batch_size=args.batch, sequential=True, every=1, fluency=args.fluency,
-            perplexity_text=str(DATA / "wikitext-2" / "test.txt"),
+            perplexity_text=str(args.data / "wikitext-2" / "test.txt"),
             edits_dir=str(args.out / f"{name}-edits"), **hp)
     print(table(reports))
     summary = {k: {"n": r.n, "aggregate": {c: str(s) for c, s in r.aggregate().items()},

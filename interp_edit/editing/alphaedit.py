@@ -33,8 +33,8 @@ from interp_edit.models import Model
 class AlphaEditHparams(MEMITHparams):
     """MEMIT's settings plus the null space's cut-off and the update's L2 weight."""
 
-    null_threshold: float = 1e-2  # eigenvalues below this × the mean span the null space
-    alpha: float = 10.0  # α: ‖ΔW‖² weight in the update's objective
+    null_threshold: float = 0.3  # eigenvalues below this × the mean span the null space
+    alpha: float = 0.01  # α: ‖ΔW‖² weight, in units of the batch keys' mean squared norm
 
     def __post_init__(self) -> None:
         super().__post_init__()

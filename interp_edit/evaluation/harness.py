@@ -115,9 +115,8 @@ def evaluate(
     seconds_before = 0.0
     if resume is not None:
         _check_resume(resume, model, method, hp, seed, settings)
-        if stream is None:
-            rows, skipped = list(resume.rows), list(resume.skipped)
-            seconds_before = float(resume.info.get("seconds_total", 0.0))
+        rows, skipped = list(resume.rows), list(resume.skipped)
+        seconds_before = float(resume.info.get("seconds_total", 0.0))
     if stream is not None:
         t_start = time.perf_counter()
         chosen, skipped = streams.select(model, records, n, _skip_reason)
@@ -125,8 +124,7 @@ def evaluate(
                                         fluency_tokens if fluency else 0, seed, resume)
         return EvalReport(method=method, model_name=model.name, hparams=hp, rows=tuple(rows),
                           skipped=tuple(skipped), seed=seed,
-                          info={"seconds_total": time.perf_counter() - t_start
-                                + (float(resume.info.get("seconds_total", 0)) if resume else 0),
+                          info={"seconds_total": seconds_before + time.perf_counter() - t_start,
                                 "n_requested": n, "n_records": len(records), **settings,
                                 **info})
     done = {str(x["case_id"]) for x in (*rows, *skipped)}

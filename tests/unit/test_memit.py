@@ -213,7 +213,8 @@ def test_sequential_alphaedit_keeps_earlier_edits_memit_loses_some(fm, HP):
                           ("alphaedit", dict(alpha=1e-3, null_threshold=0.3))):
         stream, took = [], []
         for b in range(0, 16, 4):
-            stream.append(ie.edit(m, reqs[b:b + 4], method=method, layers=(0,), **HP, **extra))
+            stream.append(ie.edit(m, reqs[b:b + 4], method=method, layers=(0,),
+                                  **{**HP, "v_lr": 0.5}, **extra))
             took += [i for i in range(b, b + 4) if holds(reqs[i])]
         outcome[method] = (len(took), sum(holds(reqs[i]) for i in took))
         for e in reversed(stream):
