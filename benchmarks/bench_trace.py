@@ -341,23 +341,25 @@ SCREENS = {  # name -> trace options of the screens compared with the exact grid
 }
 
 
-def attribution_table(model, facts: list[dict], samples: int) -> list[str]:
-    """Each screen (:data:`SCREENS`) against the exact (fast) grid, per kind: Pearson r and
+def attribution_table(model, facts: list[dict], samples: int,
+                      screens: dict[str, dict] = SCREENS) -> list[str]:
+    """Each screen (``screens``, default :data:`SCREENS`) against the exact (fast) grid, per kind: Pearson r and
     Spearman r over the cells from the subject's first token on, whether the exact peak is
     among the screen's top 5 cells, and for the confirmed screens whether the reported peak
     (the best exact cell) is the exact peak (the same score: confirmed cells are the exact
     trace's bit for bit); CPU time relative to the exact ``trace_all``, all run side by
     side in this process."""
-    keys = [(p, k) for p in SCREENS for k in KINDS]
+    sample = next(iter(screens))
+    keys = [(p, k) for p in screens for k in KINDS]
     per_kind, ranks, hits, peaks = ({key: [] for key in keys} for _ in range(4))
-    seconds = {"exact": 0.0, **{p: 0.0 for p in SCREENS}}
+    seconds = {"exact": 0.0, **{p: 0.0 for p in screens}}
     ran = "model"
     for rec in facts:
         kw = dict(target=rec["attribute"], samples=samples, progress=False)
         exact, _, dt = timed(lambda: ie.trace_all(model, rec["prompt"], rec["subject"], **kw))
         seconds["exact"] += dt
         start = exact.resid.subject_range[0]
-        for p, options in SCREENS.items():
+        for p, options in screens.items():
             approx, _, dt = timed(lambda: ie.trace_all(
                 model, rec["prompt"], rec["subject"], **options, **kw))
             seconds[p] += dt
@@ -371,11 +373,11 @@ def attribution_table(model, facts: list[dict], samples: int) -> list[str]:
                 reported = approx[k].top_cells(1)[0][2]
                 peaks[p, k].append(reported == float(exact[k].scores.max()))
         rs = "; ".join(f"{p}: " + " ".join(f"{k} {per_kind[p, k][-1]:.2f}" for k in KINDS)
-                       for p in SCREENS)
-        print(f"  fact {len(per_kind['logodds', 'resid'])}/{len(facts)} {rec['prompt']!r}: "
+                       for p in screens)
+        print(f"  fact {len(per_kind[sample, 'resid'])}/{len(facts)} {rec['prompt']!r}: "
               f"r {rs}", flush=True)
     t_exact = seconds["exact"]
-    cost = ", ".join(f"{p} {seconds[p]:.1f} s (1/{t_exact / seconds[p]:.0f})" for p in SCREENS)
+    cost = ", ".join(f"{p} {seconds[p]:.1f} s (1/{t_exact / seconds[p]:.0f})" for p in screens)
     lines = [
         f"{len(facts)} known facts the model predicts, {samples} samples; CPU time, all three "
         f"kinds (`trace_all`), side by side in one process: exact (fast) {t_exact:.0f} s; "
@@ -386,7 +388,7 @@ def attribution_table(model, facts: list[dict], samples: int) -> list[str]:
         "|---|---|---|---|---|---|---|---|",
     ]
     for k in KINDS:
-        for p in SCREENS:
+        for p in screens:
             rs = torch.tensor(per_kind[p, k])
             spear = torch.tensor(ranks[p, k]).mean()
             lines.append(f"| {k} | {p} | {rs.mean():.2f} | {rs.median():.2f} | "
@@ -413,6 +415,9 @@ def main() -> None:
                          "200 known facts (seconds, no tracing)")
     ap.add_argument("--pearson-only", action="store_true",
                     help="skip the speed table: only the Pearson part")
+    ap.add_argument("--screens", default=None,
+                    help="comma-separated names of the screens to compare (default: all of "
+                         "SCREENS)")
     ap.add_argument("--model", default=None, help="a built-in model name (default: the default)")
     ap.add_argument("--prompt", default=PROMPT, help="the traced fact's prompt")
     ap.add_argument("--subject", default=SUBJECT, help="the traced fact's subject")
@@ -439,7 +444,9 @@ def main() -> None:
     if args.facts < 1:
         return
     facts = known_facts(model, args.data / "known_1000.json", args.facts)
-    print("\n".join(attribution_table(model, facts, args.pearson_samples)), "\n")
+    screens = SCREENS if args.screens is None else {
+        name: SCREENS[name] for name in args.screens.split(",")}
+    print("\n".join(attribution_table(model, facts, args.pearson_samples, screens)), "\n")
     print(f"Peak RSS: {peak_rss():.2f} GiB")
 
 

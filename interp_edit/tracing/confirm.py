@@ -2,9 +2,13 @@
 
 The attribution screen (:mod:`.attribution`, any ``estimate=``) scores every cell from one
 gradient pass; the fast engine (:mod:`.engine`) then computes the exact score of the
-screen's ``top`` cells of each kind, and of any cells asked for (``exact_cells``). The
-result holds the screen's estimates elsewhere and marks the exact cells
-(``TraceResult.exact``); its peak (:meth:`TraceResult.top_cells`) is taken among them.
+screen's ``top`` cells of each kind and of any cells asked for (``exact_cells``), then
+climbs: while a neighbour of the best exact cell (the same token one layer up or down, the
+same layer one token over) is not exact, it is confirmed too, so that the reported peak is
+a local peak of the exact grid, not only the best of the screen's guesses (the exact grid
+has plateaus of near-equal cells that no screen orders reliably). The result holds the
+screen's estimates elsewhere and marks the exact cells (``TraceResult.exact``); its peak
+(:meth:`TraceResult.top_cells`) is taken among them.
 Confirmed cells are the exact trace's values bit for bit: the engine computes each cell
 from the same cached clean and corrupted runs whatever else it computes with it.
 ``low_score`` and ``high_score`` are the exact ones.
@@ -32,15 +36,28 @@ def run(inputs: TraceInputs, kinds, *, window, sever, cells, progress, precision
         grid = screen.grids[kind].clone()
         done = (screen.exact or {}).get(kind, torch.zeros_like(grid, dtype=torch.bool))
         chosen = _chosen(grid, done, top, exact_cells)
-        if chosen:
+        while chosen:
             confirmed = engine.run(inputs, (kind,), window=window, sever=sever, cells=chosen,
                                    progress=progress)
             mask = ~confirmed.grids[kind].isnan()
             grid[mask] = confirmed.grids[kind][mask]
             done, low = done | mask, confirmed.low_score
+            chosen = _climb(grid, done, cells) if top else []
         grids[kind], exact[kind] = grid, done
     return Traced(grids, low, inputs if inputs.high_score is not None else screen.inputs,
                   exact)
+
+
+def _climb(grid: torch.Tensor, done: torch.Tensor, cells) -> list[tuple[int, int]]:
+    """The neighbours (same token, layer +-1; same layer, token +-1) of the best exact cell
+    that are not exact yet, among the cells asked for: confirming them until the best exact
+    cell has none left climbs to a local peak of the exact grid (the exact grids are smooth
+    along layers, with plateaus whose near-ties a screen cannot order)."""
+    flat = torch.nan_to_num(grid.masked_fill(~done, float("nan")), nan=-float("inf"))
+    t, layer = divmod(int(flat.flatten().argmax()), grid.shape[1])
+    allowed = set(map(tuple, cells))
+    near = [(t, layer - 1), (t, layer + 1), (t - 1, layer), (t + 1, layer)]
+    return [c for c in near if c in allowed and not done[c]]
 
 
 def _chosen(grid: torch.Tensor, done: torch.Tensor, top: int,

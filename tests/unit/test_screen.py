@@ -136,8 +136,11 @@ def test_confirmed_cells_are_the_exact_trace_bit_for_bit(fm, fact, estimate, tmp
             float("nan"))
         best = torch.nan_to_num(free, nan=-1.0).flatten().topk(3).indices
         assert mask.flatten()[best].all()
-        already = 0 if screen[kind].exact is None else int(screen[kind].exact.sum())
-        assert int(mask.sum()) <= already + 3 + 2
+        # the climb: every neighbour of the best exact cell is exact, and none beats it
+        t, layer, score = r.top_cells(1)[0]
+        for n in [(t, layer - 1), (t, layer + 1), (t - 1, layer), (t + 1, layer)]:
+            if 0 <= n[0] < r.n_tokens and 0 <= n[1] < r.n_layers:
+                assert mask[n] and r.scores[n] <= score
         assert r.low_score == exact[kind].low_score and r.high_score == exact[kind].high_score
         # the reported peak is an exact cell
         t, layer, score = r.top_cells(1)[0]
@@ -178,4 +181,4 @@ def test_trace_dataset_confirms_each_fact(fm, tmp_path):
     assert len(saved) == 3
     for path in saved:
         r = ie.TraceResult.load(path)
-        assert int(r.exact.sum()) == 4 and r.method == "screen+exact"
+        assert int(r.exact.sum()) >= 4 and r.method == "screen+exact"
