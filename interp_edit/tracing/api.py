@@ -9,9 +9,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from interp_edit import _validate
 from interp_edit.models import Model
 from interp_edit.tracing.inputs import (
     SCREENS,
+    check_cells,
+    check_fact,
     check_options,
     confirm_options,
     prepare,
@@ -100,8 +103,11 @@ def trace(
             ``estimate`` records it (None for the exact methods, which refuse the others).
         progress: show a progress bar (``None``: on a terminal, for runs longer than 3 s).
     """
+    _validate.instance("model", model, Model)
     kinds = KINDS if kind == "all" else (kind,)
     check_options(kinds, method, window, sever, precision, estimate)
+    check_fact(prompt, subject, target, samples, seed)  # every argument before any pass
+    check_cells(model, prompt, positions, layers)
     ran = screen_precision(model, method, precision)
     dtype = torch.bfloat16 if ran == "bfloat16" else None
     module = importlib.import_module(_METHOD_MODULES[method])

@@ -26,7 +26,8 @@ The cost over the plain screen: the keys and values of every cell's input at eve
 layer (``n_layers^2 / 2`` rows per token and sample, of the two small projections) and the
 exact trace of the last token. Like every screen it is an estimate: the column at ``t`` is
 not re-run (its own MLPs' response to the restored state is missed), and what the attention
-outputs do downstream is linear. It needs the layer stepper.
+outputs do downstream is linear. It needs the layer stepper and a plain attention
+(:func:`supported`).
 """
 
 from __future__ import annotations
@@ -36,13 +37,13 @@ from einops import rearrange, repeat
 from jaxtyping import Float
 from torch import Tensor
 
-from interp_edit._llama import LlamaStepper, RunCache
+from interp_edit.arch.stepper import RunCache, Stepper
 from interp_edit.tracing import engine, estimates
 from interp_edit.tracing.inputs import Traced, TraceInputs, window_layers, with_clean_pass
 
 
 def read_effects(
-    stepper: LlamaStepper, run: RunCache, grad_attn: list[Tensor], kinds, window: int,
+    stepper: Stepper, run: RunCache, grad_attn: list[Tensor], kinds, window: int,
     samples: int,
 ) -> dict[str, Float[Tensor, "samples n_tokens n_layers"]]:
     """Step 1-2 of the module docstring for every cell of every kind: the log-p effect per
@@ -72,14 +73,14 @@ def read_effects(
     return out
 
 
-def _attention(stepper: LlamaStepper, layer: int, x: Tensor, run: RunCache, grad_a: Tensor
+def _attention(stepper: Stepper, layer: int, x: Tensor, run: RunCache, grad_a: Tensor
                ) -> tuple[Tensor, Tensor, Tensor, Tensor, float]:
     """Layer ``layer``'s queries, keys, values (query heads, after the rotary embedding)
     ``[S, heads, pos, d_head]`` on the corrupted rows, and the gradient at each head's
     attention output (before the output projection), from the one at its output."""
     lay, H = stepper.layers[layer], stepper.n_heads
     rows = slice(1, 1 + x.shape[0])
-    q = stepper._rope(stepper._heads(lay.q, lay.input_norm(x), H), 0).transpose(1, 2)
+    q = stepper.attention_inputs(layer, x)[0]
     k, v = (repeat(a[rows], "s g p d -> s (g r) p d", r=H // stepper.n_kv)
             for a in (run.k[layer], run.v[layer]))
     full = grad_a.new_zeros(x.shape[0], x.shape[1], grad_a.shape[-1])
@@ -88,17 +89,26 @@ def _attention(stepper: LlamaStepper, layer: int, x: Tensor, run: RunCache, grad
     return q.float(), k.float(), v.float(), grad_z, lay.scaling
 
 
-def _keys_values(stepper: LlamaStepper, layer: int, x: Float[Tensor, "cells S pos d"]
+def _keys_values(stepper: Stepper, layer: int, x: Float[Tensor, "cells S pos d"]
                  ) -> tuple[Tensor, Tensor]:
     """Keys (after the rotary embedding) and values of inputs ``x``, query heads,
     ``[S, cells, pos, heads, d_head]``."""
-    lay, C, S = stepper.layers[layer], x.shape[0], x.shape[1]
-    h = lay.input_norm(rearrange(x, "c s p d -> (c s) p d"))
-    k = stepper._rope(stepper._heads(lay.k, h, stepper.n_kv), 0)
-    v = stepper._heads(lay.v, h, stepper.n_kv)
+    C, S = x.shape[0], x.shape[1]
+    _, k, v = stepper.attention_inputs(layer, rearrange(x, "c s p d -> (c s) p d"),
+                                       queries=False)
     r = stepper.n_heads // stepper.n_kv
-    return tuple(repeat(a.float(), "(c s) p g d -> s c p (g r) d", c=C, s=S, r=r)
+    return tuple(repeat(a.float(), "(c s) g p d -> s c p (g r) d", c=C, s=S, r=r)
                  for a in (k, v))
+
+
+def supported(model) -> bool:
+    """Whether ``"atpstar"`` runs on ``model``: on the layer stepper, for families whose
+    attention is a plain causal softmax read through the output projection alone (no
+    softcapping, sliding window or norm after the attention)."""
+    if not Stepper.usable(model):
+        return False
+    return all(lay.softcap is None and lay.window is None and lay.attn_out_norm is None
+               for lay in Stepper(model, 1).layers)
 
 
 def last_token_exact(inputs: TraceInputs, kinds, window: int, progress
@@ -115,7 +125,7 @@ def run(inputs: TraceInputs, g, kinds, *, window, progress, precision) -> Traced
     """``estimate="atpstar"`` from the screen's gradient pass ``g``
     (:class:`~.attribution.GradientPass`, one noise scale, run with ``precision``)."""
     S, T = inputs.samples, inputs.n_tokens
-    stepper = LlamaStepper(inputs.model, T, precision)
+    stepper = Stepper(inputs.model, T, precision)
     with torch.no_grad():
         effects = read_effects(stepper, g.run, g.grads["attn"], kinds, window, S)
     logp = g.logp[1 : 1 + S]

@@ -42,7 +42,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from interp_edit._llama import LlamaStepper, RunCache
+from interp_edit.arch.stepper import RunCache, Stepper
 from interp_edit.errors import InterpEditError
 from interp_edit.tracing import atpstar, estimates
 from interp_edit.tracing.inputs import TraceInputs, Traced, parse_estimate
@@ -81,7 +81,7 @@ def gradient_pass(inputs: TraceInputs, scales: list[float],
     noise = torch.cat([inputs.noise.new_zeros(1, *inputs.noise.shape[1:])]
                       + [s * inputs.noise for s in scales]).requires_grad_(True)
     with torch.enable_grad():
-        if LlamaStepper.usable(inputs.model):
+        if Stepper.usable(inputs.model):
             run, completed, (out, seed, logp) = _stepper_runs(inputs, noise, precision)
             acts = _sites(run)
         else:
@@ -105,7 +105,7 @@ def _stepper_runs(
     with the gradient of each row's log p(target) as their seed, ``onehot - probs`` (the log
     softmax's backward, in closed form), and the rows' log p(target). The last layer runs
     the last position alone: the others' outputs there reach nothing."""
-    stepper = LlamaStepper(inputs.model, inputs.n_tokens, precision)
+    stepper = Stepper(inputs.model, inputs.n_tokens, precision)
     run = stepper.full_run(inputs.batch(noise.shape[0]), noise, inputs.subject_range,
                            last_only=True)
     logits = stepper.unembed(run.final)  # [rows, d_vocab]
@@ -137,9 +137,11 @@ def run(inputs: TraceInputs, kinds, *, window, sever, cells, progress, precision
     """``method="attribution"``; ``inputs`` come without the clean pass (``prepare(...,
     clean_pass=False)``): the screen runs its own. ``estimate``: see the module docstring."""
     name, steps = parse_estimate(estimate)
-    if name == "atpstar" and not LlamaStepper.usable(inputs.model):
-        raise InterpEditError("estimate='atpstar' needs the layer stepper (a Llama-family "
-                              "model with no hooks installed): use 'logodds' or 'ig'")
+    if name == "atpstar" and not atpstar.supported(inputs.model):
+        raise InterpEditError("estimate='atpstar' needs the layer stepper (no hooks "
+                              "installed) and a plain causal attention (no softcapping, "
+                              "sliding window or post-attention norm): use 'logodds' or "
+                              "'ig'")
     g = gradient_pass(inputs, [1 - i / steps for i in range(steps)], precision)
     if name == "atpstar":
         traced = atpstar.run(inputs, g, kinds, window=window, progress=progress,

@@ -19,6 +19,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from interp_edit import _validate
 from interp_edit.errors import InterpEditError
 
 KINDS = ("resid", "mlp", "attn")
@@ -83,6 +84,7 @@ class TraceResult:
         """The ``k`` cells with the largest score, as ``(token, layer, score)``. ``exact``:
         rank only the cells marked exact (``None``: so where the result marks some, as a
         confirmed screen does: its peak is an exact cell)."""
+        k = _validate.count("k", k, 0)
         scores = self.scores
         if exact or (exact is None and self.exact is not None):
             mask = self.exact if self.exact is not None else torch.zeros_like(scores).bool()
