@@ -9,28 +9,36 @@ For every site (block output, MLP output, attention output) of every layer ``j``
     d_s[j, t] = (clean[j, t] - corrupted_s[j, t]) . d log p_s / d act[j, t]
 
 and a cell's ``d_s`` sums this over the restorations of its plan (one site for ``"resid"``,
-the window of layers for ``"mlp"``/``"attn"``). Two estimates of the cell's score follow
-(``estimate=``):
+the window of layers for ``"mlp"``/``"attn"``). The estimates (``estimate=``; the arithmetic
+is in :mod:`.estimates`, independent of the model):
 
 - ``"logodds"`` (default): first order in the log-odds of p, ``o_s = log(p_s / (1 - p_s))``,
   whose change is ``d_s / (1 - p_s)``; the cell scores ``mean_s sigmoid(o_s + d_s / (1 -
   p_s))``. A restoration that brings the answer back multiplies its probability while it is
-  small, and saturates it as it nears 1: a linear step in p from a corrupted ``p_s`` near 0
-  cannot say by how much, a step in log-odds can, and the estimate stays a probability (no
-  clipping, so no ties at 1). It agrees better with the exact grid (README: mean Pearson r
-  over 20 known facts 0.64 / 0.49 / 0.76 for resid / mlp / attn against 0.57 / 0.41 / 0.66,
-  all cells pooled 0.58 / 0.44 / 0.71 against 0.34 / 0.31 / 0.35).
-- ``"prob"``: first order in p itself, ``low_score + mean_s p_s d_s`` (the same gradient:
-  d p_s = p_s d log p_s), attribution patching with p(target) as the metric. Estimates can
-  leave [0, 1].
+  small, and saturates it as it nears 1: a step in log-odds can say so, a linear step in p
+  from a corrupted ``p_s`` near 0 cannot, and the estimate stays a probability.
+- ``"prob"``: first order in p itself, ``low_score + mean_s p_s d_s`` (d p_s = p_s d log
+  p_s), attribution patching with p(target) as the metric. Estimates can leave [0, 1].
+- ``"ig"`` / ``"ig-K"``: integrated gradients (EAP-IG, Hanna et al. 2024) of the log-odds.
+  The batch holds each noise sample at K noise scales ``1, 1 - 1/K, ..`` (and the clean
+  row); each site's effect is the integral of ``gradient . d(activation)`` along the path
+  its activation takes as the noise shrinks to 0, by the trapezoid rule
+  (:func:`.estimates.path`). Where a site carries all of the corruption (a cut) this
+  converges to the exact score as K grows (tested); elsewhere it is the site's share of the
+  whole restoration, not the effect of restoring it alone. K times the screen's batch.
+- ``"atpstar"``: AtP*'s attention fix (Kramar et al. 2024) made the estimate: each cell's
+  restoration rides the residual stream and every later layer's attention reads of it are
+  recomputed exactly; windows are restored jointly; the last token's cells are exact
+  (:mod:`.atpstar`). About 5x the plain screen's time, 1/10 of the exact engine's.
 
-Either is a screening tool: it ranks cells well where the score is locally linear in the
-activation (in log-odds or in p), and it misses saturation effects: restoring a whole hidden
-state is a large step. A hidden-state cell's estimate is exact to first order (tested: the
-error falls with the noise std); a window's is not, since restoring several outputs of one
-token together also cuts the paths between them, which the sum of single-site effects
-ignores. Confirm what it finds with ``method="fast"``. The benchmark
-(``benchmarks/bench_trace.py``) reports both estimates' Pearson correlation with the exact grid.
+``"logodds"``, ``"prob"`` and ``"ig"`` are exact to first order for a hidden-state cell and a
+one-layer window (tested: the error falls with the noise std); a wider window is the sum of
+its layers' estimates, which ignores that restoring several outputs of one token together
+also cuts the paths between them. ``"atpstar"`` is not exact to first order before the last
+token (the restored position's own later layers are not re-run), but it follows the exact
+grid more closely. Which agrees best with the exact grid, at what cost, is measured by
+``benchmarks/bench_trace.py`` (README). Confirm what a screen finds with
+``method="screen+exact"`` (:mod:`.confirm`) or ``method="fast"``.
 """
 
 from __future__ import annotations

@@ -182,3 +182,34 @@ def test_trace_dataset_confirms_each_fact(fm, tmp_path):
     for path in saved:
         r = ie.TraceResult.load(path)
         assert int(r.exact.sum()) >= 4 and r.method == "screen+exact"
+
+
+@pytest.mark.parametrize("family", ["qwen3", "olmo2", "phi3", "gemma2", "gpt2"])
+def test_screens_across_families(family):
+    """"atpstar" runs where the attention is a plain causal softmax (query/key norms and
+    partial rotary included: the keys are the stepper's own), its last row the exact
+    trace's; it refuses softcapping, sliding windows, post-norms (Gemma 2, OLMo-2) and
+    models off the stepper (GPT-2), where "ig" runs through the hook layer."""
+    from interp_edit.arch.tiny import tiny_model
+    from interp_edit.testing import _subjects
+    from interp_edit.tracing import atpstar
+
+    model = tiny_model(family)
+    subject = _subjects(16, 0)[3]
+    prompt = f"the home of {subject} is the city of"
+    kw = dict(target="Paris", kind="all", window=2, samples=2, progress=False)
+    exact = ie.trace(model, prompt, subject, **kw)
+    ig = ie.trace(model, prompt, subject, method="attribution", precision="model",
+                  estimate="ig-2", **kw)
+    assert ig.resid.low_score == pytest.approx(exact.resid.low_score, abs=1e-5)
+    if not atpstar.supported(model):
+        assert family in ("olmo2", "gemma2", "gpt2")
+        with pytest.raises(ie.InterpEditError, match="atpstar"):
+            ie.trace(model, prompt, subject, method="attribution", estimate="atpstar", **kw)
+        return
+    screen = ie.trace(model, prompt, subject, method="attribution", precision="model",
+                      estimate="atpstar", **kw)
+    for kind in KINDS:
+        torch.testing.assert_close(screen[kind].scores[-1], exact[kind].scores[-1],
+                                   rtol=0, atol=1e-6)
+        assert not screen[kind].scores.isnan().any()
