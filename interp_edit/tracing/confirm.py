@@ -3,10 +3,11 @@
 The attribution screen (:mod:`.attribution`, any ``estimate=``) scores every cell from one
 gradient pass; the fast engine (:mod:`.engine`) then computes the exact score of the
 screen's ``top`` cells of each kind and of any cells asked for (``exact_cells``), then
-climbs: while a neighbour of the best exact cell (the same token one layer up or down, the
-same layer one token over) is not exact, it is confirmed too, so that the reported peak is
-a local peak of the exact grid, not only the best of the screen's guesses (the exact grid
-has plateaus of near-equal cells that no screen orders reliably). The result holds the
+climbs: on the three tokens whose best exact cells are highest, while a cell near a token's
+best exact cell (up to three layers up or down, or the same layer one token over) is not
+exact, it is confirmed too (:func:`_climb`), so that the reported peak is a peak of the
+exact grid, not only the best of the screen's guesses (the exact grid has plateaus of
+near-equal cells that no screen orders reliably). The result holds the
 screen's estimates elsewhere and marks the exact cells (``TraceResult.exact``); its peak
 (:meth:`TraceResult.top_cells`) is taken among them.
 Confirmed cells are the exact trace's values bit for bit: the engine computes each cell
@@ -22,6 +23,9 @@ import torch
 
 from interp_edit.tracing import attribution, engine
 from interp_edit.tracing.inputs import DEFAULT_TOP, TraceInputs, Traced
+
+CLIMB_ROWS = 3  # tokens climbed from: those whose best exact cells are highest
+CLIMB_LAYERS = 3  # how far along the layers a climb looks from a token's best exact cell
 
 
 def run(inputs: TraceInputs, kinds, *, window, sever, cells, progress, precision=None,
@@ -49,15 +53,23 @@ def run(inputs: TraceInputs, kinds, *, window, sever, cells, progress, precision
 
 
 def _climb(grid: torch.Tensor, done: torch.Tensor, cells) -> list[tuple[int, int]]:
-    """The neighbours (same token, layer +-1; same layer, token +-1) of the best exact cell
-    that are not exact yet, among the cells asked for: confirming them until the best exact
-    cell has none left climbs to a local peak of the exact grid (the exact grids are smooth
-    along layers, with plateaus whose near-ties a screen cannot order)."""
-    flat = torch.nan_to_num(grid.masked_fill(~done, float("nan")), nan=-float("inf"))
-    t, layer = divmod(int(flat.flatten().argmax()), grid.shape[1])
-    allowed = set(map(tuple, cells))
-    near = [(t, layer - 1), (t, layer + 1), (t - 1, layer), (t + 1, layer)]
-    return [c for c in near if c in allowed and not done[c]]
+    """The cells near the best exact cell of each of the :data:`CLIMB_ROWS` tokens whose
+    best exact cells are highest (the same token up to :data:`CLIMB_LAYERS` layers up or
+    down, the same layer one token over) that are not exact yet, among the cells asked
+    for. Confirming them until there are none climbs to a peak of the exact grid on each
+    of those tokens: the exact grids are smooth along layers but bumpy on their plateaus, and
+    the exact peak is often on another of the screen's best tokens than its top cell."""
+    exact = torch.nan_to_num(grid.masked_fill(~done, float("nan")), nan=-float("inf"))
+    row_best, row_layer = exact.max(1)
+    allowed, out = set(map(tuple, cells)), []
+    for t in row_best.argsort(descending=True)[:CLIMB_ROWS].tolist():
+        if row_best[t] == -float("inf"):
+            break
+        layer = int(row_layer[t])
+        near = [(t, layer + d) for d in range(-CLIMB_LAYERS, CLIMB_LAYERS + 1) if d]
+        near += [(t - 1, layer), (t + 1, layer)]
+        out += [c for c in near if c in allowed and not done[c] and c not in out]
+    return out
 
 
 def _chosen(grid: torch.Tensor, done: torch.Tensor, top: int,
