@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import time
 
-import torch
 
 import interp_edit as ie
 from interp_edit.arch import adapter

@@ -241,6 +241,35 @@ class Stepper:
         probs = scores.softmax(-1, dtype=torch.float32).to(q.dtype)
         return einsum(probs, values, "b h q k, b h k d -> b h q d")
 
+    def attention_inputs(
+        self, j: int, x: Float[Tensor, "batch pos d_model"], start: int = 0,
+        last_only: bool = False, queries: bool = True,
+    ) -> tuple[Tensor | None, Tensor, Tensor]:
+        """Layer ``j``'s queries ``[batch, head, pos, d_head]`` (of the last position only
+        with ``last_only``; None without ``queries``), keys and values ``[batch, kv_head, pos,
+        d_head]`` of inputs ``x`` at positions ``start ..``, after their norms and the rotary
+        embedding (what :meth:`layer` attends with; the attribution screen's ``"atpstar"``
+        recomputes keys and values of other inputs with it)."""
+        lay = self.layers[j]
+        table = self.tables[lay.rotary]  # None: no rotary embedding (GPT-2, OPT)
+        h = self._narrow(_norm(lay.attn_in_norm, x))
+        q_in, q_start = (h[:, -1:], start + x.shape[1] - 1) if last_only else (h, start)
+        whole = lay.qk_norm_whole
+        k = self._heads(lay.k, h, self.n_kv, lay.k_norm if whole else None)
+        k = k if whole else _norm(lay.k_norm, k)
+        if table is not None:
+            k = self.rotate(k, *table, start)
+        k = k.transpose(1, 2)
+        v = self._heads(lay.v, h, self.n_kv).transpose(1, 2)
+        if not queries:
+            return None, k, v
+        q = self._heads(lay.q, q_in, self.n_heads, lay.q_norm if whole else None)
+        q = q if whole else _norm(lay.q_norm, q)
+        if table is not None:
+            q = self.rotate(q, *table, q_start)
+        q = q.transpose(1, 2)
+        return q, k, v
+
     def layer(
         self,
         j: int,
@@ -258,18 +287,7 @@ class Stepper:
         the earlier positions; this slice's keys and values are written into them and read
         from there (decoding without a concatenation per step, :meth:`decode`)."""
         lay, patches = self.layers[j], patches or {}
-        table = self.tables[lay.rotary]
-        h = self._narrow(_norm(lay.attn_in_norm, x))
-        q_in, q_start = (h[:, -1:], start + x.shape[1] - 1) if last_only else (h, start)
-        whole = lay.qk_norm_whole
-        q = self._heads(lay.q, q_in, self.n_heads, lay.q_norm if whole else None)
-        k = self._heads(lay.k, h, self.n_kv, lay.k_norm if whole else None)
-        if not whole:
-            q, k = _norm(lay.q_norm, q), _norm(lay.k_norm, k)
-        if table is not None:
-            q, k = self.rotate(q, *table, q_start), self.rotate(k, *table, start)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
-        v = self._heads(lay.v, h, self.n_kv).transpose(1, 2)
+        q, k, v = self.attention_inputs(j, x, start, last_only)
         keys, values = k, v
         if cache is not None:
             end = start + x.shape[1]

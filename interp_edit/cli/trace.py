@@ -16,7 +16,8 @@ def register(sub) -> None:
     p.add_argument("--samples", type=int, default=10, help="noise samples (default 10)")
     p.add_argument("--noise", default="s3", help="'sK' (K x subject-embedding std) or a float std")
     p.add_argument("--window", type=int, default=10, help="layers per mlp/attn window (default 10)")
-    p.add_argument("--method", default="fast", choices=["fast", "reference", "attribution"])
+    p.add_argument("--method", default="fast",
+                   choices=["fast", "reference", "attribution", "screen+exact"])
     screen_arguments(p)
     p.add_argument("--sever", default=None, choices=["mlp", "attn"], help="severed paths (resid)")
     p.add_argument("--seed", type=int, default=1)
@@ -30,9 +31,14 @@ def screen_arguments(p) -> None:
     p.add_argument("--precision", default="auto", choices=["model", "bfloat16", "auto"],
                    help="multiplies of --method attribution (default auto: bf16 where the "
                         "hardware has it; model: the model's dtype)")
-    p.add_argument("--estimate", default="logodds", choices=["logodds", "prob"],
-                   help="how --method attribution scores cells (default logodds: first order "
-                        "in the log-odds of p, a probability; prob: first order in p)")
+    p.add_argument("--estimate", default="logodds",
+                   help="how the screen scores cells: logodds (default: first order in the "
+                        "log-odds of p), prob (first order in p), ig or ig-K (integrated "
+                        "gradients, K steps), atpstar (attention reads exact, last token "
+                        "exact); see interp_edit.tracing.attribution")
+    p.add_argument("--confirm", type=int, default=None, metavar="N",
+                   help="with --method screen+exact: cells of each kind confirmed exactly "
+                        "(default 10)")
 
 
 def run(args) -> int:
@@ -51,7 +57,7 @@ def run(args) -> int:
         model, args.prompt, args.subject, target=args.target, kind=args.kind,
         samples=args.samples, noise=noise, window=args.window, method=args.method,
         sever=args.sever, seed=args.seed, precision=args.precision,
-        estimate=args.estimate, progress=True,
+        estimate=args.estimate, top=args.confirm, progress=True,
     )  # fmt: skip
     npz = out.with_suffix(".npz")
     result.save(npz)

@@ -26,7 +26,8 @@ def register(sub) -> None:
     p.add_argument("--samples", type=int, default=10, help="noise samples per trace (default 10)")
     p.add_argument("--noise", default="s3", help="'sK' (K x subject embedding std) or a float")
     p.add_argument("--window", type=int, default=10, help="MLP/attention window (default 10)")
-    p.add_argument("--method", default="fast", choices=["fast", "reference", "attribution"])
+    p.add_argument("--method", default="fast",
+                   choices=["fast", "reference", "attribution", "screen+exact"])
     screen_arguments(p)
     p.add_argument("--exact-sample", type=int, default=None,
                    help="with --method attribution: also trace N random facts exactly")
@@ -51,8 +52,8 @@ def run(args) -> int:
     facts = ie.load_known_facts(args.path)
     avg = ie.trace_dataset(
         model, facts, kinds, samples=args.samples, noise=noise, window=args.window,
-        method=args.method, precision=args.precision, estimate=args.estimate, sever=args.sever,
-        limit=args.limit, exact_sample=args.exact_sample, cache_dir=args.cache_dir,
+        method=args.method, precision=args.precision, estimate=args.estimate, top=args.confirm,
+        sever=args.sever, limit=args.limit, exact_sample=args.exact_sample, cache_dir=args.cache_dir,
     )
     out = args.out
     avg.save(out / "average.npz")

@@ -50,7 +50,7 @@ def plot_aie(
                       emphasis=group in st.EMPHASISED_GROUPS)
             panel = st.KIND_SHORT[kind] + ("" if kind == "resid" else f", window {avg.window}")
             if not cond.exact:
-                panel += " (attribution)"
+                panel += f" ({cond.method})"
             _finish(ax, panel, st.layer_axis_label(kind, avg.window),
                     "average indirect effect" if i == 0 else None)
         handles, labels = axes[0].get_legend_handles_labels()

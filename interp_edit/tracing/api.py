@@ -14,7 +14,15 @@ from interp_edit import _validate
 from interp_edit.errors import InterpEditError
 from interp_edit.models import Model
 from interp_edit.tracing.inputs import (
-    check_cells, check_fact, check_options, prepare, screen_precision, select_cells)
+    SCREENS,
+    check_cells,
+    check_fact,
+    check_options,
+    confirm_options,
+    prepare,
+    screen_precision,
+    select_cells,
+)
 from interp_edit.tracing.results import KINDS, TraceResult, TraceSet
 
 # method -> module with ``run(inputs, kinds, *, window, sever, cells, progress) -> Traced``
@@ -23,6 +31,7 @@ _METHOD_MODULES = {
     "fast": "interp_edit.tracing.engine",
     "reference": "interp_edit.tracing.reference",
     "attribution": "interp_edit.tracing.attribution",
+    "screen+exact": "interp_edit.tracing.confirm",  # also ``top`` and ``exact_cells``
 }
 
 
@@ -43,6 +52,8 @@ def trace(
     sever: str | None = None,
     precision: str = "auto",
     estimate: str = "logodds",
+    top: int | None = None,
+    exact_cells: Sequence[tuple[int, int]] | None = None,
     progress: bool | None = None,
 ) -> TraceResult | TraceSet:
     """Causal trace of one fact (Meng et al. 2022): corrupt the subject's token embeddings
@@ -61,7 +72,12 @@ def trace(
             ``noise_source`` says which list (``trace_dataset``'s ``"sK"`` measures the std
             over the dataset's own subjects instead, as ROME does, and records that).
         method: ``"fast"`` (exact), ``"reference"`` (exact, one forward pass per cell; the
-            yardstick) or ``"attribution"`` (a first-order gradient estimate for screening).
+            yardstick), ``"attribution"`` (a gradient estimate for screening) or
+            ``"screen+exact"``: the screen over the whole grid, then the fast engine's exact
+            scores for the screen's ``top`` cells of each kind (default 10) and for
+            ``exact_cells`` (``(token, layer)`` pairs); the result's ``exact`` mask marks
+            them, and its peak (``top_cells``) is taken among them
+            (:mod:`interp_edit.tracing.confirm`).
         positions, layers: compute only these tokens/layers; other cells hold NaN.
         sever: ``"mlp"`` or ``"attn"`` (kind ``"resid"`` only): also freeze that output of
             every later layer at the restored token at its corrupted value.
@@ -78,14 +94,15 @@ def trace(
             The bf16 copies of the weights (two per matrix: as is and transposed, for the
             backward pass; ~540 MB on the default model) are made on first use and kept while
             the model lives.
-        estimate: how ``method="attribution"`` turns its gradients into scores:
-            ``"logodds"`` (default: first order in each noise sample's log-odds of the
-            target, ``mean_s sigmoid(o_s + d_s / (1 - p_s))``; closer to the exact grid, and a
-            probability) or
-            ``"prob"`` (first order in p(target), ``low_score + mean_s p_s d_s``: attribution
-            patching with the probability as the metric). See
-            :mod:`interp_edit.tracing.attribution`. The result's ``estimate`` records it
-            (None for the exact methods, which refuse ``"prob"``).
+        estimate: how the screen (``method="attribution"`` or ``"screen+exact"``) turns
+            its gradients into scores: ``"logodds"`` (default: first order in each noise
+            sample's log-odds of the target), ``"prob"`` (first order in p(target):
+            attribution patching with the probability as the metric), ``"ig"`` / ``"ig-K"``
+            (integrated gradients of the log-odds along the activations' path from
+            corrupted to clean, K steps, 4 by default) or ``"atpstar"`` (the attention
+            reads of each restored cell recomputed exactly, windows restored jointly, the
+            last token exact). See :mod:`interp_edit.tracing.attribution`. The result's
+            ``estimate`` records it (None for the exact methods, which refuse the others).
         progress: show a progress bar (``None``: on a terminal, for runs longer than 3 s).
     """
     _validate.instance("model", model, Model)
@@ -96,15 +113,16 @@ def trace(
     ran = screen_precision(model, method, precision)
     dtype = torch.bfloat16 if ran == "bfloat16" else None
     module = importlib.import_module(_METHOD_MODULES[method])
-    # only the fast engine reads prepare's cached clean run; the others run the clean prompt
-    # within their own passes (see prepare)
+    # only the fast engine reads prepare's cached clean run (also when it confirms a
+    # screen); the others run the clean prompt within their own passes (see prepare)
     inputs = prepare(model, prompt, subject, target, samples, noise, seed,
-                     clean_pass=method == "fast")
+                     clean_pass=method in ("fast", "screen+exact"))
     cells = select_cells(inputs, positions, layers)
-    screen = method == "attribution"
-    options = {"precision": dtype, "estimate": estimate} if screen else {}
-    grids, low, inputs = module.run(inputs, kinds, window=window, sever=sever, cells=cells,
-                                    progress=progress, **options)
+    options = confirm_options(method, top, exact_cells, inputs.n_tokens, inputs.n_layers)
+    screen = method in SCREENS
+    options |= {"precision": dtype, "estimate": estimate} if screen else {}
+    grids, low, inputs, exact = module.run(inputs, kinds, window=window, sever=sever,
+                                           cells=cells, progress=progress, **options)
     if not math.isfinite(float(low)) or not math.isfinite(inputs.high_score):
         raise InterpEditError(
             f"the model's output is not finite (p(clean)={inputs.high_score}, p(corrupted)="
@@ -118,6 +136,7 @@ def trace(
             noise_std=inputs.noise_std, noise_source=inputs.noise_source, samples=samples,
             seed=inputs.seed, model_name=model.name, method=method, sever=sever,
             precision=ran, estimate=estimate if screen else None,
+            exact=None if exact is None else exact[k],
         )  # fmt: skip
         for k in kinds
     }

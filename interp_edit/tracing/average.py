@@ -88,19 +88,21 @@ class Condition:
     sever: str | None = None
     method: str = "fast"
     precision: str = "model"  # the multiplies' dtype: "model" | "bfloat16" (attribution only)
-    estimate: str | None = None  # attribution's: "logodds" | "prob"; None: an exact method
+    estimate: str | None = None  # the screen's (see trace); None: an exact method
+    top: int | None = None  # method "screen+exact": cells confirmed per kind
 
     @property
     def exact(self) -> bool:
-        return self.method != "attribution"
+        return self.method in ("fast", "reference")
 
     @property
     def slug(self) -> str:
         """A file-name-safe name: ``mlp``, ``resid-sever-attn``, ``attn-attribution-logodds``,
         ``attn-attribution-prob-bfloat16``."""
         low = [self.precision] if self.precision != "model" else []
+        top = [f"top{self.top}"] if self.top is not None else []
         return "-".join([self.kind, *(["sever", self.sever] if self.sever else []), self.method,
-                         *filter(None, [self.estimate]), *low])
+                         *filter(None, [self.estimate]), *low, *top])
 
 
 @dataclass(frozen=True)
@@ -354,7 +356,7 @@ def peak_table(avg: AverageTrace) -> str:
             "|---|---|---|---|---|---|---|---|"]
     for c in avg.conditions:
         name = c.kind + (f", {c.sever} severed" if c.sever else "") + (
-            "" if c.exact else " (attribution)")
+            "" if c.exact else f" ({c.method})")
         if c.sever:
             layer = avg.peak("resid", "last subject token", None, c.method).layer
             subj = avg.at(c.kind, "last subject token", layer, c.sever, c.method)

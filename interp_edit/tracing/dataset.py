@@ -48,7 +48,13 @@ from interp_edit.errors import InterpEditError, SubjectNotFoundError
 from interp_edit.models import Model
 from interp_edit.tracing import noise as _noise
 from interp_edit.tracing.api import trace
-from interp_edit.tracing.inputs import check_options, check_sampling, screen_precision
+from interp_edit.tracing.inputs import (
+    SCREENS,
+    check_options,
+    check_sampling,
+    confirm_options,
+    screen_precision,
+)
 from interp_edit.tracing.average import (
     GROUPS,
     KINDS,
@@ -85,6 +91,7 @@ def trace_dataset(
     method: str = "fast",
     precision: str = "auto",
     estimate: str = "logodds",
+    top: int | None = None,
     sever: bool = False,
     limit: int | None = None,
     exact_sample: int | None = None,
@@ -101,8 +108,10 @@ def trace_dataset(
     ``"auto"``, the default, screens with bf16 multiplies where the hardware has them,
     ``"bfloat16"`` always, ``"model"`` in the model's dtype; see :func:`trace`) is resolved
     once and is part of each cached trace's name, so an fp32 and a bf16 screen never reuse
-    each other's files; so is ``estimate`` (``"logodds"`` or ``"prob"``, how the screen scores
-    cells, see :func:`trace`).
+    each other's files; so is ``estimate`` (how the screen scores cells, see :func:`trace`).
+    ``method="screen+exact"`` screens every fact and confirms the screen's ``top`` cells of
+    each kind exactly (default 10, part of the cached names too): exact peaks at a fraction
+    of the exact traces' cost (each cached trace marks its exact cells).
     Other arguments are passed to :func:`trace`.
     """
     _validate.instance("model", model, Model)
@@ -118,8 +127,9 @@ def trace_dataset(
     if bad := [k for k in kinds if k not in KINDS]:
         raise InterpEditError(f"unknown kinds {bad}: choose from {KINDS} or 'all'")
     check_options(kinds, method, window, None, precision, estimate)
+    top = confirm_options(method, top, None, 1, 1).get("top")
     ran = screen_precision(model, method, precision)  # what the traces run (a cache key)
-    if exact_sample and method != "attribution":
+    if exact_sample and method not in SCREENS:
         raise InterpEditError("exact_sample adds an exact pass to method='attribution'; "
                               f"with method={method!r} every fact is already traced exactly")
     std, source = dataset_noise(model, noise, [f.subject for f in facts])
@@ -144,7 +154,7 @@ def trace_dataset(
         raise InterpEditError(f"cannot create the trace cache {trace_dir} ({exc.strerror or exc})"
                               ": pass another cache_dir") from None
 
-    conditions = _conditions(kinds, sever, method, ran, estimate)
+    conditions = _conditions(kinds, sever, method, ran, estimate, top)
     jobs = [(i, c) for i in range(len(kept)) for c in conditions]
     if exact_sample:
         sample = sorted(random.Random(seed).sample(range(len(kept)), min(exact_sample, len(kept))))
@@ -172,6 +182,7 @@ def trace_dataset(
             r = trace(model, f.prompt, f.subject, target=f.attribute, kind=c.kind,
                       window=window, samples=samples, noise=std, seed=seed, method=c.method,
                       precision=c.precision, estimate=c.estimate or "logodds", sever=c.sever,
+                      top=c.top,
                       positions=last_subject, progress=False)
             # the trace saw a float std: record where it came from (the dataset's subjects)
             done[i, c] = dataclasses.replace(r, noise_source=source)
@@ -231,11 +242,11 @@ def predicted_facts(
 
 
 def _conditions(kinds: Sequence[str], sever: bool, method: str, precision: str = "model",
-                estimate: str = "logodds") -> list[Condition]:
-    est = estimate if method == "attribution" else None
-    conds = [Condition(k, None, method, precision, est) for k in kinds]
+                estimate: str = "logodds", top: int | None = None) -> list[Condition]:
+    est = estimate if method in SCREENS else None
+    conds = [Condition(k, None, method, precision, est, top) for k in kinds]
     if sever:
-        conds += [Condition("resid", s, method, precision, est) for s in ("mlp", "attn")]
+        conds += [Condition("resid", s, method, precision, est, top) for s in ("mlp", "attn")]
     return conds
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from typing import NamedTuple, Sequence
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from interp_edit import _validate
@@ -31,9 +31,13 @@ from interp_edit.models import Model
 from interp_edit.tracing.noise import resolve_noise
 from interp_edit.tracing.results import KINDS
 
-METHODS = ("fast", "reference", "attribution")
+METHODS = ("fast", "reference", "attribution", "screen+exact")
+SCREENS = ("attribution", "screen+exact")  # the methods that run the gradient screen
+DEFAULT_TOP = 10  # cells of each kind that method="screen+exact" confirms
 SEVERS = ("mlp", "attn")
-ESTIMATES = ("logodds", "prob")  # the screen's first order: in p(target)'s log-odds, or in p
+# how the screen scores cells (see interp_edit.tracing.attribution); "ig-K": "ig" in K steps
+ESTIMATES = ("logodds", "prob", "ig", "atpstar")
+IG_STEPS = 4  # "ig" alone
 
 
 class Restore(NamedTuple):
@@ -118,6 +122,8 @@ class Traced(NamedTuple):
     grids: dict[str, Float[Tensor, "n_tokens n_layers"]]
     low_score: float
     inputs: TraceInputs
+    # per kind, the cells whose score is exact (None: all, or none for the screen)
+    exact: dict[str, Bool[Tensor, "n_tokens n_layers"]] | None = None
 
 
 @torch.no_grad()
@@ -147,10 +153,18 @@ def prepare(
         model, prompt, subject, ids, (start, end), target, target_id, None, values, std,
         source, int(seed),
     )  # fmt: skip
-    if not (clean_pass and Stepper.usable(model)):
+    return with_clean_pass(inputs) if clean_pass else inputs
+
+
+@torch.no_grad()
+def with_clean_pass(inputs: TraceInputs) -> TraceInputs:
+    """On the layer stepper, ``inputs`` with the clean pass run, every layer kept, and
+    completed from it (its top-1 unless a target is set, its p(target) as ``high_score``);
+    elsewhere ``inputs`` as they are (the hook-layer paths run their own)."""
+    if not Stepper.usable(inputs.model):
         return inputs
-    stepper = Stepper(model, len(ids))
-    clean = stepper.full_run(ids[None].to(model.device))
+    stepper = Stepper(inputs.model, inputs.n_tokens)
+    clean = stepper.full_run(inputs.ids[None].to(inputs.model.device))
     return inputs.completed(stepper.unembed(clean.final[0]).softmax(-1), clean)
 
 
@@ -158,7 +172,7 @@ def screen_precision(model: Model, method: str, precision: str) -> str:
     """What a trace's multiplies run in, ``"model"`` or ``"bfloat16"``: ``precision`` resolved
     for ``method="attribution"`` (see :func:`interp_edit.arch.stepper.resolve_precision`), the
     model's dtype for the exact methods."""
-    if method != "attribution" or resolve_precision(model, precision) is None:
+    if method not in SCREENS or resolve_precision(model, precision) is None:
         return "model"
     return "bfloat16"
 
@@ -167,14 +181,13 @@ def check_options(kinds: Sequence[str], method: str, window: int, sever: str | N
                   precision: str = "model", estimate: str = "logodds") -> None:
     if method not in METHODS:
         raise InterpEditError(f"unknown method {method!r}: choose one of {METHODS}")
-    if estimate not in ESTIMATES:
-        raise InterpEditError(f"unknown estimate {estimate!r}: choose one of {ESTIMATES}")
-    if estimate != "logodds" and method != "attribution":
+    parse_estimate(estimate)
+    if estimate != "logodds" and method not in SCREENS:
         raise InterpEditError(f"estimate={estimate!r} applies to method='attribution' only: "
                               f"method={method!r} is exact")
     if precision not in PRECISIONS:
         raise InterpEditError(f"unknown precision {precision!r}: choose one of {PRECISIONS}")
-    if precision == "bfloat16" and method != "attribution":
+    if precision == "bfloat16" and method not in SCREENS:
         raise InterpEditError(f"precision='bfloat16' applies to method='attribution' only: "
                               f"method={method!r} is exact and runs in the model's dtype")
     for kind in kinds:
@@ -186,8 +199,42 @@ def check_options(kinds: Sequence[str], method: str, window: int, sever: str | N
             raise InterpEditError(f"unknown sever {sever!r}: choose one of {SEVERS} or None")
         if tuple(kinds) != ("resid",):
             raise InterpEditError("sever= applies to kind='resid' only (hidden-state traces)")
-        if method == "attribution":
+        if method in SCREENS:
             raise InterpEditError("sever= needs an exact method: use method='fast'")
+
+
+def confirm_options(method: str, top: int | None, exact_cells, n_tokens: int,
+                    n_layers: int) -> dict:
+    """``method="screen+exact"``'s ``top`` (cells confirmed per kind; None: the default)
+    and ``exact_cells`` (``(token, layer)`` pairs, negative indices allowed), checked; the
+    other methods take neither."""
+    if method != "screen+exact":
+        if top is not None or exact_cells:
+            raise InterpEditError(f"top= and exact_cells= apply to method='screen+exact' "
+                                  f"only, not {method!r}")
+        return {}
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 0):
+        raise InterpEditError(f"top must be an integer >= 0, got {top!r}")
+    cells = []
+    for cell in exact_cells or ():
+        if len(cell) != 2:
+            raise InterpEditError(f"exact_cells: {cell!r} is not a (token, layer) pair")
+        t, layer = _indices("exact_cells token", [cell[0]], n_tokens)[0], \
+            _indices("exact_cells layer", [cell[1]], n_layers)[0]
+        cells.append((t, layer))
+    return {"top": DEFAULT_TOP if top is None else top, "exact_cells": cells}
+
+
+def parse_estimate(estimate: str) -> tuple[str, int]:
+    """``(name, steps)`` of an ``estimate=`` setting: ``"ig"`` (:data:`IG_STEPS` steps) or
+    ``"ig-K"`` (K >= 1 steps) give ``("ig", K)``; the others take one step."""
+    name, _, steps = str(estimate).partition("-")
+    if name == "ig" and (not steps or (steps.isdigit() and int(steps) >= 1)):
+        return name, int(steps or IG_STEPS)
+    if estimate not in ESTIMATES:
+        raise InterpEditError(f"unknown estimate {estimate!r}: choose one of {ESTIMATES} "
+                              f"or 'ig-K' (K steps)")
+    return estimate, 1
 
 
 def select_cells(

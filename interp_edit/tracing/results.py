@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor
 
 from interp_edit import _validate
@@ -24,6 +24,7 @@ from interp_edit.errors import InterpEditError
 
 KINDS = ("resid", "mlp", "attn")
 _FORMAT = "interp_edit.TraceResult/1"
+_ARRAYS = ("scores", "exact")  # saved as arrays, not in the JSON metadata
 
 
 @dataclass(frozen=True, eq=False)
@@ -36,9 +37,9 @@ class TraceResult:
     (``hook_resid_post``); for ``"mlp"``/``"attn"`` it is the window of MLP/attention outputs
     of layers ``max(0, l - window//2) .. min(L, l - (-window//2)) - 1`` at token ``t``.
     Cells left out with ``positions=``/``layers=`` hold NaN.
-    ``method="attribution"`` scores are a first-order estimate (see
-    :mod:`interp_edit.tracing.attribution`; ``estimate`` says which), not measured
-    probabilities.
+    ``method="attribution"`` scores are estimates (see :mod:`interp_edit.tracing.attribution`;
+    ``estimate`` says which), not measured probabilities, except the cells ``exact`` marks
+    (``method="screen+exact"``'s confirmed cells, ``estimate="atpstar"``'s last token).
     """
 
     scores: Float[Tensor, "n_tokens n_layers"]
@@ -61,7 +62,10 @@ class TraceResult:
     method: str  # "fast" | "reference" | "attribution"
     sever: str | None = None  # None | "mlp" | "attn" (kind "resid" only)
     precision: str = "model"  # the multiplies' dtype: "model" | "bfloat16" (attribution only)
-    estimate: str | None = None  # attribution's: "logodds" | "prob"; None: an exact method
+    estimate: str | None = None  # the screen's (see trace); None: an exact method
+    # which cells hold exact scores where only some do (a screen's confirmed or exactly
+    # computed cells); None: all (the exact methods) or none (a screen without any)
+    exact: Bool[Tensor, "n_tokens n_layers"] | None = None
 
     @property
     def indirect_effect(self) -> Float[Tensor, "n_tokens n_layers"]:
@@ -76,11 +80,18 @@ class TraceResult:
     def n_layers(self) -> int:
         return int(self.scores.shape[1])
 
-    def top_cells(self, k: int = 5) -> list[tuple[int, int, float]]:
-        """The ``k`` cells with the largest score, as ``(token, layer, score)``."""
+    def top_cells(self, k: int = 5, exact: bool | None = None) -> list[tuple[int, int, float]]:
+        """The ``k`` cells with the largest score, as ``(token, layer, score)``. ``exact``:
+        rank only the cells marked exact (``None``: so where the result marks some, as a
+        confirmed screen does: its peak is an exact cell)."""
         k = _validate.count("k", k, 0)
-        flat = torch.nan_to_num(self.scores, nan=-float("inf")).flatten()
-        idx = flat.topk(min(k, flat.numel())).indices
+        scores = self.scores
+        if exact or (exact is None and self.exact is not None):
+            mask = self.exact if self.exact is not None else torch.zeros_like(scores).bool()
+            scores = scores.masked_fill(~mask, float("nan"))
+        flat = torch.nan_to_num(scores, nan=-float("inf")).flatten()
+        n = min(k, int((flat > -float("inf")).sum()))
+        idx = flat.topk(n).indices
         return [(int(i) // self.n_layers, int(i) % self.n_layers, float(flat[i])) for i in idx]
 
     def plot(self, ax=None, **kw):
@@ -91,13 +102,16 @@ class TraceResult:
 
     # ---- persistence ---------------------------------------------------------------------
     def _arrays(self, prefix: str = "") -> dict[str, np.ndarray]:
-        fields = [f.name for f in dataclasses.fields(self) if f.name != "scores"]
+        fields = [f.name for f in dataclasses.fields(self) if f.name not in _ARRAYS]
         meta = {name: getattr(self, name) for name in fields}
         meta["format"] = _FORMAT
-        return {
+        arrays = {
             prefix + "scores": self.scores.detach().cpu().to(torch.float32).numpy(),
             prefix + "meta": np.array(json.dumps(meta)),
         }
+        if self.exact is not None:  # an optional array: files without it load as before
+            arrays[prefix + "exact"] = self.exact.cpu().numpy()
+        return arrays
 
     @classmethod
     def _from_arrays(cls, data: Mapping[str, Any], prefix: str = "") -> TraceResult:
@@ -109,7 +123,9 @@ class TraceResult:
         if meta.pop("format", None) != _FORMAT:
             raise InterpEditError(f"not a saved trace (expected format {_FORMAT})")
         meta["subject_range"] = tuple(meta["subject_range"])
-        return cls(scores=scores, **meta)
+        exact = data[prefix + "exact"] if prefix + "exact" in data else None
+        exact = None if exact is None else torch.from_numpy(np.array(exact, dtype=bool))
+        return cls(scores=scores, exact=exact, **meta)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write one ``.npz`` file (scores + JSON metadata; no pickle)."""
