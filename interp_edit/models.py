@@ -30,6 +30,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from interp_edit import _validate
 from interp_edit._loading import boot_bridge, read_weights
 from interp_edit.errors import InterpEditError, SubjectNotFoundError
 
@@ -60,10 +61,38 @@ class Model:
         self.d_model: int = cfg.d_model
         self.n_ctx: int = cfg.n_ctx
         self.fingerprint: str = _fingerprint(self)
+        # digests of in-place weight changes made outside an AppliedEdit (see weights_changed)
+        self._weight_marks: list[str] = []
         self._hooks_known: bool | None = None  # has_hooks' answer inside hooks_fixed()
 
     def __repr__(self) -> str:
         return f"Model({self.name!r}, n_layers={self.n_layers}, d_model={self.d_model})"
+
+    @property
+    def weights_key(self) -> str:
+        """Identifies the weights in use now, for cache keys: :attr:`fingerprint` (the weights
+        as loaded) when no edit is applied, else a digest of it and of every applied weight
+        edit's deltas, in order (:class:`~interp_edit.editing.base.AppliedEdit` keeps that
+        stack through ``apply``/``undo``; in-context edits change no weight and do not count).
+        So statistics, prefixes or traces computed while an edit is applied are never stored
+        under, nor served to, the unedited model. Weights changed by hand, outside an edit,
+        are not seen: load the model again (a new fingerprint) after changing them."""
+        edits = self.__dict__.get("_applied_edits", ())
+        digests = [d for e in edits if (d := e.weights_digest)] + self._weight_marks
+        if not digests:
+            return self.fingerprint
+        return hashlib.sha256(" ".join([self.fingerprint, *digests]).encode()).hexdigest()[:16]
+
+    @contextlib.contextmanager
+    def weights_changed(self, digest: str) -> Iterator[None]:
+        """Inside the block :attr:`weights_key` includes ``digest``: for an editor that
+        changes weights in place for a while outside an AppliedEdit (ROME's later requests in
+        one call are computed with the earlier ones added)."""
+        self._weight_marks.append(digest)
+        try:
+            yield
+        finally:
+            self._weight_marks.remove(digest)
 
     # ---- underlying modules ------------------------------------------------------------
     @property
@@ -117,7 +146,7 @@ class Model:
         return _unwrap(self.bridge.blocks[layer].mlp.out)
 
     def _check_layer(self, layer: int) -> None:
-        if not isinstance(layer, int) or not 0 <= layer < self.n_layers:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.n_layers:
             raise InterpEditError(
                 f"layer {layer!r} is out of range: this model has layers 0..{self.n_layers - 1}"
             )
@@ -150,8 +179,10 @@ class Model:
         Found from character offsets, so a BPE token that merges the subject's edge with
         its neighbour is included. ``occurrence`` picks the n-th appearance (0-based).
         """
-        if not subject or not subject.strip():
-            raise SubjectNotFoundError("the subject is empty: pass the subject's text")
+        _validate.text("the prompt", prompt)
+        if not isinstance(subject, str) or not subject.strip():
+            raise SubjectNotFoundError(f"the subject must be non-empty text, not {subject!r}")
+        occurrence = _validate.count("occurrence", occurrence, 0)
         char = -1
         for _ in range(occurrence + 1):
             char = prompt.find(subject, char + 1)
@@ -224,8 +255,9 @@ class Model:
         self, prompts: Sequence[str] | str, targets: Sequence[str] | str
     ) -> Float[Tensor, "batch"]:
         """p(first token of target | prompt) for each pair, in one batched pass."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        targets = [targets] * len(prompts) if isinstance(targets, str) else list(targets)
+        prompts = [prompts] if isinstance(prompts, str) else _validate.items("prompts", prompts)
+        targets = ([targets] * len(prompts) if isinstance(targets, str)
+                   else _validate.items("targets", targets))
         if len(prompts) != len(targets):
             raise InterpEditError(f"{len(prompts)} prompts but {len(targets)} targets")
         first = torch.tensor([self.target_ids(t)[0] for t in targets], device=self.device)
@@ -252,8 +284,9 @@ class Model:
 
     @torch.no_grad()
     def top_k(self, prompt: str, k: int = 5) -> list[tuple[str, float]]:
+        k = _validate.count("k", k, 1, len(self.tokenizer))
         probs = self.last_logits([prompt])[0].softmax(-1)
-        vals, idx = probs.topk(k)
+        vals, idx = probs.topk(min(k, probs.shape[-1]))
         return [(self.tokenizer.decode([int(i)]), float(v)) for v, i in zip(vals, idx)]
 
     @torch.no_grad()
@@ -264,6 +297,7 @@ class Model:
         it runs the whole sequence through the hooks once per new token."""
         from interp_edit._llama import LlamaStepper  # (that module imports this one)
 
+        max_new_tokens = _validate.count("max_new_tokens", max_new_tokens, 0)
         ids, eos = self._encode(prompt)[0], self.tokenizer.eos_token_id
         if LlamaStepper.usable(self):
             row = LlamaStepper(self, len(ids) + max_new_tokens).decode(
@@ -317,6 +351,8 @@ def load_model(
     Where the weights must come from the hub and it cannot be reached, it fails at once with a
     :class:`ModelNotAvailableError` that says how to get them (:mod:`interp_edit._loading`).
     """
+    if name is not None:
+        _validate.path("the model name or path", name)
     t0 = time.perf_counter()
     hf, tok, bridge_name = read_weights(name, dtype, DEFAULT_MODEL)
     hf = hf.to(device).eval()
@@ -347,3 +383,9 @@ def _fingerprint(model: Model) -> str:
             h.update(name.encode())
             h.update(p.detach().flatten()[::4099].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def current_fingerprint(model: Model) -> str:
+    """The fingerprint of the weights as they are now: it differs from ``model.fingerprint``
+    while an edit is applied (a cache keyed by the loaded weights must not serve them)."""
+    return _fingerprint(model)

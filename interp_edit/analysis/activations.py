@@ -29,6 +29,7 @@ from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor
 
+from interp_edit import _validate
 from interp_edit.analysis._npz import NpzDataclass
 from interp_edit.analysis.logit_lens import target_lens
 from interp_edit.editing.base import AppliedEdit, EditRequest
@@ -172,6 +173,8 @@ def compare_activations(
     before and after ``edit``, and the logit lens of ``targets`` (default: the first request's
     ``(target_true, target_new)``) at the last token. ``prompts``: ``{kind: text}`` (see
     :func:`probe_prompts`) or plain texts (labelled ``"prompt 0"``, ...)."""
+    _validate.instance("model", model, Model)
+    _validate.instance("edit", edit, AppliedEdit)
     kinds, texts = _labelled(prompts)
     req = edit.requests[0]
     if targets is None:

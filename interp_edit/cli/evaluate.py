@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import ast
+import sys
 
 _DATASETS = ("counterfact", "zsre", "probes")
 
@@ -56,6 +57,12 @@ def run(args) -> int:
     from interp_edit.evaluation.report import report_path
     from interp_edit.models import load_model
 
+    from interp_edit import _validate
+    from interp_edit.cli import INTERRUPTED, writable
+
+    _validate.optional_count("--n", args.n)
+    if args.out:  # before any record is edited
+        writable(report_path(args.out, args.method))
     kind = args.dataset or ("probes" if args.path is None else "counterfact")
     if kind == "probes":
         records = load_probes(args.path)
@@ -81,4 +88,8 @@ def run(args) -> int:
     print(report.to_markdown())
     if args.out:
         print(f"wrote {report.save(args.out)} (+ .csv, .md)")
+    if report.info.get("interrupted"):
+        print(f"interrupted after {report.n} records" + (
+            "; go on with the same command and --resume" if args.out else ""), file=sys.stderr)
+        return INTERRUPTED
     return 0

@@ -20,8 +20,8 @@ from typing import Sequence
 
 import torch
 
+from interp_edit import _validate
 from interp_edit.editing.base import AppliedEdit, EditRequest, parameter_name, register_editor
-from interp_edit.errors import InterpEditError
 from interp_edit.models import Model
 
 
@@ -44,12 +44,14 @@ class FTHparams:
     norm_constraint: float | None = None
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or not self.lr > 0:
-            raise InterpEditError(f"steps must be >= 1 and lr > 0 (got steps={self.steps}, "
-                                  f"lr={self.lr})")
-        if self.norm_constraint is not None and not self.norm_constraint > 0:
-            raise InterpEditError(f"norm_constraint must be positive or None, "
-                                  f"not {self.norm_constraint}")
+        object.__setattr__(self, "layer", _validate.integer("FTHparams.layer", self.layer, 0))
+        _validate.fields(self, counts=("steps",), positive=("lr",),
+                         nonnegative=("weight_decay", "stop_loss"))
+        if self.norm_constraint is not None:
+            _validate.fields(self, positive=("norm_constraint",))
+
+    def check_model(self, model: Model) -> None:
+        _validate.index("FTHparams.layer", self.layer, model.n_layers)
 
 
 @dataclass(frozen=True)

@@ -37,27 +37,23 @@ def sample_token_ids(
     model: Model, n: int, length: int, *, seed: int = 0, top_k: int = 5, exact: bool = False,
     batch_size: int = 64, starters: Sequence[str] = STARTERS, progress: bool | None = False,
 ) -> list[list[int]]:
-    """``n`` token sequences sampled from the model (top-k), each opened by one of
-    ``starters`` in turn and continued by ``length`` new tokens (``exact``: never stop at the
-    end-of-text token; otherwise a sequence ends there). Generation starts after a
-    document-start token (see :func:`document_start`), which the returned rows omit.
-    Seeded; the global RNG state is left untouched.
+    """``n`` token sequences sampled from the model, each opened by one of ``starters`` in
+    turn and continued by ``length`` new tokens (``exact``: never stop at the end-of-text
+    token; otherwise a sequence ends there). Generation starts after a document-start token
+    (see :func:`document_start`), which the returned rows omit.
 
-    Llama-family models sample on the layer stepper (:func:`_sample_on_stepper`: the tokens
-    ``generate`` draws, up to float rounding; 1.6x faster on a 2-core CPU at 128 rows, see
-    ``benchmarks/bench_sampling.py``), others through ``generate``."""
+    The promise: plain top-k sampling at temperature 1 from the model's own next-token
+    distribution (:func:`_draw`; none of the model's generation-config settings apply),
+    seeded, with the global RNG state left untouched. Llama-family models decode on the
+    layer stepper with a key/value cache; every other model on :func:`_sample_by_recompute`,
+    the project's reference (one full forward pass per new token). Both make the same RNG
+    calls, so they draw the same tokens up to float rounding of the scores. Neither depends
+    on Hugging Face ``generate``, whose sampling internals change between releases."""
     from tqdm.auto import tqdm
-    from transformers import GenerationConfig
 
-    # plain top-k at temperature 1, whatever the model's own generation config asks for
-    # (generate fills every unset field from it, e.g. an instruct model's temperature)
-    cfg = GenerationConfig(do_sample=True, top_k=top_k, max_new_tokens=length,
-                           min_new_tokens=length if exact else 0,
-                           pad_token_id=model.tokenizer.pad_token_id, temperature=1.0,
-                           top_p=1.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
-                           repetition_penalty=1.0, no_repeat_ngram_size=0)
     devices = [model.device] if model.device.type == "cuda" else []
     eos = model.tokenizer.eos_token_id
+    banned = _eos_ids(model) if exact else []
     doc = document_start(model)
     jobs = []  # (starter index, rows): starters take turns, at most batch_size rows a call
     for i in range(len(starters)):
@@ -69,38 +65,49 @@ def sample_token_ids(
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed * 100_003 + j)
             if LlamaStepper.supports(model):  # the weights only: bridge hooks do not apply
-                gen = _sample_on_stepper(model, ids, length, top_k, banned=_eos_ids(model)
-                                         if exact else [])
+                gen = _sample_on_stepper(model, ids, length, top_k, banned)
             else:
-                gen = model.hf_model.generate(ids, attention_mask=torch.ones_like(ids),
-                                              generation_config=cfg)
+                gen = _sample_by_recompute(model, ids, length, top_k, banned)
         for row in gen[:, len(doc):].tolist():
             out.append(row if exact or eos not in row else row[: row.index(eos)])
     return out
 
 
 def _eos_ids(model: Model) -> list[int]:
-    """The tokens ``generate`` treats as end of sequence (the model's generation config)."""
+    """The tokens that end a sequence: the model's generation config, else the tokenizer's."""
     eos = model.hf_model.generation_config.eos_token_id
     eos = model.tokenizer.eos_token_id if eos is None else eos
     return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
 
+def _draw(scores: Float[Tensor, "rows d_vocab"], top_k: int,
+          banned: Sequence[int]) -> Int[Tensor, "rows 1"]:
+    """One token per row: ``banned`` tokens at -inf, every score below the k-th largest at
+    -inf, softmax, then one ``torch.multinomial`` call on the global RNG. Changes ``scores``."""
+    scores[:, list(banned)] = -math.inf
+    kth = scores.topk(min(top_k, scores.shape[-1])).values[:, -1:]
+    scores.masked_fill_(scores < kth, -math.inf)
+    return torch.multinomial(scores.softmax(-1), 1)
+
+
 def _sample_on_stepper(model: Model, ids: Int[Tensor, "rows prompt"], length: int, top_k: int,
                        banned: Sequence[int]) -> Int[Tensor, "rows total"]:
-    """``length`` tokens after ``ids``, drawn as Hugging Face ``generate`` draws them (fp32
-    scores of the last position, ``banned`` tokens at -inf, every score below the k-th
-    largest at -inf, softmax, ``torch.multinomial`` on the global RNG), on the layer
-    stepper with a key/value cache. A sequence that draws the end token goes on (the caller
-    cuts it there), which changes no other row."""
+    """``length`` tokens after ``ids`` drawn by :func:`_draw` from the fp32 scores of the last
+    position, on the layer stepper with a key/value cache. A sequence that draws the end
+    token goes on (the caller cuts it there), which changes no other row."""
+    return LlamaStepper(model, ids.shape[1] + length).decode(
+        ids, length, lambda scores: _draw(scores, top_k, banned))
 
-    def draw(scores: Float[Tensor, "rows d_vocab"]) -> Int[Tensor, "rows 1"]:
-        scores[:, list(banned)] = -math.inf
-        kth = scores.topk(min(top_k, scores.shape[-1])).values[:, -1:]
-        scores.masked_fill_(scores < kth, -math.inf)
-        return torch.multinomial(scores.softmax(-1), 1)
 
-    return LlamaStepper(model, ids.shape[1] + length).decode(ids, length, draw)
+def _sample_by_recompute(model: Model, ids: Int[Tensor, "rows prompt"], length: int,
+                         top_k: int, banned: Sequence[int]) -> Int[Tensor, "rows total"]:
+    """The reference sampler: ``length`` tokens after ``ids``, each drawn by :func:`_draw`
+    from the fp32 scores of one full forward pass of the whole sequence so far (no cache).
+    Slow (quadratic in the length) but plain enough to check any faster sampler against."""
+    for _ in range(length):
+        logits = model.hf_model(ids, attention_mask=torch.ones_like(ids)).logits
+        ids = torch.cat([ids, _draw(logits[:, -1].float(), top_k, banned)], 1)
+    return ids
 
 
 def document_start(model: Model) -> list[int]:
@@ -119,10 +126,10 @@ def context_templates(
 ) -> tuple[str, ...]:
     """``"{}"`` followed by ``n`` templates ``"<sampled prefix>. {}"`` of about ``length``
     tokens each. Seeded and cached per model (in memory and under the cache directory)."""
-    key = (model.fingerprint, n, length, seed)
+    key = (model.weights_key, n, length, seed)
     if key in _TEMPLATES:
         return _TEMPLATES[key]
-    path = cache_dir("prefixes", model.fingerprint) / f"v2-n{n}-len{length}-seed{seed}.json"
+    path = cache_dir("prefixes", key[0]) / f"v2-n{n}-len{length}-seed{seed}.json"
     if path.exists():
         prefixes = json.loads(path.read_text())["prefixes"]
     else:

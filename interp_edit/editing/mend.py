@@ -52,6 +52,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.profiler import record_function
 
+from interp_edit import _validate
 from interp_edit._cache import cache_dir
 from interp_edit._llama import resolve_precision
 from interp_edit._precision import PRECISIONS
@@ -274,10 +275,14 @@ class MENDHparams:
     def __post_init__(self) -> None:
         if self.editor is not None:
             object.__setattr__(self, "editor", os.fspath(self.editor))
-        if self.passes < 1:
-            raise InterpEditError(f"passes={self.passes}: use 1 (MEND) or more")
+        object.__setattr__(self, "passes", _validate.count("MENDHparams.passes (1: MEND as "
+                                                          "published)", self.passes))
         if self.below not in PRECISIONS:
             raise InterpEditError(f"below={self.below!r}: use one of {', '.join(PRECISIONS)}")
+
+    def check_model(self, model: Model) -> None:
+        """The editor exists and was trained for ``model`` (before any work of an edit)."""
+        load_editor(model, self.editor)
 
     def below_dtype(self, model: Model) -> torch.dtype | None:
         """The dtype of the multiplies below the edit on ``model`` (None: the model's own,

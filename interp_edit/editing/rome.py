@@ -4,8 +4,9 @@ An MLP output projection W (``model.mlp_out_proj(layer)``, ``[d_model, d_mlp]``)
 linear associative memory: the key k at the subject's last token maps to a value W k that
 carries the subject's attributes. One edit:
 
-1. **locate**: ``layer="auto"`` runs the MLP causal trace of the request and takes the layer
-   with the largest indirect effect at the subject's last token (``layer=int`` overrides);
+1. **locate**: ``layer="auto"`` asks :func:`interp_edit.tracing.locate` for the layer with the
+   largest MLP indirect effect at the subject's last token, within ``auto_search`` (a fraction
+   of the depth); ``layer=int`` overrides;
 2. **k\\***: the mean key at the subject's last token over the prompt and sampled context
    prefixes (:mod:`interp_edit.editing.keys`);
 3. **v\\***: W k* + δ, with δ optimised through the hook layer (added to the MLP output at the
@@ -23,6 +24,8 @@ k* and v*) and returned as one :class:`AppliedEdit`.
 
 from __future__ import annotations
 
+import contextlib
+import numbers
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -31,6 +34,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from interp_edit import _validate
+from interp_edit._cache import tensors_digest
 from interp_edit.editing.base import (
     AppliedEdit,
     EditRequest,
@@ -39,25 +44,29 @@ from interp_edit.editing.base import (
     register_editor,
 )
 from interp_edit.editing.keys import FactBatch, context_templates, encode_facts, key_star
-from interp_edit.editing.stats import GENERATED, autocast, second_moment, solve_mom2
+from interp_edit.editing.stats import (
+    GENERATED, autocast, corpus_identity, second_moment, solve_mom2)
 from interp_edit.errors import InterpEditError
 from interp_edit.hooks import add_delta, hooked
 from interp_edit.models import Model, mlp_out_hook
+from interp_edit.tracing.locate import locate, search_layers
 
 KL_TEMPLATE = "{} is a"  # the essence prompt whose next-token distribution must not change
 
 
 @dataclass(frozen=True)
 class ROMEHparams:
-    """ROME's settings. The defaults work on the default model (SmolLM2-135M)."""
+    """ROME's settings. Layer defaults are fractions of the depth, not layer numbers."""
 
-    layer: int | str = "auto"  # "auto": the layer of the largest MLP effect; or an index
-    auto_layers: tuple[int, int] = (1, 10)  # "auto" searches layers [lo, hi) (clipped)
-    auto_fallback: int = 2  # "auto" takes this layer when no MLP effect reaches min_effect
+    layer: int | str = "auto"  # "auto": where the fact is recalled (tracing.locate); or an index
+    auto_search: tuple[float, float] = (0.0, 0.5)  # "auto" searches this fraction of the depth
+    # "auto" takes this fraction of the depth (an early layer, where edits work best: README's
+    # localization study) when no MLP effect in the search reaches min_effect
+    auto_fallback: float = 0.07
     min_effect: float = 0.02  # smallest indirect effect that counts as located
     trace_method: str = "fast"  # "fast" (exact) | "attribution" (gradient estimate)
     trace_samples: int = 3  # noise samples of the locating trace
-    trace_window: int = 5  # MLP layers restored together in the locating trace
+    trace_window: int | None = None  # MLP layers restored together (None: locate's default)
     n_prefixes: int = 5  # context prefixes sampled from the model for k* and v*
     prefix_len: int = 10  # tokens per prefix
     seed: int = 0  # seeds the prefixes and the generated corpus
@@ -73,23 +82,40 @@ class ROMEHparams:
     precision: str = "bf16"  # "bf16": autocast the v* passes and the statistics pass; "fp32"
 
     def __post_init__(self) -> None:
-        if not (self.layer == "auto" or (isinstance(self.layer, int) and self.layer >= 0)):
-            raise InterpEditError(f"layer must be 'auto' or a layer index, not {self.layer!r}")
-        if self.trace_method not in ("fast", "reference", "attribution"):
-            raise InterpEditError(f"trace_method {self.trace_method!r}: use 'fast' or "
-                                  "'attribution'")
-        for name in ("v_lr", "v_steps", "stats_tokens", "trace_samples", "trace_window"):
-            if not getattr(self, name) > 0:
-                raise InterpEditError(f"ROME hparam {name} must be positive")
-        for name in ("n_prefixes", "v_weight_decay", "kl_factor", "mom2_ridge", "v_nll_stop"):
-            if getattr(self, name) < 0:
-                raise InterpEditError(f"ROME hparam {name} must be >= 0")
-        if self.precision not in ("bf16", "fp32"):
-            raise InterpEditError(f"precision must be 'bf16' or 'fp32', not {self.precision!r}")
-        object.__setattr__(self, "auto_layers", tuple(self.auto_layers))
-        lo, hi = self.auto_layers
-        if not 0 <= lo < hi:
-            raise InterpEditError(f"auto_layers {self.auto_layers} is not a range 0 <= lo < hi")
+        if self.layer != "auto":
+            if isinstance(self.layer, bool) or not isinstance(self.layer, numbers.Integral) or (
+                    self.layer < 0):
+                raise InterpEditError(f"layer must be 'auto' or a layer index, not "
+                                      f"{self.layer!r}")
+            object.__setattr__(self, "layer", int(self.layer))
+        _validate.choice("trace_method", self.trace_method, ("fast", "reference", "attribution"))
+        _validate.choice("precision", self.precision, ("bf16", "fp32"))
+        _validate.text("ROMEHparams.corpus", self.corpus)
+        _validate.fields(self, counts=("v_steps", "stats_tokens", "prefix_len"),
+                         positive=("v_lr", "clamp_norm_factor"),
+                         nonnegative=("v_weight_decay", "kl_factor", "mom2_ridge", "v_nll_stop"),
+                         seeds=("seed",))
+        object.__setattr__(self, "trace_samples", _validate.count(
+            "ROMEHparams.trace_samples", self.trace_samples, 1, _validate.MAX_SAMPLES))
+        object.__setattr__(self, "n_prefixes", _validate.count("ROMEHparams.n_prefixes",
+                                                               self.n_prefixes, 0))
+        _validate.number("min_effect", self.min_effect)
+        if self.trace_window is not None:
+            _validate.fields(self, counts=("trace_window",))
+        if isinstance(self.auto_search, (str, bytes)) or len(self.auto_search) != 2:
+            raise InterpEditError(f"auto_search={self.auto_search!r}: give (start, stop) "
+                                  "fractions of the depth, e.g. (0.0, 0.5)")
+        for x in self.auto_search:
+            _validate.number("auto_search (fractions of the depth)", x, 0.0, 1.0)
+        object.__setattr__(self, "auto_search", tuple(self.auto_search))
+        search_layers(2, self.auto_search)  # raises unless 0 <= start < stop <= 1
+        _validate.number("auto_fallback (a fraction of the depth)", self.auto_fallback, 0.0, 1.0)
+
+    def check_model(self, model: Model) -> None:
+        """The layers asked for exist in ``model`` (checked before any work of an edit)."""
+        if self.layer != "auto":
+            _validate.index("ROMEHparams.layer", self.layer, model.n_layers)
+        corpus_identity(self.corpus, self.seed)  # a missing text file fails here, not later
 
 
 @dataclass(frozen=True)
@@ -111,17 +137,22 @@ def apply_rome(model: Model, requests: Sequence[EditRequest], hp: ROMEHparams) -
     originals: dict[str, Tensor] = {}
     total: dict[str, Tensor] = {}
     infos = []
+    marks = contextlib.ExitStack()
     try:
-        for req in requests:
+        for i, req in enumerate(requests):
             step = rome_step(model, req, hp, contexts)
             weight = model.mlp_out_proj(step.layer).weight
             originals.setdefault(step.parameter, weight.detach().clone())
             with torch.no_grad():
                 weight.add_(step.delta)  # the next request sees this one
+            if i + 1 < len(requests):  # and caches see it too (Model.weights_key)
+                marks.enter_context(model.weights_changed(
+                    tensors_digest({step.parameter: step.delta})))
             prev = total.get(step.parameter)
             total[step.parameter] = step.delta if prev is None else prev + step.delta
             infos.append(step.info)
     finally:
+        marks.close()
         with torch.no_grad():
             for name, orig in originals.items():
                 get_parameter(model, name).copy_(orig)
@@ -156,38 +187,19 @@ def rome_step(model: Model, req: EditRequest, hp: ROMEHparams, contexts: Sequenc
 
 
 def choose_layer(model: Model, req: EditRequest, hp: ROMEHparams) -> tuple[int, str, dict | None]:
-    """The edit layer, the reason in words, and the per-layer effects that decided it."""
+    """The edit layer, the reason in words, and the location that decided it
+    (:func:`interp_edit.tracing.locate`: the MLP trace of the request's true answer)."""
     if hp.layer != "auto":
         model._check_layer(hp.layer)
         return hp.layer, f"given (layer={hp.layer})", None
-    from interp_edit.tracing import trace
-
-    lo, hi = hp.auto_layers[0], min(hp.auto_layers[1], model.n_layers)
-    if lo >= hi:
-        raise InterpEditError(
-            f"auto_layers {hp.auto_layers} is empty on a {model.n_layers}-layer model")
-    last = model.subject_range(req.text, req.subject)[1] - 1
-    r = trace(model, req.text, req.subject, target=req.target_true, kind="mlp",
-              window=hp.trace_window, samples=hp.trace_samples, method=hp.trace_method,
-              seed=hp.seed + 1, positions=[last], layers=list(range(lo, hi)), progress=False)
-    effects = r.indirect_effect[last]
-    layer = lo + int(torch.nan_to_num(effects[lo:hi], nan=-float("inf")).argmax())
-    best = float(effects[layer])
-    how = (f"{hp.trace_method} trace of p({r.target.strip()}), window {hp.trace_window}, "
-           f"{hp.trace_samples} samples, layers {lo}..{hi - 1}")
-    if best >= hp.min_effect:
-        why = (f"largest MLP indirect effect at the last subject token {r.tokens[last]!r}: "
-               f"{best:.3f} at layer {layer} ({how})")
-    else:
-        model._check_layer(hp.auto_fallback)
-        why = (f"no MLP indirect effect at the last subject token {r.tokens[last]!r} reaches "
-               f"{hp.min_effect} (largest {best:.3f} at layer {layer}; {how}): fallback layer "
-               f"{hp.auto_fallback}")
-        layer = hp.auto_fallback
-    info = {"target": r.target, "method": r.method, "window": r.window, "samples": r.samples,
-            "low_score": r.low_score, "high_score": r.high_score, "token": last,
-            "effects": [None if e != e else round(float(e), 5) for e in effects.tolist()]}
-    return layer, why, info
+    loc = locate(model, req, kind="mlp", search=hp.auto_search, window=hp.trace_window,
+                 samples=hp.trace_samples, seed=hp.seed + 1, method=hp.trace_method)
+    layer, why = loc.layer, loc.reason
+    if float(loc.effects[layer]) < hp.min_effect:
+        layer = round(hp.auto_fallback * (model.n_layers - 1))
+        why = (f"no MLP indirect effect reaches min_effect {hp.min_effect} ({why}): fallback "
+               f"layer {layer} (auto_fallback {hp.auto_fallback} of the depth)")
+    return layer, why, loc.to_dict()
 
 
 def compute_v(

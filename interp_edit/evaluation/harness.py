@@ -35,7 +35,8 @@ from typing import Any, Iterable
 import torch
 from tqdm.auto import tqdm
 
-from interp_edit.editing.base import AppliedEdit, edit, make_hparams
+from interp_edit import _validate
+from interp_edit.editing.base import AppliedEdit, check_hparams, edit, make_hparams
 from interp_edit.errors import InterpEditError
 from interp_edit.evaluation import metrics
 from interp_edit.evaluation.records import EditRecord
@@ -68,12 +69,20 @@ def evaluate(
     ``resume``: a report of an earlier (interrupted) run with the same model, method, hparams,
     seed and settings; its records are kept and not evaluated again.
     """
-    records = list(records)
+    _validate.instance("model", model, Model)
+    records = _validate.items("records", records)
     if not records:
         raise InterpEditError("no records to evaluate: load some with load_counterfact/load_zsre")
-    if n is not None and n < 1:
-        raise InterpEditError(f"n must be a positive number of records (or None), got {n}")
-    hp = _resolve_hparams(method, hparams)
+    if bad := [type(r).__name__ for r in records if not isinstance(r, EditRecord)][:1]:
+        raise InterpEditError(f"evaluate takes EditRecords (load_counterfact, load_zsre), "
+                              f"not {bad[0]}")
+    n = _validate.optional_count("n", n)
+    seed = _validate.seed("seed", seed)
+    n_unrelated = _validate.count("n_unrelated", n_unrelated, 0)
+    fluency_tokens = _validate.count("fluency_tokens", fluency_tokens)
+    # the whole configuration before the first record: a wrong one is an error, not a skip
+    # of every record ("edit failed" is for what goes wrong with one record's edit)
+    hp = _resolve_hparams(model, method, hparams)
 
     rng = random.Random(seed)
     pool = [(r.subject, r.text) for r in rng.sample(records, min(n_unrelated, len(records)))]
@@ -221,12 +230,15 @@ def _skip_reason(model: Model, rec: EditRecord) -> tuple[str, str] | None:
     return None
 
 
-def _resolve_hparams(method: str, hparams: dict[str, Any]) -> dict[str, Any]:
-    """The editor's full hparams (defaults filled in), checked before any record is edited."""
+def _resolve_hparams(model: Model, method: str, hparams: dict[str, Any]) -> dict[str, Any]:
+    """The editor's full hparams (defaults filled in), checked against the model (layers,
+    editor and pool files: :func:`~interp_edit.editing.base.check_hparams`) before any
+    record is edited."""
     if method == BASELINE:
         if hparams:
             raise InterpEditError(
                 f"method='none' (no edit) takes no hparams, got {sorted(hparams)}")
         return {}
     hp = make_hparams(method, **hparams)
+    check_hparams(hp, model)
     return {f.name: getattr(hp, f.name) for f in dataclasses.fields(hp)}

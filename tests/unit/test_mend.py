@@ -215,7 +215,9 @@ def test_layer_choice(fm, data):
                                                                   trace_facts=3))
     assert how == "traced" and len(layers) == 2 and len(evidence["mlp_effects"]) == m.n_layers
     effects = torch.tensor(evidence["mlp_effects"])
-    assert set(layers) == set(effects.topk(2).indices.tolist())
+    sums = [float(effects[i] + effects[i + 1]) for i in range(m.n_layers - 1)]
+    start = max(range(len(sums)), key=lambda i: (sums[i], -i))  # the best adjacent pair
+    assert layers == (start, start + 1) and "layers" in evidence["reason"]
     cfg = MENDConfig.for_model(m, layers, how)
     assert cfg.layer_choice == "traced" and cfg.shapes == ((64, 128),) * 2
 
@@ -304,7 +306,8 @@ def _same_factors(run, ref, layers) -> None:
         (u, d), (u_ref, d_ref) = run.factors[layer], ref.factors[layer]
         assert u.shape == u_ref.shape and u.shape[0] > 0
         torch.testing.assert_close(u, u_ref, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(d, d_ref, rtol=1e-4, atol=1e-7)
+        # fp32 rounding of two summation orders: 1e-6 is 1e-5 of the factors' scale (~0.1)
+        torch.testing.assert_close(d, d_ref, rtol=1e-4, atol=1e-6)
 
 
 def test_stepper_factors_equal_the_hooked_ones(fm):
