@@ -22,6 +22,7 @@ another unit, counts as missing and is done again.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -37,8 +38,10 @@ from interp_edit.errors import InterpEditError, ModelMismatchError
 from interp_edit.models import DEFAULT_MODEL, Model, load_model
 
 _FORMAT = "interp_edit.Plan/1"
+log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _WRAPPER = "._original_component"  # the bridge's wrapper segment in parameter names
+IN_MEMORY = "<in memory>"  # a ModelSpec source: only the caller's model object runs the plan
 
 
 @dataclass(frozen=True)
@@ -51,25 +54,30 @@ class ModelSpec:
     fingerprint: str
 
     @classmethod
-    def of(cls, model: Model, spill_dir: str | os.PathLike) -> ModelSpec:
-        """The spec of an in-memory model. A model loaded by name is rebuilt from that name;
-        any other (a tiny test model, weights changed in memory) is first saved as a Hugging
-        Face directory under ``spill_dir``, keyed by its fingerprint, and rebuilt from there
-        (workers on other machines then need that directory on a shared filesystem)."""
-        from interp_edit.models import _fingerprint
-
+    def of(cls, model: Model, spill_dir: str | os.PathLike | None) -> ModelSpec:
+        """The spec of an in-memory model. A model loaded by name, with no edit applied, is
+        rebuilt from that name. Any other (a tiny test model, an edited model) is first saved
+        as a Hugging Face directory under ``spill_dir``, keyed by its weights, and rebuilt from
+        there (workers on other machines then need that directory on a shared filesystem);
+        with ``spill_dir=None`` its spec names no source: only the caller's model runs it."""
         dtype = next(str(p.dtype).removeprefix("torch.") for p in model.hf_model.parameters())
         if dtype not in _DTYPES:
             raise InterpEditError(f"a plan's model must be one of {sorted(_DTYPES)}, not {dtype}")
-        now = _fingerprint(model)  # differs from model.fingerprint once weights changed
-        name = _loadable_name(model) if now == model.fingerprint else None
-        if name is None:
-            path, loaded = save_model(model, spill_dir, now)
-            return cls(str(path), dtype, loaded)
-        return cls(None if name == DEFAULT_MODEL else name, dtype, now)
+        weights = model.weights_key  # the weights in use: with any applied edit
+        name = _loadable_name(model) if weights == model.fingerprint else None
+        if name is not None:
+            return cls(None if name == DEFAULT_MODEL else name, dtype, weights)
+        if spill_dir is None:
+            return cls(IN_MEMORY, dtype, weights)
+        path, loaded = save_model(model, spill_dir, weights)
+        return cls(str(path), dtype, loaded)
 
     def load(self, device: str | torch.device = "cpu") -> Model:
         """The model, checked against the plan's fingerprint."""
+        if self.source == IN_MEMORY:
+            raise InterpEditError("this plan's model was built in memory and not saved: run "
+                                  "it with executor='local' and that model, or plan again "
+                                  "for another executor (which saves the weights)")
         model = load_model(self.source, device=device, dtype=_DTYPES[self.dtype])
         if model.fingerprint != self.fingerprint:
             raise ModelMismatchError(
@@ -205,7 +213,8 @@ def read_result(path: Path, check: Callable[[bytes], None]) -> bytes | None:
         return None
     try:
         check(data)
-    except Exception:  # noqa: BLE001 - any failure to read it back means: redo it
+    except Exception as exc:  # noqa: BLE001 - any failure to read it back means: redo it
+        log.warning("%s does not hold its unit's result (%s): doing it again", path, exc)
         path.unlink(missing_ok=True)
         return None
     return data

@@ -45,20 +45,18 @@ def _run_trace(model: Model, settings: Settings, payload: Payload) -> bytes:
               noise=settings["noise_std"], seed=settings["seed"], method=c.method,
               precision=c.precision, estimate=c.estimate or "logodds", sever=c.sever,
               positions=last_subject, progress=False)
-    # the trace saw a float std: record where it came from (the dataset's subjects)
-    return dataclasses.replace(r, noise_source=settings["noise_source"]).to_bytes()
+    # the trace saw a float std: record where it came from (the dataset's subjects); and the
+    # caller's name of the model (a worker may have loaded it from a saved copy)
+    return dataclasses.replace(r, noise_source=settings["noise_source"],
+                               model_name=settings["model_name"]).to_bytes()
 
 
 def _check_trace(data: bytes, settings: Settings, payload: Payload) -> None:
+    from interp_edit.tracing.dataset import trace_differs
     from interp_edit.tracing.results import TraceResult
 
-    r = TraceResult.from_bytes(data)
-    c = payload["condition"]
-    got = (r.prompt, r.subject, r.target, r.kind, r.sever, r.method, r.samples, r.seed)
-    want = (payload["prompt"], payload["subject"], payload["target"], c["kind"], c["sever"],
-            c["method"], settings["samples"], settings["seed"])
-    if got != want or tuple(r.scores.shape) != (len(r.token_ids), r.n_layers):
-        raise InterpEditError(f"trace result answers {got}, not {want}")
+    if differ := trace_differs(TraceResult.from_bytes(data), payload, settings):
+        raise InterpEditError(f"another trace: it differs in {', '.join(differ)}")
 
 
 def _run_evaluate(model: Model, settings: Settings, payload: Payload) -> bytes:
