@@ -194,21 +194,27 @@ def missing(plan: Plan, units: Sequence[Unit] | None = None) -> list[Unit]:
 
 
 def execute(plan: Plan, ex: Executor, units: Sequence[Unit] | None = None, *,
-            progress: bool = True, desc: str | None = None) -> RunStats:
-    """Compute the missing results of ``units`` (default: all the plan's) and write them."""
+            progress: bool = True, desc: str | None = None, bar: tqdm | None = None) -> RunStats:
+    """Compute the missing results of ``units`` (default: all the plan's) and write them.
+    One progress bar on the driver: ``bar`` if given (updated once per unit), else its own."""
     units = plan.units if units is None else units
     todo = missing(plan, units)
     stats = RunStats(reused=len(units) - len(todo))
     check = task(plan.task).check
-    bar = tqdm(total=len(units), initial=stats.reused, unit=plan.task, desc=desc or plan.task,
-               disable=not progress, dynamic_ncols=True)
-    with bar:
+    own = bar is None
+    if own:
+        bar = tqdm(total=len(units), initial=stats.reused, unit=plan.task,
+                   desc=desc or plan.task, disable=not progress, dynamic_ncols=True)
+    try:
         for unit, data, pid in ex.map(plan, todo):
             check(data, plan.settings, unit.payload)  # never write a result that fails it
             write_atomic(plan.path(unit), data)
             stats.ran += 1
             stats.pids[pid] += 1
             bar.update()
+    finally:
+        if own:
+            bar.close()
     return stats
 
 

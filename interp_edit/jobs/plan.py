@@ -149,7 +149,11 @@ class Plan:
         keys = [u.key for u in self.units]
         if len(set(keys)) != len(keys):
             raise InterpEditError("a plan's units must have distinct result files")
-        json.dumps(self.to_dict())  # fails here, not on a worker, if something is not JSON
+        try:  # fail here, not on a worker, if something is not JSON
+            json.dumps(self.to_dict(), allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise InterpEditError(f"a plan must be plain JSON (numbers, strings, lists, "
+                                  f"dicts): {exc}; pass such values (e.g. hparams)") from None
 
     def path(self, unit: Unit) -> Path:
         return Path(self.out) / unit.key
