@@ -4,12 +4,16 @@
     interp-edit evaluate ... --out results/ --resume     # go on after Ctrl-C (same settings)
     interp-edit evaluate --method none --dataset probes --out results/      # no-edit baseline
     interp-edit evaluate --method rome --path zsre.json --dataset zsre --hparam layer=4
+    interp-edit evaluate ... --executor ray --workers 8 --results-dir runs/rome   # on Ray;
+                                     # the same command again does only the missing records
 """
 
 from __future__ import annotations
 
 import ast
 import sys
+
+from interp_edit.cli._executor import executor_arguments, executor_options
 
 _DATASETS = ("counterfact", "zsre", "probes")
 
@@ -31,6 +35,10 @@ def register(sub) -> None:
                    help="go on from the report in --out (a run stopped with Ctrl-C)")
     p.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE",
                    help="editor hyperparameter, repeatable (values parsed as Python literals)")
+    p.add_argument("--results-dir", default=None,
+                   help="one result file per record here (default with --executor ray: the "
+                        "user cache); a rerun evaluates only the missing records")
+    executor_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -84,7 +92,8 @@ def run(args) -> int:
             print(f"no report at {path} yet: starting afresh")
     model = load_model(args.model)
     report = evaluate(model, records, method=args.method, n=args.n, fluency=args.fluency,
-                      seed=args.seed, resume=resume, **hparams)
+                      seed=args.seed, resume=resume, results_dir=args.results_dir,
+                      **executor_options(args), **hparams)
     print(report.to_markdown())
     if args.out:
         print(f"wrote {report.save(args.out)} (+ .csv, .md)")
