@@ -130,7 +130,7 @@ def main() -> None:
     study = 1000 * big
     print(f"A 1,000-fact study on 7B: {study / 1e15:.0f} PMAC; at {args.gpu_tmacs:g} TMAC/s "
           "effective per GPU: " + ", ".join(
-              f"{g} GPU{'s' if g > 1 else ''} {study / (g * args.gpu_tmacs * 1e12) / 3600:.1f} h"
+              f"{g} GPU{'s' if g > 1 else ''} {study / (g * args.gpu_tmacs * 1e12) / 60:.1f} min"
               for g in (1, 8, 32)) + " (plus one model load per worker).")
 
 
