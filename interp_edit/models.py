@@ -106,9 +106,15 @@ class Model:
 
     @functools.cached_property
     def parameters_by_name(self) -> dict[str, torch.nn.Parameter]:
-        """``hf_model``'s parameters by name, listed once (walking the bridge's module tree
-        takes tens of milliseconds; an edit looks parameters up several times)."""
-        return dict(self.hf_model.named_parameters())
+        """``hf_model``'s parameters by Hugging Face state-dict name (the bridge's wrapper
+        paths removed, :func:`interp_edit.arch.hf_name`), then by the wrapped names too (files
+        written before edits named parameters that way still load). Listed once: walking the
+        bridge's module tree takes tens of milliseconds; an edit looks parameters up several
+        times."""
+        from interp_edit.arch import hf_name
+
+        wrapped = dict(self.hf_model.named_parameters())
+        return {**{hf_name(n): p for n, p in wrapped.items()}, **wrapped}
 
     @functools.cached_property
     def hook_points(self) -> tuple[torch.nn.Module, ...]:
@@ -138,12 +144,15 @@ class Model:
             self._hooks_known = None
 
     def mlp_out_proj(self, layer: int) -> torch.nn.Module:
-        """The HF linear layer that maps MLP keys (``d_mlp``) to the residual stream.
+        """The HF module that maps MLP keys (``d_mlp``) to the residual stream (an
+        ``nn.Linear``, or GPT-2's ``Conv1D``: its weight's orientation and the one
+        ``[d_model, d_mlp]`` view of it are :class:`interp_edit.arch.Adapter`'s).
 
         ROME and MEND edit its weight. Its input is the hook point ``mlp_key_hook(layer)``.
         """
-        self._check_layer(layer)
-        return _unwrap(self.bridge.blocks[layer].mlp.out)
+        from interp_edit.arch import adapter
+
+        return adapter(self).mlp_out(layer)
 
     def _check_layer(self, layer: int) -> None:
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.n_layers:
@@ -292,15 +301,15 @@ class Model:
     @torch.no_grad()
     def generate(self, prompt: str, max_new_tokens: int = 20) -> str:
         """Greedy continuation, returned without the prompt; it ends at the end-of-text token.
-        On a Llama-family model with no hook installed it decodes on the layer stepper with a
+        On a model the layer stepper runs, with no hook installed, it decodes on the layer stepper with a
         key/value cache (the same tokens up to float rounding, ~3x faster on a CPU); otherwise
         it runs the whole sequence through the hooks once per new token."""
-        from interp_edit._llama import LlamaStepper  # (that module imports this one)
+        from interp_edit.arch.stepper import Stepper
 
         max_new_tokens = _validate.count("max_new_tokens", max_new_tokens, 0)
         ids, eos = self._encode(prompt)[0], self.tokenizer.eos_token_id
-        if LlamaStepper.usable(self):
-            row = LlamaStepper(self, len(ids) + max_new_tokens).decode(
+        if Stepper.usable(self):
+            row = Stepper(self, len(ids) + max_new_tokens).decode(
                 torch.tensor([ids], device=self.device), max_new_tokens,
                 lambda scores: scores.argmax(-1, keepdim=True), stop=eos)[0, len(ids):].tolist()
             return self.tokenizer.decode(row[: row.index(eos)] if eos in row else row)
@@ -332,6 +341,12 @@ def mlp_key_hook(layer: int) -> str:
     return f"blocks.{layer}.mlp.out.hook_in"
 
 
+def mlp_write_hook(layer: int) -> str:
+    """Output of the MLP output projection, [batch, pos, d_model]: what the edited matrix
+    writes, before any post-norm (Gemma 2/3, OLMo-2; elsewhere equal to ``mlp_out_hook``)."""
+    return f"blocks.{layer}.mlp.out.hook_out"
+
+
 EMBED_HOOK = "hook_embed"
 
 
@@ -360,11 +375,6 @@ def load_model(
     model = Model(bridge, tok, DEFAULT_MODEL if name is None else str(name))
     log.info("loaded %s in %.2fs", model.name, time.perf_counter() - t0)
     return model
-
-
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    """The HF module inside a bridge component."""
-    return getattr(module, "original_component", module)
 
 
 # config fields that say where and with what the weights were read, not what they are

@@ -215,7 +215,7 @@ def compare_activations(
         targets=tuple(targets),
         subject=req.subject,
         method=edit.method,
-        edit_layers=_edit_layers(edit),
+        edit_layers=_edit_layers(model, edit),
         context=edit.context,
         model_name=model.name,
     )
@@ -284,12 +284,10 @@ def _capture_all(
     }
 
 
-def _edit_layers(edit: AppliedEdit) -> tuple[int, ...]:
-    """Block indices of the parameters the edit changed (``...layers.{i}...`` names)."""
-    layers = set()
-    for name in edit.deltas:
-        parts = name.split(".")
-        for a, b in zip(parts, parts[1:]):
-            if a in ("layers", "h", "blocks", "layer") and b.isdigit():
-                layers.add(int(b))
-    return tuple(sorted(layers))
+def _edit_layers(model: Model, edit: AppliedEdit) -> tuple[int, ...]:
+    """Block indices of the parameters the edit changed (the adapter finds each parameter's
+    block, whatever the family's naming)."""
+    from interp_edit.arch import adapter
+
+    found = {adapter(model).layer_of(name) for name in edit.deltas}
+    return tuple(sorted(j for j in found if j is not None))

@@ -52,6 +52,8 @@ _METHOD_MODULES = {
     "ike": "interp_edit.editing.ike",
     "ft": "interp_edit.editing.finetune",
     "ft-l": "interp_edit.editing.finetune",
+    "memit": "interp_edit.editing.memit",
+    "alphaedit": "interp_edit.editing.alphaedit",
 }
 
 
@@ -142,7 +144,9 @@ def get_parameter(model: Model, name: str) -> torch.nn.Parameter:
 
 
 def parameter_name(model: Model, module: torch.nn.Module, attr: str = "weight") -> str:
-    """The ``hf_model`` parameter name of ``module.<attr>`` (e.g. an MLP down projection)."""
+    """The Hugging Face state-dict name of ``module.<attr>`` (e.g. an MLP output projection,
+    ``model.layers.3.mlp.down_proj.weight``), which is what saved edits store: it does not
+    depend on the bridge's wrapper paths (:attr:`Model.parameters_by_name`)."""
     target = getattr(module, attr)
     for name, p in model.parameters_by_name.items():
         if p is target:
@@ -156,7 +160,9 @@ class AppliedEdit:
 
     - ``deltas``: parameter name -> weight change (empty for in-context methods);
     - ``context``: text prepended to prompts by in-context methods (IKE); use ``wrap``;
-    - ``info``: JSON-serialisable details (chosen layer and why, timings, losses).
+    - ``info``: JSON-serialisable details (chosen layer and why, timings, losses);
+    - ``keys``: parameter name -> the keys ``[n, d_in]`` the edit wrote values for (ROME's
+      and MEMIT's k*), so that later edits can protect them (AlphaEdit).
     """
 
     model: Model | None
@@ -166,6 +172,7 @@ class AppliedEdit:
     deltas: dict[str, Tensor] = field(default_factory=dict)
     context: str = ""
     info: dict[str, Any] = field(default_factory=dict)
+    keys: dict[str, Tensor] = field(default_factory=dict)
     _originals: dict[str, Tensor] = field(default_factory=dict, repr=False)
     model_name: str = ""
     fingerprint: str = ""
@@ -183,6 +190,7 @@ class AppliedEdit:
         *,
         owned: bool = False,
         added_to: Mapping[str, Tensor] | None = None,
+        keys: Mapping[str, Tensor] | None = None,
     ) -> "AppliedEdit":
         """Record ``deltas`` and apply them to ``model`` (the common path for weight editors).
         ``owned``: the editor hands its fresh tensors over, so they are kept, not copied.
@@ -198,6 +206,7 @@ class AppliedEdit:
             hparams=_hparams_dict(hparams),
             deltas={k: v.detach() if owned else v.detach().clone() for k, v in deltas.items()},
             info=dict(info or {}),
+            keys={k: v.detach().clone() for k, v in (keys or {}).items()},
             model_name=model.name,
             fingerprint=model.fingerprint,
         )
@@ -316,6 +325,7 @@ class AppliedEdit:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.deltas.items()}
+        tensors |= {_KEYS + k: v.detach().contiguous().cpu() for k, v in self.keys.items()}
         meta = {"interp_edit": json.dumps(self.metadata(), default=_json_default)}
         save_file(tensors, str(path), metadata=meta)
         return path
@@ -333,14 +343,16 @@ def load_edit(path: str | Path) -> AppliedEdit:
     if header is None:
         raise InterpEditError(f"{path} is not an interp_edit edit (no metadata)")
     meta = json.loads(header)
+    tensors = load_file(str(path))
     return AppliedEdit(
         model=None,
         method=meta["method"],
         requests=[EditRequest(**r) for r in meta["requests"]],
         hparams=meta["hparams"],
-        deltas=load_file(str(path)),
+        deltas={k: v for k, v in tensors.items() if not k.startswith(_KEYS)},
         context=meta.get("context", ""),
         info=meta.get("info", {}),
+        keys={k[len(_KEYS):]: v for k, v in tensors.items() if k.startswith(_KEYS)},
         model_name=meta["model_name"],
         fingerprint=meta["fingerprint"],
     )
@@ -369,6 +381,12 @@ def loaded_weights(model: Model) -> Iterator[None]:
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(edited[name])
+_KEYS = "keys/"  # prefix of the written keys' tensor names in a saved edit
+
+
+def applied_edits(model: Model) -> tuple[AppliedEdit, ...]:
+    """The edits applied to ``model``, oldest first."""
+    return tuple(_edit_stack(model))
 
 
 def _edit_stack(model: Model) -> list[AppliedEdit]:
@@ -388,3 +406,17 @@ def _json_default(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj):
         return dataclasses.asdict(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+class Laps:
+    """Lap timer: ``laps("phase")`` records the seconds since the previous lap in ``.laps``."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(now - self._t, 3)
+        self._t = now
+

@@ -8,7 +8,8 @@ whatever text precedes the subject (Meng et al. 2022, §3.1).
 - :func:`sample_token_ids`: seeded top-k sampling from the model (prefixes, generated corpora);
 - :func:`context_templates`: ``("{}", "<prefix>. {}", ...)``, cached per model on disk;
 - :func:`encode_facts`: tokenized prompts with the subject's last token and target positions;
-- :func:`subject_keys` / :func:`key_star`: the keys at the subject's last token and their mean.
+- :func:`subject_keys` / :func:`key_star` / :func:`keys_star`: the keys at the subject's last
+  token and their mean over the contexts, for one fact or for a batch of facts in one pass.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+from einops import rearrange
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from interp_edit._cache import cache_dir
-from interp_edit._llama import LlamaStepper
+from interp_edit.arch import adapter
+from interp_edit.arch.stepper import Stepper
 from interp_edit.hooks import capture, hooked
 from interp_edit.models import Model, mlp_key_hook
 
@@ -44,8 +47,8 @@ def sample_token_ids(
 
     The promise: plain top-k sampling at temperature 1 from the model's own next-token
     distribution (:func:`_draw`; none of the model's generation-config settings apply),
-    seeded, with the global RNG state left untouched. Llama-family models decode on the
-    layer stepper with a key/value cache; every other model on :func:`_sample_by_recompute`,
+    seeded, with the global RNG state left untouched. Models the layer stepper runs
+    (:class:`~interp_edit.arch.stepper.Stepper`) decode on it with a key/value cache; every other model on :func:`_sample_by_recompute`,
     the project's reference (one full forward pass per new token). Both make the same RNG
     calls, so they draw the same tokens up to float rounding of the scores. Neither depends
     on Hugging Face ``generate``, whose sampling internals change between releases."""
@@ -64,7 +67,7 @@ def sample_token_ids(
         ids = torch.tensor([doc + model.tokenize(starters[i]).tolist()] * rows, device=model.device)
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed * 100_003 + j)
-            if LlamaStepper.supports(model):  # the weights only: bridge hooks do not apply
+            if Stepper.supports(model):  # the weights only: bridge hooks do not apply
                 gen = _sample_on_stepper(model, ids, length, top_k, banned)
             else:
                 gen = _sample_by_recompute(model, ids, length, top_k, banned)
@@ -95,7 +98,7 @@ def _sample_on_stepper(model: Model, ids: Int[Tensor, "rows prompt"], length: in
     """``length`` tokens after ``ids`` drawn by :func:`_draw` from the fp32 scores of the last
     position, on the layer stepper with a key/value cache. A sequence that draws the end
     token goes on (the caller cuts it there), which changes no other row."""
-    return LlamaStepper(model, ids.shape[1] + length).decode(
+    return Stepper(model, ids.shape[1] + length).decode(
         ids, length, lambda scores: _draw(scores, top_k, banned))
 
 
@@ -111,14 +114,10 @@ def _sample_by_recompute(model: Model, ids: Int[Tensor, "rows prompt"], length: 
 
 
 def document_start(model: Model) -> list[int]:
-    """The token that opens a plain document, to sample ordinary text after: the tokenizer's
-    ``<|endoftext|>`` (GPT-2, SmolLM), else a BOS token that is not a chat marker, else none.
+    """The token that opens a plain document (:meth:`interp_edit.arch.Adapter.document_start`:
+    the end-of-text token where the tokenizer has one, else a non-chat BOS, else none).
     After a bare "The" with no such token, SmolLM2 continues with code-like fragments."""
-    tok = model.tokenizer
-    vocab = tok.get_vocab()
-    if "<|endoftext|>" in vocab:
-        return [vocab["<|endoftext|>"]]
-    return [tok.bos_token_id] if model.prepend_bos else []
+    return adapter(model).document_start()
 
 
 def context_templates(
@@ -155,21 +154,28 @@ class FactBatch:
         pos = torch.arange(self.ids.shape[1], device=self.ids.device)
         return pos[None, :] == self.subject_last[:, None]
 
+    def select(self, rows: Int[Tensor, "k"]) -> "FactBatch":
+        """The batch of ``rows`` only (right padding stays exact for causal attention)."""
+        return FactBatch(self.ids[rows], self.subject_last[rows], self.target_labels[rows],
+                         self.target_mask[rows])
+
 
 def encode_facts(
     model: Model,
     templates: Sequence[str],
-    subject: str,
+    subject: str | Sequence[str],
     targets: str | None | Sequence[str | None] = None,
 ) -> FactBatch:
-    """Fill ``subject`` into each template (one ``{}`` each, e.g. a context template applied
+    """Fill the subject into each template (one ``{}`` each, e.g. a context template applied
     to the request's prompt) and append all but the last token of the row's target, so that
-    the logits at the masked positions predict every target token. ``targets``: one for all
-    rows, or one per row (``None``: the prompt alone)."""
+    the logits at the masked positions predict every target token. ``subject``: one for all
+    rows, or one per row; ``targets``: one for all rows, or one per row (``None``: the prompt
+    alone)."""
     if targets is None or isinstance(targets, str):
         targets = [targets] * len(templates)
+    subjects = [subject] * len(templates) if isinstance(subject, str) else list(subject)
     seqs, subj_last, spans = [], [], []
-    for tpl, target in zip(templates, targets, strict=True):
+    for tpl, subject, target in zip(templates, subjects, targets, strict=True):
         text = tpl.format(subject)
         # the subject occurrence that replaces "{}" (a prefix may mention the subject too)
         occurrence = _count_occurrences(text[: tpl.index("{}")], subject)
@@ -209,5 +215,21 @@ def key_star(
     model: Model, layer: int, template: str, subject: str, contexts: Sequence[str]
 ) -> Float[Tensor, "d_mlp"]:
     """k*: the mean key at the subject's last token over ``template`` in every context."""
-    batch = encode_facts(model, [c.format(template) for c in contexts], subject)
-    return subject_keys(model, layer, batch).mean(0)
+    return keys_star(model, layer, [(template, subject)], contexts)[0]
+
+
+def context_batch(
+    model: Model, facts: Sequence[tuple[str, str]], contexts: Sequence[str]
+) -> FactBatch:
+    """Every fact ``(template, subject)`` in every context, fact-major: row ``i * len(contexts)
+    + j`` is fact i in context j (context 0 is ``"{}"``, the prompt alone)."""
+    rows = [(c.format(tpl), subj) for tpl, subj in facts for c in contexts]
+    return encode_facts(model, [t for t, _ in rows], [s for _, s in rows])
+
+
+def keys_star(
+    model: Model, layer: int, facts: Sequence[tuple[str, str]], contexts: Sequence[str]
+) -> Float[Tensor, "n_facts d_mlp"]:
+    """k* of each fact ``(template, subject)``: its mean key over the contexts, in one pass."""
+    keys = subject_keys(model, layer, context_batch(model, facts, contexts))
+    return rearrange(keys, "(f c) d -> f c d", c=len(contexts)).mean(1)

@@ -45,6 +45,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from interp_edit import _validate as check
+from interp_edit.arch import adapter
 from interp_edit.editing.mend import MENDConfig, MENDEditor, last_layers
 from interp_edit.editing.mend_factors import TargetBatch, batch_factors, gradient_factors
 from interp_edit.errors import InterpEditError
@@ -159,7 +160,9 @@ def meta_loss(
     away = true_rows[:1] if contrast and editor.config.contrast else []  # true | edit prompt
     run = batch_factors(model, layers, batch, [0], away=away)
     steps = editor(run.factors)
-    edited = {layer: model.mlp_out_proj(layer).weight + steps[layer] for layer in layers}
+    to_parameter = adapter(model).to_parameter  # [d_model, d_mlp] -> the weight's orientation
+    edited = {layer: model.mlp_out_proj(layer).weight + to_parameter(layer, steps[layer])
+              for layer in layers}
     with substituted(model, edited):  # blocks below the first edited one are unchanged
         after = (logits_from(model, run.start, batch.keep) if run.start is not None
                  else model.logits(batch.ids, batch.keep))

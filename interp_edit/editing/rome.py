@@ -1,7 +1,8 @@
 """ROME: Rank-One Model Editing (Meng et al. 2022), with consistent keys.
 
-An MLP output projection W (``model.mlp_out_proj(layer)``, ``[d_model, d_mlp]``) is read as a
-linear associative memory: the key k at the subject's last token maps to a value W k that
+An MLP output projection W (``model.mlp_out_proj(layer)``, seen as ``[d_model, d_mlp]``
+whatever its storage: :meth:`interp_edit.arch.Adapter.mlp_out_matrix`; GPT-2's Conv1D stores
+it transposed) is read as a linear associative memory: the key k at the subject's last token maps to a value W k that
 carries the subject's attributes. One edit:
 
 1. **locate**: ``layer="auto"`` asks :func:`interp_edit.tracing.locate` for the layer with the
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import numbers
-import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -36,22 +36,22 @@ from torch import Tensor
 
 from interp_edit import _validate
 from interp_edit._cache import tensors_digest
+from interp_edit.arch import adapter
 from interp_edit.editing.base import (
     AppliedEdit,
     EditRequest,
+    Laps,
     get_parameter,
     parameter_name,
     register_editor,
 )
-from interp_edit.editing.keys import FactBatch, context_templates, encode_facts, key_star
-from interp_edit.editing.stats import (
-    GENERATED, autocast, corpus_identity, second_moment, solve_mom2)
+from interp_edit.editing.keys import context_templates, key_star
+from interp_edit.editing.stats import GENERATED, corpus_identity, second_moment
+from interp_edit.editing.update import memit_update
+from interp_edit.editing.vstar import VOptions, optimise_deltas
 from interp_edit.errors import InterpEditError
-from interp_edit.hooks import add_delta, hooked
-from interp_edit.models import Model, mlp_out_hook
+from interp_edit.models import Model
 from interp_edit.tracing.locate import locate, search_layers
-
-KL_TEMPLATE = "{} is a"  # the essence prompt whose next-token distribution must not change
 
 
 @dataclass(frozen=True)
@@ -123,10 +123,11 @@ class RomeStep:
     """One request's edit, computed on the current weights (not applied)."""
 
     layer: int
-    parameter: str  # hf_model parameter name of the edited weight
+    parameter: str  # Hugging Face state-dict name of the edited weight
     k: Float[Tensor, "d_mlp"]  # k*: mean key at the subject's last token
     v: Float[Tensor, "d_model"]  # v*: the value W' k* must produce
-    delta: Float[Tensor, "d_model d_mlp"]  # ΔW, rank one
+    delta: Float[Tensor, "d_model d_mlp"]  # ΔW, rank one, as [d_model, d_mlp]
+    update: Tensor  # ΔW in the parameter's own orientation (what is added to it)
     info: dict  # why this layer, the locating trace, the v* losses, seconds per phase
 
 
@@ -136,6 +137,7 @@ def apply_rome(model: Model, requests: Sequence[EditRequest], hp: ROMEHparams) -
     contexts = context_templates(model, hp.n_prefixes, hp.prefix_len, seed=hp.seed)
     originals: dict[str, Tensor] = {}
     total: dict[str, Tensor] = {}
+    written: dict[str, list[Tensor]] = {}  # parameter -> the k* of each request edited there
     infos = []
     marks = contextlib.ExitStack()
     try:
@@ -144,12 +146,13 @@ def apply_rome(model: Model, requests: Sequence[EditRequest], hp: ROMEHparams) -
             weight = model.mlp_out_proj(step.layer).weight
             originals.setdefault(step.parameter, weight.detach().clone())
             with torch.no_grad():
-                weight.add_(step.delta)  # the next request sees this one
+                weight.add_(step.update)  # the next request sees this one
             if i + 1 < len(requests):  # and caches see it too (Model.weights_key)
                 marks.enter_context(model.weights_changed(
-                    tensors_digest({step.parameter: step.delta})))
+                    tensors_digest({step.parameter: step.update})))
             prev = total.get(step.parameter)
-            total[step.parameter] = step.delta if prev is None else prev + step.delta
+            total[step.parameter] = step.update if prev is None else prev + step.update
+            written.setdefault(step.parameter, []).append(step.k)
             infos.append(step.info)
     finally:
         marks.close()
@@ -163,12 +166,13 @@ def apply_rome(model: Model, requests: Sequence[EditRequest], hp: ROMEHparams) -
         "timings": {k: round(sum(i["seconds"][k] for i in infos), 3) for k in infos[0]["seconds"]},
         "edits": infos,
     }
-    return AppliedEdit.from_deltas(model, "rome", requests, hp, total, info=summary)
+    keys = {name: torch.stack(ks) for name, ks in written.items()}
+    return AppliedEdit.from_deltas(model, "rome", requests, hp, total, info=summary, keys=keys)
 
 
 def rome_step(model: Model, req: EditRequest, hp: ROMEHparams, contexts: Sequence[str]) -> RomeStep:
     """One request on the current weights: the layer, k*, v* and ΔW."""
-    clock = _Clock()
+    clock = Laps()
     layer, why, trace = choose_layer(model, req, hp)
     clock("locate")
     proj = model.mlp_out_proj(layer)
@@ -177,13 +181,15 @@ def rome_step(model: Model, req: EditRequest, hp: ROMEHparams, contexts: Sequenc
     clock("stats")
     k = key_star(model, layer, req.template, req.subject, contexts)
     clock("k")
-    w = proj.weight.detach()
+    ad = adapter(model)
+    w = ad.mlp_out_matrix(layer).detach()  # [d_model, d_mlp], whatever the storage
     v, losses = compute_v(model, layer, req, w @ k, contexts, hp)
     clock("v")
     delta = rank_one_update(w, k, v, mom2, ridge=hp.mom2_ridge)
     clock("update")
     info = {"layer": layer, "why": why, "trace": trace, "v": losses, "seconds": clock.laps}
-    return RomeStep(layer, parameter_name(model, proj), k, v, delta, info)
+    return RomeStep(layer, parameter_name(model, proj), k, v, delta,
+                    ad.to_parameter(layer, delta), info)
 
 
 def choose_layer(model: Model, req: EditRequest, hp: ROMEHparams) -> tuple[int, str, dict | None]:
@@ -210,57 +216,10 @@ def compute_v(
     contexts: Sequence[str],
     hp: ROMEHparams,
 ) -> tuple[Float[Tensor, "d_model"], dict]:
-    """v* = v0 + δ, with δ added to the MLP output at the subject's last token, optimised for
-    the new target after every context (NLL) while "{subject} is a" keeps its distribution
-    (KL), under weight decay and the norm clamp ‖δ‖ ≤ clamp_norm_factor · ‖v0‖."""
-    templates = [c.format(req.template) for c in contexts]
-    batch = encode_facts(model, [*templates, KL_TEMPLATE], req.subject,
-                         [req.target_new] * len(templates) + [None])
-    kl_row = len(templates)
-    kl_pos = batch.subject_last[kl_row]
-    delta = torch.zeros_like(v0, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=hp.v_lr)
-    max_norm = hp.clamp_norm_factor * v0.norm()
-    rows = batch.target_mask.nonzero()[:, 0]  # the row of each target token
-    n_target = batch.target_mask.sum(1)[:kl_row]
-    kl_init, curve = None, []
-    for step in range(hp.v_steps):
-        with autocast(model, hp.precision):
-            logp_target, logp_kl = _edited_logprobs(model, layer, batch, delta, kl_row, kl_pos)
-        if kl_init is None:
-            kl_init = logp_kl.detach()
-        per_row = torch.zeros(kl_row, device=rows.device).index_add(0, rows, logp_target)
-        nll = -(per_row / n_target).mean()
-        kl = torch.nn.functional.kl_div(kl_init, logp_kl, log_target=True, reduction="sum")
-        decay = hp.v_weight_decay * delta.norm() / v0.norm() ** 2
-        loss = nll + hp.kl_factor * kl + decay
-        curve.append((loss.item(), nll.item(), kl.item()))
-        if nll.item() < hp.v_nll_stop or step == hp.v_steps - 1:
-            break
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        with torch.no_grad():  # project back into the ball ‖δ‖ ≤ max_norm
-            if delta.norm() > max_norm:
-                delta.mul_(max_norm / delta.norm())
-    losses = {"steps": len(curve), "loss": [round(c[0], 4) for c in curve],
-              "nll": [round(curve[0][1], 4), round(curve[-1][1], 4)], "kl": round(curve[-1][2], 5),
-              "delta_norm_ratio": round(float(delta.detach().norm() / v0.norm()), 4)}
-    return (v0 + delta).detach(), losses
-
-
-def _edited_logprobs(
-    model: Model, layer: int, batch: FactBatch, delta: Float[Tensor, "d_model"], kl_row: int,
-    kl_pos: Tensor,
-) -> tuple[Float[Tensor, "n_target_tokens"], Float[Tensor, "d_vocab"]]:
-    """Log-probabilities of every target token (in ``target_mask`` order) and the
-    next-token log-distribution of the KL row, with δ added at each subject's last token."""
-    bump = batch.at_subject_last()[..., None] * delta  # [batch, pos, d_model]
-    with hooked(model, [add_delta(mlp_out_hook(layer), slice(None), bump)]):
-        logits = model.logits(batch.ids)  # [batch, pos, d_vocab]
-    target = logits[batch.target_mask].float().log_softmax(-1)  # [n_target_tokens, d_vocab]
-    labels = batch.target_labels[batch.target_mask]
-    return target.gather(-1, labels[:, None])[:, 0], logits[kl_row, kl_pos].float().log_softmax(-1)
+    """v* = v0 + δ: the one-fact case of :func:`~interp_edit.editing.vstar.optimise_deltas`."""
+    delta, losses = optimise_deltas(model, layer, [(req.template, req.subject, req.target_new)],
+                                    v0[None], contexts, VOptions.of(hp))
+    return (v0 + delta[0]).detach(), losses[0]
 
 
 def rank_one_update(
@@ -271,22 +230,7 @@ def rank_one_update(
     *,
     ridge: float = 0.0,
 ) -> Float[Tensor, "d_model d_mlp"]:
-    """ΔW = (v − W k)(C⁻¹k)ᵀ / (kᵀC⁻¹k), computed in float64; then (W + ΔW) k = v.
-    ``ridge`` regularises C (see :func:`~interp_edit.editing.stats.solve_mom2`)."""
-    k64 = k.double()
-    c_inv_k = solve_mom2(mom2, k, ridge)
-    resid = v.double() - w.double() @ k64
-    return (torch.outer(resid, c_inv_k) / (k64 @ c_inv_k)).to(w.dtype)
-
-
-class _Clock:
-    """Lap timer: ``clock("phase")`` records the seconds since the previous lap."""
-
-    def __init__(self) -> None:
-        self.laps: dict[str, float] = {}
-        self._t = time.perf_counter()
-
-    def __call__(self, name: str) -> None:
-        now = time.perf_counter()
-        self.laps[name] = round(now - self._t, 3)
-        self._t = now
+    """ΔW = (v − W k)(C⁻¹k)ᵀ / (kᵀC⁻¹k), so (W + ΔW) k = v: MEMIT's update for one key with
+    no weight on the preserved keys (:func:`~interp_edit.editing.update.memit_update`)."""
+    resid = (v.double() - w.double() @ k.double())[:, None]
+    return memit_update(resid, k[:, None], mom2, ridge=ridge).to(w.dtype)

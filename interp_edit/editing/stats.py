@@ -74,6 +74,7 @@ def second_moments(
     ``"fp32"`` runs it in float32. ``refresh`` rebuilds cached entries; ``progress`` shows a
     bar (``None``: on a terminal). Returns float32 matrices on the model's device."""
     autocast(model, precision)  # checks the name
+    seq_len = min(seq_len, model.n_ctx)  # learned positions end at the context (GPT-2, OPT)
     if n_tokens < seq_len:
         raise InterpEditError(f"n_tokens={n_tokens} is less than one chunk of {seq_len} tokens")
     for layer in layers:
@@ -107,10 +108,11 @@ def second_moments(
 
 
 def solve_mom2(
-    mom2: Float[Tensor, "d_mlp d_mlp"], k: Float[Tensor, "d_mlp"], ridge: float = 0.0
-) -> Float[Tensor, "d_mlp"]:
-    """C⁻¹k in float64, with C = mom2 + ridge · mean(diag mom2) · I. The Cholesky factor of
-    each matrix is kept in memory, so repeated edits at a layer solve in milliseconds."""
+    mom2: Float[Tensor, "d_mlp d_mlp"], k: Float[Tensor, "d_mlp *n"], ridge: float = 0.0
+) -> Float[Tensor, "d_mlp *n"]:
+    """C⁻¹k in float64 (``k`` one key or a matrix of keys as columns), with
+    C = mom2 + ridge · mean(diag mom2) · I. The Cholesky factor of each matrix is kept in
+    memory, so repeated edits at a layer solve in milliseconds."""
     key = (id(mom2), float(ridge))
     hit = _FACTORS.get(key)
     if hit is None or hit[0] is not mom2:
@@ -122,7 +124,9 @@ def solve_mom2(
                 "the key second moment is singular (too few tokens for d_mlp dimensions?): "
                 "use more stats tokens or a ridge > 0")
         _FACTORS[key] = hit = (mom2, factor)
-    return torch.cholesky_solve(k.double()[:, None], hit[1])[:, 0]
+    rhs = k.double()
+    out = torch.cholesky_solve(rhs[:, None] if rhs.dim() == 1 else rhs, hit[1])
+    return out[:, 0] if rhs.dim() == 1 else out
 
 
 def stats_info(model: Model, layer: int, corpus: str | os.PathLike = GENERATED,

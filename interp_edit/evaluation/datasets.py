@@ -8,9 +8,9 @@
   the official format are not used: no metric here reads them.
 - :func:`load_zsre`: zsRE question-answer edits in the MEND format (``src`` question,
   ``answers``, ``alt`` = the new answer, ``rephrase``, ``loc``/``loc_ans``).
-- :func:`load_probes`: a small hand-written set in this package (``probes.json``) in the
-  official CounterFact format plus ``reverse`` and ``portability`` lists of
-  ``[prompt, answer-after-the-edit]``.
+- :func:`load_probes`: a reverse and portability probe set built from the data for one model
+  (``analyses/build_probes.py``, ``probe_builder.py``); the sets of the built-in models ship in
+  this package (``probe_sets/``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,8 @@ from interp_edit.evaluation.records import EditRecord
 
 log = logging.getLogger(__name__)
 
-PROBES_PATH = Path(__file__).with_name("probes.json")
+PROBE_SETS = Path(__file__).with_name("probe_sets")
+PROBE_SET_FORMAT = "interp_edit.ProbeSet/1"
 _FLAT_KEYS = {"prompt", "subject", "target_new", "ground_truth"}
 _ZSRE_KEYS = {"src", "alt", "answers", "subject"}
 
@@ -65,10 +67,24 @@ def load_zsre(path: str | os.PathLike) -> list[EditRecord]:
     return out
 
 
-def load_probes(path: str | os.PathLike | None = None) -> list[EditRecord]:
-    """The hand-written CounterFact-style facts with reverse and portability probes."""
-    rows = _read_json_list(PROBES_PATH if path is None else path)
-    return [_record(path, i, _official, r, i, "probes") for i, r in enumerate(rows)]
+def load_probes(source: str | os.PathLike | None = None) -> list[EditRecord]:
+    """A probe set: ``source`` is a probe-set JSON file, or a model name (the set built for it
+    that ships in ``probe_sets/``); ``None``: the default model's set."""
+    path = Path(source) if source is not None and str(source).endswith(".json") else \
+        probe_set_path(source)
+    doc = _load_json(path)
+    if not isinstance(doc, dict) or doc.get("format") != PROBE_SET_FORMAT:
+        raise InterpEditError(f"{path} is not a probe set (build one with "
+                              "analyses/build_probes.py)")
+    return [EditRecord.from_dict(r) for r in doc["records"]]
+
+
+def probe_set_path(model_name: str | os.PathLike | None = None) -> Path:
+    """Where the probe set of a model lives in this package (``None``: the default model)."""
+    from interp_edit.models import DEFAULT_MODEL
+
+    name = str(model_name) if model_name is not None else DEFAULT_MODEL
+    return PROBE_SETS / (re.sub(r"[^A-Za-z0-9.]+", "-", name).strip("-").lower() + ".json")
 
 
 def _record(path, i: int, build, *args) -> EditRecord | None:
@@ -152,15 +168,20 @@ def _template(prompt: str, subject: str) -> str:
 
 
 def _read_json_list(path: str | os.PathLike) -> list[dict[str, Any]]:
+    data = _load_json(path)
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise InterpEditError(f"{path}: expected a JSON list of records (objects)")
+    return data
+
+
+def _load_json(path: str | os.PathLike) -> Any:
+    """A JSON file's content, with errors that say which file is missing or broken."""
     path = Path(_validate.path("path", path)).expanduser()
     if not path.exists():
         raise InterpEditError(
             f"dataset file {str(path)!r} does not exist (the shared copies live in ../shared/data)"
         )
     try:
-        data = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise InterpEditError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-        raise InterpEditError(f"{path}: expected a JSON list of records (objects)")
-    return data

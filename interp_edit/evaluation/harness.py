@@ -21,6 +21,10 @@ Ctrl-C (KeyboardInterrupt) stops early and returns the records evaluated so far
 (``report.info["interrupted"]``); ``evaluate(..., resume=that_report)`` goes on from there and
 returns what one uninterrupted run would have (the same rows: each record's seed depends only
 on its position, and the unrelated prompts only on ``seed``).
+
+``batch_size=B`` edits B records per edit call instead, and ``sequential=True`` applies batch
+after batch without undo, measuring everything edited so far along the way
+(:mod:`interp_edit.evaluation.streams`).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from tqdm.auto import tqdm
 from interp_edit import _validate
 from interp_edit.editing.base import AppliedEdit, check_hparams, edit, make_hparams
 from interp_edit.errors import InterpEditError
-from interp_edit.evaluation import metrics
+from interp_edit.evaluation import metrics, streams
 from interp_edit.evaluation.records import EditRecord
 from interp_edit.evaluation.report import EvalReport
 from interp_edit.models import Model
@@ -63,6 +67,11 @@ def evaluate(
     workers: int | None = None,
     address: str | None = None,
     results_dir: str | None = None,
+    batch_size: int | None = None,
+    sequential: bool = False,
+    every: int = 1,
+    perplexity_text: str | None = None,
+    edits_dir: str | None = None,
     **hparams: Any,
 ) -> EvalReport:
     """Edit, measure and undo each record; returns per-record rows and aggregates with CIs.
@@ -76,6 +85,9 @@ def evaluate(
     ``results_dir`` run it as a plan (:mod:`interp_edit.jobs.evaluation`): one result file
     per record, so a rerun with the same settings evaluates only the missing records (no
     ``resume`` needed); the rows are those of the in-process run.
+    ``batch_size``, ``sequential``, ``every``, ``perplexity_text``, ``edits_dir``: the batch and
+    sequential protocols (:mod:`~interp_edit.evaluation.streams`; ``sequential`` without a
+    ``batch_size`` edits one record per batch).
     """
     _validate.instance("model", model, Model)
     records = _validate.items("records", records)
@@ -100,7 +112,17 @@ def evaluate(
     skipped: list[dict[str, Any]] = []
     settings = {"fluency_tokens": fluency_tokens if fluency else None,
                 "unrelated_prompts": [p for _, p in pool]}
+    stream = None
+    if batch_size is not None or sequential:
+        stream = streams.StreamOptions(1 if batch_size is None else batch_size, sequential,
+                                       every, perplexity_text, edits_dir=edits_dir)
+        if method == BASELINE:
+            raise InterpEditError("the batch and sequential protocols need an edit method")
+        settings.update(stream.settings())
     if executor != "local" or results_dir is not None:
+        if stream is not None:
+            raise InterpEditError("the batch and sequential protocols run in-process: use "
+                                  "executor='local' without results_dir")
         if resume is not None:
             raise InterpEditError("resume= is for in-process runs; with executor='ray' or "
                                   "results_dir= a rerun with the same settings resumes itself")
@@ -120,8 +142,20 @@ def evaluate(
     seconds_before = 0.0
     if resume is not None:
         _check_resume(resume, model, method, hp, seed, settings)
-        rows, skipped = list(resume.rows), list(resume.skipped)
-        seconds_before = float(resume.info.get("seconds_total", 0.0))
+        if stream is None:
+            rows, skipped = list(resume.rows), list(resume.skipped)
+            seconds_before = float(resume.info.get("seconds_total", 0.0))
+    if stream is not None:
+        t_start = time.perf_counter()
+        chosen, skipped = streams.select(model, records, n, _skip_reason)
+        rows, info = streams.run_stream(model, chosen, method, hparams, stream, pool, pool_top1,
+                                        fluency_tokens if fluency else 0, seed, resume)
+        return EvalReport(method=method, model_name=model.name, hparams=hp, rows=tuple(rows),
+                          skipped=tuple(skipped), seed=seed,
+                          info={"seconds_total": time.perf_counter() - t_start
+                                + (float(resume.info.get("seconds_total", 0)) if resume else 0),
+                                "n_requested": n, "n_records": len(records), **settings,
+                                **info})
     done = {str(x["case_id"]) for x in (*rows, *skipped)}
     bar = tqdm(total=n or len(records), initial=len(rows), desc=f"evaluate {method}",
                disable=not progress)

@@ -6,10 +6,12 @@ An :class:`EditRecord` is a CounterFact-style case: the fact to rewrite (``promp
 - ``paraphrases``: prompts whose answer should become ``target_new``;
 - ``neighborhood``: ``(prompt, answer)`` pairs about *other* subjects whose answer must not change
   (in CounterFact the answer is ``target_true``: same relation, same object, another subject);
-- ``reverse``: ``(prompt, answer)`` pairs that ask the edited fact backwards, answered by the
-  subject ("The landmark in Taipei called the" -> "Space Needle");
-- ``portability``: ``(prompt, answer)`` pairs whose answer follows from the new fact
-  ("The Space Needle is in the country of" -> "Taiwan");
+- ``reverse``: ``(prompt, answer, answer_before)`` probes that ask the edited fact backwards,
+  answered by the subject after the edit ("Paris is the capital of" -> the edited country;
+  before it, "France");
+- ``portability``: ``(prompt, answer, answer_before)`` probes whose answer follows from the new
+  fact through facts the model knows ("The city where {s} worked is located in the country
+  of" -> the new city's country; before it, the true city's);
 - ``generation_prompts``: prompts for free generation (fluency).
 """
 
@@ -24,6 +26,8 @@ from interp_edit.editing.base import EditRequest
 from interp_edit.errors import InterpEditError
 
 Pairs = tuple[tuple[str, str], ...]
+# (prompt, answer after the edit, answer before it)
+Probes = tuple[tuple[str, str, str], ...]
 
 
 @dataclass(frozen=True)
@@ -37,8 +41,8 @@ class EditRecord:
     target_true: str
     paraphrases: tuple[str, ...] = ()
     neighborhood: Pairs = ()
-    reverse: Pairs = ()
-    portability: Pairs = ()
+    reverse: Probes = ()
+    portability: Probes = ()
     generation_prompts: tuple[str, ...] = ()
     source: str = ""
 
@@ -62,13 +66,19 @@ class EditRecord:
             for p in values:
                 _validate.text(f"record {self.case_id!r}: an entry of {name}", p)
             object.__setattr__(self, name, values)
-        for name in ("neighborhood", "reverse", "portability"):
-            pairs = _sequence(self.case_id, name, getattr(self, name))
-            if any(isinstance(p, (str, bytes)) or len(_sequence(self.case_id, name, p)) != 2
-                   for p in pairs):
-                raise InterpEditError(f"record {self.case_id!r}: {name} must be a list of "
-                                      "[prompt, answer] pairs")
-            object.__setattr__(self, name, tuple((str(p), str(a)) for p, a in pairs))
+        pairs = _sequence(self.case_id, "neighborhood", self.neighborhood)
+        if any(isinstance(p, (str, bytes)) or len(_sequence(self.case_id, "neighborhood", p)) != 2
+               for p in pairs):
+            raise InterpEditError(f"record {self.case_id!r}: neighborhood must be a list of "
+                                  "[prompt, answer] pairs")
+        object.__setattr__(self, "neighborhood", tuple((str(p), str(a)) for p, a in pairs))
+        for name in ("reverse", "portability"):
+            probes = _sequence(self.case_id, name, getattr(self, name))
+            if any(isinstance(x, (str, bytes)) or len(_sequence(self.case_id, name, x)) != 3
+                   or not all(str(y).strip() for y in x) for x in probes):
+                raise InterpEditError(f"record {self.case_id!r}: each {name} probe is "
+                                      "[prompt, answer, answer_before], none empty")
+            object.__setattr__(self, name, tuple(tuple(str(y) for y in x) for x in probes))
 
     @property
     def text(self) -> str:

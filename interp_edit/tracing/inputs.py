@@ -24,7 +24,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from interp_edit import _validate
-from interp_edit._llama import LlamaStepper, RunCache, resolve_precision
+from interp_edit.arch.stepper import Stepper, RunCache, resolve_precision
 from interp_edit._precision import PRECISIONS
 from interp_edit.errors import InterpEditError
 from interp_edit.models import Model
@@ -147,16 +147,16 @@ def prepare(
         model, prompt, subject, ids, (start, end), target, target_id, None, values, std,
         source, int(seed),
     )  # fmt: skip
-    if not (clean_pass and LlamaStepper.usable(model)):
+    if not (clean_pass and Stepper.usable(model)):
         return inputs
-    stepper = LlamaStepper(model, len(ids))
+    stepper = Stepper(model, len(ids))
     clean = stepper.full_run(ids[None].to(model.device))
     return inputs.completed(stepper.unembed(clean.final[0]).softmax(-1), clean)
 
 
 def screen_precision(model: Model, method: str, precision: str) -> str:
     """What a trace's multiplies run in, ``"model"`` or ``"bfloat16"``: ``precision`` resolved
-    for ``method="attribution"`` (see :func:`interp_edit._llama.resolve_precision`), the
+    for ``method="attribution"`` (see :func:`interp_edit.arch.stepper.resolve_precision`), the
     model's dtype for the exact methods."""
     if method != "attribution" or resolve_precision(model, precision) is None:
         return "model"

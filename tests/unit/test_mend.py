@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import interp_edit as ie
+from interp_edit.arch import hf_name
 from interp_edit.editing.base import parameter_name
 from interp_edit.editing.mend import MENDConfig, MENDEditor, last_layers
 from interp_edit.editing.mend_factors import TargetBatch, gradient_factors
@@ -54,7 +55,7 @@ def trained(fm, data, tmp_path_factory):
 
 
 def _weights(model):
-    return {k: v.detach().clone() for k, v in model.hf_model.named_parameters()}
+    return {hf_name(k): v.detach().clone() for k, v in model.hf_model.named_parameters()}
 
 
 def test_gradient_factorisation_is_exact(fm):
@@ -124,7 +125,7 @@ def test_resumed_step_equals_a_full_pass(fm, trained):
     req = ie.EditRequest(f.template, f.subject, "Oslo", f.attribute)
     first = editor.step(m, [req])
     assert first.start is not None and first.start.layer == min(editor.config.layers)
-    params = dict(m.hf_model.named_parameters())
+    params = m.parameters_by_name
     saved = {name: params[name].detach().clone() for name in first.deltas}
     try:
         with torch.no_grad():

@@ -12,15 +12,11 @@ from interp_edit.testing import CITIES
 
 
 @pytest.fixture(scope="module")
-def HP(fm, tmp_path_factory):
+def HP(fact_corpus):
     """Settings for the 4-layer fact model. It knows only its own sentences: no context
     prefixes (it cannot continue them), and key statistics from those sentences."""
-    path = tmp_path_factory.mktemp("corpus") / "facts.txt"
-    lines = [t.format(f.subject) + " " + f.attribute + " ." for f in fm.facts
-             for t in (f.template, *f.paraphrases)]
-    path.write_text("\n".join(lines * 4) + "\n")
     return dict(layer=0, n_prefixes=0, v_steps=100, v_nll_stop=0.01, v_weight_decay=0.01,
-                corpus=str(path), stats_tokens=2000, precision="fp32")
+                corpus=str(fact_corpus), stats_tokens=2000, precision="fp32")
 
 
 @pytest.fixture(autouse=True)

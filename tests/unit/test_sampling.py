@@ -8,18 +8,18 @@ itself against the top-k softmax it promises. Nothing here depends on Hugging Fa
 import pytest
 import torch
 
-from interp_edit._llama import LlamaStepper
+from interp_edit.arch.stepper import Stepper
 from interp_edit.editing.keys import _draw, sample_token_ids
 
 
 @pytest.mark.parametrize("exact", [False, True])
 def test_stepper_sampler_draws_what_the_reference_draws(tiny, monkeypatch, exact):
     kw = dict(n=12, length=9, seed=4, exact=exact, batch_size=5, starters=("the", "a", "of"))
-    assert LlamaStepper.supports(tiny)
+    assert Stepper.supports(tiny)
     state = torch.random.get_rng_state()
     fast = sample_token_ids(tiny, **kw)
     assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is untouched
-    monkeypatch.setattr(LlamaStepper, "supports", staticmethod(lambda model: False))
+    monkeypatch.setattr(Stepper, "supports", staticmethod(lambda model: False))
     assert fast == sample_token_ids(tiny, **kw)  # one full forward pass per token
     assert len(fast) == 12 and all(tiny.tokenizer.eos_token_id not in row for row in fast)
     if exact:  # never stopped: the starter token and 9 new ones
@@ -35,7 +35,7 @@ def test_the_models_own_sampling_settings_do_not_apply(tiny, monkeypatch):
     for name, value in dict(temperature=0.3, top_p=0.5, repetition_penalty=1.5).items():
         monkeypatch.setattr(tiny.hf_model.generation_config, name, value)
     assert sample_token_ids(tiny, **kw) == plain
-    monkeypatch.setattr(LlamaStepper, "supports", staticmethod(lambda model: False))
+    monkeypatch.setattr(Stepper, "supports", staticmethod(lambda model: False))
     assert sample_token_ids(tiny, **kw) == plain
 
 
@@ -47,7 +47,7 @@ def test_decode_stops_once_every_row_has_chosen_the_stop_token(tiny):
         seen.append(scores.shape)
         return torch.tensor(next(picks))[:, None]
 
-    stepper = LlamaStepper(tiny, 8)
+    stepper = Stepper(tiny, 8)
     out = stepper.decode(torch.tensor([[3, 4], [5, 6]]), 5, choose, stop=9)
     assert out.tolist() == [[3, 4, 9, 7], [5, 6, 7, 9]]  # row 0 stopped first, row 1 next
     assert seen == [(2, len(tiny.tokenizer))] * 2
