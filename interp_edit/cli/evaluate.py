@@ -4,6 +4,8 @@
     interp-edit evaluate ... --out results/ --resume     # go on after Ctrl-C (same settings)
     interp-edit evaluate --method none --dataset probes --out results/      # no-edit baseline
     interp-edit evaluate --method rome --path zsre.json --dataset zsre --hparam layer=4
+    interp-edit evaluate ... --executor ray --workers 8 --results-dir runs/rome   # on Ray;
+                                     # the same command again does only the missing records
     interp-edit evaluate --method memit --path counterfact-edit.json --n 100 --batch-size 100
     interp-edit evaluate --method alphaedit --path counterfact-edit.json --n 100 \
         --batch-size 20 --sequential --every 1 --perplexity-text wikitext-2/test.txt --out res/
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 import ast
 import sys
+
+from interp_edit.cli._executor import executor_arguments, executor_options
 
 _DATASETS = ("counterfact", "zsre", "probes")
 
@@ -43,6 +47,10 @@ def register(sub) -> None:
                    help="--sequential: a text file (e.g. WikiText-2 test) for perplexity")
     p.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE",
                    help="editor hyperparameter, repeatable (values parsed as Python literals)")
+    p.add_argument("--results-dir", default=None,
+                   help="one result file per record here (default with --executor ray: the "
+                        "user cache); a rerun evaluates only the missing records")
+    executor_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -106,7 +114,8 @@ def run(args) -> int:
                         every=args.every, perplexity_text=args.perplexity_text,
                         edits_dir=None if edits is None else str(edits))
     report = evaluate(model, records, method=args.method, n=args.n, fluency=args.fluency,
-                      seed=args.seed, resume=resume, **protocol, **hparams)
+                      seed=args.seed, resume=resume, results_dir=args.results_dir,
+                      **executor_options(args), **protocol, **hparams)
     print(report.to_markdown())
     if args.out:
         print(f"wrote {report.save(args.out)} (+ .csv, .md)")

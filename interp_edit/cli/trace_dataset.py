@@ -1,6 +1,7 @@
 """``interp-edit trace-dataset``: causal tracing over a known-facts file, averaged.
 
     interp-edit trace-dataset --path known_1000.json --limit 100 --kinds all --out runs/known
+    interp-edit trace-dataset ... --executor ray --workers 8     # on Ray (local or --address)
 
 Writes into ``--out``: ``average.npz`` (reload with ``ie.AverageTrace.load``), ``aie.png/.pdf``,
 ``severed.png/.pdf`` (with ``--sever``) and ``peaks.md``; prints the peak table.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from interp_edit.cli._executor import executor_arguments, executor_options
 from interp_edit.cli.trace import screen_arguments
 
 
@@ -32,6 +34,7 @@ def register(sub) -> None:
     p.add_argument("--exact-sample", type=int, default=None,
                    help="with --method attribution: also trace N random facts exactly")
     p.add_argument("--cache-dir", type=Path, default=None, help="per-fact trace cache")
+    executor_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -53,7 +56,8 @@ def run(args) -> int:
     avg = ie.trace_dataset(
         model, facts, kinds, samples=args.samples, noise=noise, window=args.window,
         method=args.method, precision=args.precision, estimate=args.estimate, top=args.confirm,
-        sever=args.sever, limit=args.limit, exact_sample=args.exact_sample, cache_dir=args.cache_dir,
+        sever=args.sever, limit=args.limit, exact_sample=args.exact_sample,
+        cache_dir=args.cache_dir, **executor_options(args),
     )
     out = args.out
     avg.save(out / "average.npz")

@@ -63,6 +63,10 @@ def evaluate(
     n_unrelated: int = 10,
     fluency_tokens: int = 40,
     resume: EvalReport | None = None,
+    executor: str = "local",
+    workers: int | None = None,
+    address: str | None = None,
+    results_dir: str | None = None,
     batch_size: int | None = None,
     sequential: bool = False,
     every: int = 1,
@@ -77,6 +81,10 @@ def evaluate(
     ``hparams`` go to the editor (``method="none"`` takes none).
     ``resume``: a report of an earlier (interrupted) run with the same model, method, hparams,
     seed and settings; its records are kept and not evaluated again.
+    ``executor="ray"`` (``workers``, ``address``: see :mod:`interp_edit.jobs.executors`) or a
+    ``results_dir`` run it as a plan (:mod:`interp_edit.jobs.evaluation`): one result file
+    per record, so a rerun with the same settings evaluates only the missing records (no
+    ``resume`` needed); the rows are those of the in-process run.
     ``batch_size``, ``sequential``, ``every``, ``perplexity_text``, ``edits_dir``: the batch and
     sequential protocols (:mod:`~interp_edit.evaluation.streams`; ``sequential`` without a
     ``batch_size`` edits one record per batch).
@@ -112,6 +120,26 @@ def evaluate(
                 "unrelated_prompts": [p for _, p in pool]}
     if stream is not None:
         settings.update(stream.settings())
+    if executor != "local" or results_dir is not None:
+        if stream is not None:
+            raise InterpEditError("the batch and sequential protocols run in-process: use "
+                                  "executor='local' without results_dir")
+        if resume is not None:
+            raise InterpEditError("resume= is for in-process runs; with executor='ray' or "
+                                  "results_dir= a rerun with the same settings resumes itself")
+        from interp_edit.jobs import evaluation as planned
+
+        plan = planned.evaluate_plan(
+            model, records, method, hparams, seed=seed, pool=pool, pool_top1=pool_top1,
+            fluency_tokens=fluency_tokens if fluency else 0,
+            results_dir=None if results_dir is None else str(results_dir),
+            local=executor == "local")
+        rows, skipped, info = planned.run_evaluation(
+            plan, model, n=n, executor=executor, workers=workers, address=address,
+            progress=progress)
+        return EvalReport(method=method, model_name=model.name, hparams=hp, rows=tuple(rows),
+                          skipped=tuple(skipped), seed=seed,
+                          info={**info, "n_requested": n, "n_records": len(records), **settings})
     seconds_before = 0.0
     if resume is not None:
         _check_resume(resume, model, method, hp, seed, settings)

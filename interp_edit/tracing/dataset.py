@@ -45,9 +45,9 @@ from tqdm.auto import tqdm
 
 from interp_edit import _cache, _validate
 from interp_edit.errors import InterpEditError, SubjectNotFoundError
+from interp_edit.jobs import ModelSpec, Plan, Unit, run_plan
 from interp_edit.models import Model
 from interp_edit.tracing import noise as _noise
-from interp_edit.tracing.api import trace
 from interp_edit.tracing.inputs import (
     SCREENS,
     check_options,
@@ -98,6 +98,9 @@ def trace_dataset(
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
     batch_size: int = 32,
+    executor: str = "local",
+    workers: int | None = None,
+    address: str | None = None,
 ) -> AverageTrace:
     """Trace the facts the model knows and average their indirect effects per token group.
 
@@ -112,6 +115,8 @@ def trace_dataset(
     ``method="screen+exact"`` screens every fact and confirms the screen's ``top`` cells of
     each kind exactly (default 10, part of the cached names too): exact peaks at a fraction
     of the exact traces' cost (each cached trace marks its exact cells).
+    ``executor="ray"`` traces on Ray workers (``workers``, ``address``: see
+    :mod:`interp_edit.jobs.executors`); the result is the same as with ``"local"``.
     Other arguments are passed to :func:`trace`.
     """
     _validate.instance("model", model, Model)
@@ -162,32 +167,22 @@ def trace_dataset(
         conditions += exact
         jobs += [(i, c) for i in sample for c in exact]
 
-    def path_of(i: int, c: Condition) -> Path:
-        f = kept[i]
-        return trace_dir / fact_file(f.prompt, f.subject, f.attribute, c)
-
-    expect = dict(window=window, samples=samples, seed=seed, noise_std=std,
-                  model_name=model.name, n_layers=model.n_layers)
-    done = {(i, c): r for i, c in jobs
-            if (r := _cached(path_of(i, c), kept[i], c, expect)) is not None}
-    todo = [(i, c) for i, c in jobs if (i, c) not in done]
-    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), unit="trace", desc="tracing",
-               disable=not progress, dynamic_ncols=True)
-    with bar:
-        for i, c in todo:
-            f = kept[i]
-            bar.set_postfix_str(f"{c.slug}: {f.subject[:24]}", refresh=False)
-            # a severed trace is only read at the last subject token (ROME Fig. 3)
-            last_subject = [model.subject_range(f.prompt, f.subject)[1] - 1] if c.sever else None
-            r = trace(model, f.prompt, f.subject, target=f.attribute, kind=c.kind,
-                      window=window, samples=samples, noise=std, seed=seed, method=c.method,
-                      precision=c.precision, estimate=c.estimate or "logodds", sever=c.sever,
-                      top=c.top,
-                      positions=last_subject, progress=False)
-            # the trace saw a float std: record where it came from (the dataset's subjects)
-            done[i, c] = dataclasses.replace(r, noise_source=source)
-            _save_atomic(done[i, c], path_of(i, c))
-            bar.update()
+    keys = {(i, c): fact_file(kept[i].prompt, kept[i].subject, kept[i].attribute, c)
+            for i, c in jobs}  # a fact listed twice is traced once
+    units = {key: Unit(key, dict(prompt=kept[i].prompt, subject=kept[i].subject,
+                                 target=kept[i].attribute, condition=dataclasses.asdict(c)))
+             for (i, c), key in keys.items()}
+    plan = Plan(
+        task="trace",
+        model=ModelSpec.of(model, root if executor != "local" else None),
+        settings=dict(window=window, samples=samples, seed=seed, noise_std=std,
+                      noise_source=source, model_name=model.name, n_layers=model.n_layers),
+        units=tuple(units.values()),
+        out=str(trace_dir),
+    )
+    run_plan(plan, model, executor=executor, workers=workers, address=address,
+             progress=progress, desc="tracing")
+    done = {job: TraceResult.load(plan.path(units[key])) for job, key in keys.items()}
 
     effects, lows = [], []
     for c in conditions:
@@ -264,30 +259,14 @@ def _collect(
     return effects, low
 
 
-def _cached(path: Path, fact: Fact, c: Condition, expect: dict) -> TraceResult | None:
-    """The cached trace at ``path`` if it is this fact's, traced under this condition and
-    these settings; ``None`` (traced again, with a warning) when it is missing, unreadable or
-    another trace (a file copied or renamed into the cache must not be averaged in)."""
-    if not path.exists():
-        return None
-    try:
-        r = TraceResult.load(path)
-    except InterpEditError as exc:
-        log.warning("tracing again: %s", exc)
-        return None
-    differ = trace_mismatch(r, fact.prompt, fact.subject, fact.attribute, c, **expect)
-    if not differ:
-        return r
-    log.warning("%s is not the trace of %r under %s (it differs in %s): tracing again", path,
-                fact.prompt, c.slug, ", ".join(differ))
-    return None
-
-
-def _save_atomic(result: TraceResult, path: Path) -> None:
-    """Write to a temporary name, then rename: an interrupted run leaves no partial file."""
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.part.npz")
-    result.save(tmp)
-    os.replace(tmp, path)
+def trace_differs(r: TraceResult, payload: dict, settings: dict) -> list[str]:
+    """What in a traced result does not match the unit it should answer (a plan's
+    ``"trace"`` unit: the fact and condition, under the plan's settings); empty if it does
+    (:func:`~interp_edit.tracing.average.trace_mismatch`)."""
+    return trace_mismatch(r, payload["prompt"], payload["subject"], payload["target"],
+                          Condition(**payload["condition"]), **{k: settings[k] for k in (
+                              "window", "samples", "seed", "noise_std", "model_name",
+                              "n_layers")})
 
 
 def _check_facts(facts: Sequence[object]) -> None:

@@ -9,6 +9,7 @@ plotting never recomputes anything.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -135,6 +136,18 @@ class TraceResult:
     def load(cls, path: str | os.PathLike) -> TraceResult:
         with np.load(_npz(path), allow_pickle=False) as data:
             return cls._from_arrays(data)
+
+    def to_bytes(self) -> bytes:
+        """The ``.npz`` file :meth:`save` writes, as bytes (to send it between processes)."""
+        buf = io.BytesIO()
+        np.savez(buf, **self._arrays())
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> TraceResult:
+        """Read :meth:`to_bytes`' output; a truncated or corrupt file raises."""
+        with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+            return cls._from_arrays(arrays)
 
 
 @dataclass(frozen=True, eq=False)

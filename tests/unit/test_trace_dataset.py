@@ -9,6 +9,7 @@ import torch
 
 from interp_edit.errors import InterpEditError
 from interp_edit.tracing import dataset as D
+from interp_edit.tracing import api as T  # the per-unit trace runs through it
 from interp_edit.tracing.average import (
     GROUPS,
     AverageTrace,
@@ -157,7 +158,7 @@ def test_resuming_after_an_interruption_gives_identical_aggregates(fm, tmp_path,
     facts = list(fm.facts[:3])
     fresh = _run(fm, facts, tmp_path / "fresh")
 
-    real, calls = D.trace, []
+    real, calls = T.trace, []
 
     def flaky(*args, **kwargs):
         if len(calls) == 3:
@@ -165,14 +166,14 @@ def test_resuming_after_an_interruption_gives_identical_aggregates(fm, tmp_path,
         calls.append(args[1])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(D, "trace", flaky)
+    monkeypatch.setattr(T, "trace", flaky)
     with pytest.raises(KeyboardInterrupt):
         _run(fm, facts, tmp_path / "resumed")
     assert len(calls) == 3
-    monkeypatch.setattr(D, "trace", lambda *a, **k: (calls.append(a[1]), real(*a, **k))[1])
+    monkeypatch.setattr(T, "trace", lambda *a, **k: (calls.append(a[1]), real(*a, **k))[1])
     resumed = _run(fm, facts, tmp_path / "resumed")
     assert len(calls) == 3 + len(facts) * 2 - 3  # only the missing traces ran
-    assert not list((tmp_path / "resumed").rglob("*.part.npz"))
+    assert not list((tmp_path / "resumed").rglob("*.part*"))
     for kind in ("resid", "mlp"):
         a, b = fresh.stats(kind), resumed.stats(kind)
         for x, y in ((a.mean, b.mean), (a.lo, b.lo), (a.hi, b.hi)):
@@ -182,8 +183,8 @@ def test_resuming_after_an_interruption_gives_identical_aggregates(fm, tmp_path,
 def test_limit_and_settings_share_the_cache(fm, tmp_path, monkeypatch):
     facts = list(fm.facts[:3])
     _run(fm, facts, tmp_path, limit=2)
-    real, calls = D.trace, []
-    monkeypatch.setattr(D, "trace", lambda *a, **k: (calls.append(a[1]), real(*a, **k))[1])
+    real, calls = T.trace, []
+    monkeypatch.setattr(T, "trace", lambda *a, **k: (calls.append(a[1]), real(*a, **k))[1])
     avg = _run(fm, facts, tmp_path)
     assert avg.n_facts == 3 and calls == [facts[2].prompt] * 2  # only the new fact traced
     _run(fm, facts, tmp_path, samples=3)  # other settings: a separate cache entry
