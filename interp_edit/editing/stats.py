@@ -10,7 +10,8 @@ are typical of ordinary text) change as little as possible. C is estimated from 
 
 The text is cut into fixed-length chunks (no padding), the forward pass stops after the
 deepest requested layer, and every requested layer is captured in the same pass. Results are
-cached as safetensors plus a JSON sidecar, keyed by the model fingerprint, layer, corpus
+cached as safetensors plus a JSON sidecar, keyed by the weights in use (``Model.weights_key``:
+the model's fingerprint, plus any applied edit), layer, corpus
 identity (a file's content digest), token count and chunk length.
 """
 
@@ -73,11 +74,12 @@ def second_moments(
     ``"fp32"`` runs it in float32. ``refresh`` rebuilds cached entries; ``progress`` shows a
     bar (``None``: on a terminal). Returns float32 matrices on the model's device."""
     autocast(model, precision)  # checks the name
+    seq_len = min(seq_len, model.n_ctx)  # learned positions end at the context (GPT-2, OPT)
     if n_tokens < seq_len:
         raise InterpEditError(f"n_tokens={n_tokens} is less than one chunk of {seq_len} tokens")
     for layer in layers:
         model._check_layer(layer)
-    ident = _corpus_identity(corpus, seed)
+    ident = corpus_identity(corpus, seed)
     paths = {layer: _cache_path(model, layer, ident, n_tokens, seq_len, precision)
              for layer in sorted(set(layers))}
     missing = [layer for layer, p in paths.items() if refresh or not p.exists()]
@@ -90,7 +92,8 @@ def second_moments(
         if count <= n_tokens - seq_len:
             log.warning("corpus %s has only %d tokens (asked for %d)", ident, count, n_tokens)
         for layer in missing:
-            meta = {"model": model.name, "fingerprint": model.fingerprint, "layer": layer,
+            meta = {"model": model.name, "fingerprint": model.fingerprint,
+                    "weights": model.weights_key, "layer": layer,
                     "corpus": ident, "n_tokens_requested": n_tokens, "n_tokens": count,
                     "seq_len": seq_len, "precision": precision, "seconds": round(seconds, 2)}
             save_file({"mom2": moments[layer].contiguous()}, str(paths[layer]))
@@ -105,10 +108,11 @@ def second_moments(
 
 
 def solve_mom2(
-    mom2: Float[Tensor, "d_mlp d_mlp"], k: Float[Tensor, "d_mlp"], ridge: float = 0.0
-) -> Float[Tensor, "d_mlp"]:
-    """C⁻¹k in float64, with C = mom2 + ridge · mean(diag mom2) · I. The Cholesky factor of
-    each matrix is kept in memory, so repeated edits at a layer solve in milliseconds."""
+    mom2: Float[Tensor, "d_mlp d_mlp"], k: Float[Tensor, "d_mlp *n"], ridge: float = 0.0
+) -> Float[Tensor, "d_mlp *n"]:
+    """C⁻¹k in float64 (``k`` one key or a matrix of keys as columns), with
+    C = mom2 + ridge · mean(diag mom2) · I. The Cholesky factor of each matrix is kept in
+    memory, so repeated edits at a layer solve in milliseconds."""
     key = (id(mom2), float(ridge))
     hit = _FACTORS.get(key)
     if hit is None or hit[0] is not mom2:
@@ -120,14 +124,16 @@ def solve_mom2(
                 "the key second moment is singular (too few tokens for d_mlp dimensions?): "
                 "use more stats tokens or a ridge > 0")
         _FACTORS[key] = hit = (mom2, factor)
-    return torch.cholesky_solve(k.double()[:, None], hit[1])[:, 0]
+    rhs = k.double()
+    out = torch.cholesky_solve(rhs[:, None] if rhs.dim() == 1 else rhs, hit[1])
+    return out[:, 0] if rhs.dim() == 1 else out
 
 
 def stats_info(model: Model, layer: int, corpus: str | os.PathLike = GENERATED,
                n_tokens: int = 100_000, *, seq_len: int = 128, seed: int = 0,
                precision: str = "bf16") -> dict | None:
     """The JSON metadata of a cached entry (tokens used, build seconds), or None."""
-    path = _cache_path(model, layer, _corpus_identity(corpus, seed), n_tokens, seq_len,
+    path = _cache_path(model, layer, corpus_identity(corpus, seed), n_tokens, seq_len,
                        precision)
     meta = path.with_suffix(".json")
     return json.loads(meta.read_text()) if meta.exists() else None
@@ -136,7 +142,7 @@ def stats_info(model: Model, layer: int, corpus: str | os.PathLike = GENERATED,
 def _cache_path(model: Model, layer: int, ident: str, n_tokens: int, seq_len: int,
                 precision: str) -> Path:
     name = f"{ident}-n{n_tokens}-len{seq_len}-{precision}-L{layer}.safetensors"
-    return cache_dir("stats", model.fingerprint) / name
+    return cache_dir("stats", model.weights_key) / name
 
 
 def autocast(model: Model, precision: str):
@@ -147,7 +153,7 @@ def autocast(model: Model, precision: str):
 
 
 # ---- corpora -----------------------------------------------------------------------------
-def _corpus_identity(corpus: str | os.PathLike, seed: int) -> str:
+def corpus_identity(corpus: str | os.PathLike, seed: int) -> str:
     """A file-name-safe identity: the content digest for a file, the name for the rest."""
     if str(corpus) == GENERATED:
         return f"generated-v3-s{seed}"  # v3: sampled in fp32 on the layer stepper
@@ -182,16 +188,22 @@ def _chunks(model: Model, corpus, n_tokens: int, seq_len: int, seed: int,
 
 
 def _generated(model: Model, n: int, seq_len: int, seed: int, progress: bool | None) -> Tensor:
-    """``n`` sequences of ``seq_len`` tokens sampled from the model (fp32, whatever the
-    statistics' precision: the same text either way), cached per model."""
+    """``n`` sequences of ``seq_len`` tokens sampled from the model *as loaded* (fp32,
+    whatever the statistics' precision: the same text either way), cached per model. While
+    edits are applied they are lifted for the sampling (the statistics themselves are of the
+    weights in use): one text per model, and a ROME edit on top of others does not sample
+    the corpus again."""
+    from interp_edit.editing.base import loaded_weights
+
     name = f"generated-v3-s{seed}-{n}x{seq_len}.safetensors"
     path = cache_dir("corpora", model.fingerprint) / name
     if path.exists():
         return load_file(str(path))["ids"]
     log.warning("sampling %d tokens from %s for key statistics (once; cached)", n * seq_len,
                 model.name)
-    rows = sample_token_ids(model, n, seq_len - 1, seed=seed, exact=True, batch_size=128,
-                            progress=_show(progress))
+    with loaded_weights(model):
+        rows = sample_token_ids(model, n, seq_len - 1, seed=seed, exact=True, batch_size=128,
+                                progress=_show(progress))
     ids = torch.tensor([r[:seq_len] for r in rows], dtype=torch.long)
     save_file({"ids": ids}, str(path))
     return ids

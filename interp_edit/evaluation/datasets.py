@@ -22,6 +22,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from interp_edit import _validate
 from interp_edit.errors import InterpEditError
 from interp_edit.evaluation.records import EditRecord
 
@@ -38,9 +39,9 @@ def load_counterfact(path: str | os.PathLike) -> list[EditRecord]:
     rows = _read_json_list(path)
     keys = set(rows[0]) if rows else set()
     if "requested_rewrite" in keys:
-        return [_official(r, i, "counterfact") for i, r in enumerate(rows)]
+        return [_record(path, i, _official, r, i, "counterfact") for i, r in enumerate(rows)]
     if _FLAT_KEYS <= keys:
-        return [_flattened(r, i) for i, r in enumerate(rows)]
+        return [_record(path, i, _flattened, r, i) for i, r in enumerate(rows)]
     hint = " (it looks like zsRE: use load_zsre)" if _ZSRE_KEYS <= keys else ""
     raise InterpEditError(
         f"{path}: unknown CounterFact format{hint}; records have keys {sorted(keys)}, expected "
@@ -58,23 +59,8 @@ def load_zsre(path: str | os.PathLike) -> list[EditRecord]:
             f"{path}: unknown zsRE format; records have keys {sorted(keys)}, expected at least "
             f"{sorted(_ZSRE_KEYS)} (the MEND format)"
         )
-    out, dropped = [], 0
-    for i, r in enumerate(rows):
-        src, subject = r["src"], r["subject"]
-        if subject not in src or not r["answers"] or not str(r["alt"]).strip():
-            dropped += 1
-            continue
-        loc = ((r["loc"], r["loc_ans"]),) if r.get("loc") and r.get("loc_ans") else ()
-        out.append(EditRecord(
-            case_id=r.get("case_id", i),
-            prompt=_template(src, subject),
-            subject=subject,
-            target_new=r["alt"],
-            target_true=r["answers"][0],
-            paraphrases=(r["rephrase"],) if r.get("rephrase") else (),
-            neighborhood=loc,
-            source="zsre",
-        ))
+    out = [rec for i, r in enumerate(rows) if (rec := _record(path, i, _zsre, r, i))]
+    dropped = len(rows) - len(out)
     if dropped:
         log.warning("%s: dropped %d zsRE records (subject not in the question, or no answer/alt)",
                     path, dropped)
@@ -101,6 +87,18 @@ def probe_set_path(model_name: str | os.PathLike | None = None) -> Path:
     return PROBE_SETS / (re.sub(r"[^A-Za-z0-9.]+", "-", name).strip("-").lower() + ".json")
 
 
+def _record(path, i: int, build, *args) -> EditRecord | None:
+    """``build(*args)``, with a record that lacks a field or has one of the wrong type
+    reported as an InterpEditError naming the file and the record."""
+    try:
+        return build(*args)
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError) as exc:
+        if isinstance(exc, InterpEditError):
+            raise InterpEditError(f"{path}: record {i}: {exc}") from None
+        what = f"lacks the field {exc}" if isinstance(exc, KeyError) else f"is malformed ({exc})"
+        raise InterpEditError(f"{path}: record {i} {what}; fix or remove it") from None
+
+
 # ---- formats --------------------------------------------------------------------------------
 def _official(r: dict[str, Any], i: int, source: str) -> EditRecord:
     rw = r["requested_rewrite"]
@@ -117,6 +115,25 @@ def _official(r: dict[str, Any], i: int, source: str) -> EditRecord:
         portability=tuple(tuple(x) for x in r.get("portability", ())),
         generation_prompts=tuple(r.get("generation_prompts", ())),
         source=source,
+    )
+
+
+def _zsre(r: dict[str, Any], i: int) -> EditRecord | None:
+    """A zsRE record, or None (dropped) when its subject is not in the question, or it has
+    no answer or an empty ``alt``."""
+    src, subject = r["src"], r["subject"]
+    if subject not in src or not r["answers"] or not str(r["alt"]).strip():
+        return None
+    loc = ((r["loc"], r["loc_ans"]),) if r.get("loc") and r.get("loc_ans") else ()
+    return EditRecord(
+        case_id=r.get("case_id", i),
+        prompt=_template(src, subject),
+        subject=subject,
+        target_new=r["alt"],
+        target_true=r["answers"][0],
+        paraphrases=(r["rephrase"],) if r.get("rephrase") else (),
+        neighborhood=loc,
+        source="zsre",
     )
 
 
@@ -159,7 +176,7 @@ def _read_json_list(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 def _load_json(path: str | os.PathLike) -> Any:
     """A JSON file's content, with errors that say which file is missing or broken."""
-    path = Path(path).expanduser()
+    path = Path(_validate.path("path", path)).expanduser()
     if not path.exists():
         raise InterpEditError(
             f"dataset file {str(path)!r} does not exist (the shared copies live in ../shared/data)"
