@@ -7,6 +7,7 @@ the TransformerBridge booted around them.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -17,6 +18,7 @@ from typing import Iterator
 
 import torch
 
+from interp_edit import _files
 from interp_edit._cache import cache_dir, file_digest
 from interp_edit.errors import ModelNotAvailableError
 
@@ -79,31 +81,54 @@ def _default_gguf() -> Path:
 
 def _load_gguf(path: Path, dtype: torch.dtype):
     """Dequantize a GGUF file once, then load the fp32 safetensors cache. The cache is keyed
-    by the file's content (0.3 s to hash), so reinstalling the package reuses it."""
+    by the file's content (0.3 s to hash), so reinstalling the package reuses it. The entry
+    is written in a directory of its own and renamed into place (two processes loading at
+    once each write their own; the first complete one is kept); an entry that does not load
+    completely is rebuilt with a warning."""
     key = f"{path.stem}-{path.stat().st_size}-{file_digest(path, 8)}"
-    cached = cache_dir("models", key)
-    if not (cached / "model.safetensors").exists() or not (cached / "config.json").exists():
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        log.warning("dequantizing %s once into %s (about 20 s)", path.name, cached)
-        with quiet_logs():
-            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-            hf = AutoModelForCausalLM.from_pretrained(
-                path.parent, gguf_file=path.name, dtype=torch.float32
-            )
-        # the weights are already dequantized fp32: drop the GGUF marker so HF will save them
-        if hasattr(hf.config, "quantization_config"):
-            del hf.config.quantization_config
-        hf.hf_quantizer = None
-        hf.is_quantized = False
-        tmp = cached.with_name(cached.name + ".tmp")
-        hf.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
+    cached = cache_dir("models") / key
+    load = functools.partial(_load_complete, dtype=dtype)
+    loaded = _files.load_cached(cached, load)
+    if loaded is not None:
+        return loaded
+    log.warning("dequantizing %s once into %s (about 20 s)", path.name, cached)
+    with _files.atomic_dir(cached) as tmp:
+        _dequantize(path, tmp)
         (tmp / "source.txt").write_text(f"{path}\nsha256[:16]={file_digest(path)}\n")
-        for f in tmp.iterdir():  # atomic-enough publish: files land together
-            f.replace(cached / f.name)
-        tmp.rmdir()
-    return _load_hf(str(cached), dtype, local_only=True)
+    return load(cached)
+
+
+def _dequantize(path: Path, out: Path) -> None:
+    """The GGUF file's weights as fp32 safetensors and its tokenizer, saved into ``out``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with quiet_logs():
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        hf = AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=torch.float32
+        )
+    # the weights are already dequantized fp32: drop the GGUF marker so HF will save them
+    if hasattr(hf.config, "quantization_config"):
+        del hf.config.quantization_config
+    hf.hf_quantizer = None
+    hf.is_quantized = False
+    hf.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+
+
+def _load_complete(path: Path, dtype: torch.dtype):
+    """A cached model directory, refused (raises) unless every weight was in its files:
+    Hugging Face would fill a missing one with random values."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with quiet_logs():
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        hf, info = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, local_files_only=True, output_loading_info=True)
+    bad = {k: v for k, v in info.items() if k != "error_msgs" and v} | (
+        {"errors": info["error_msgs"]} if info.get("error_msgs") else {})
+    _files.require(not bad, f"its weights do not match the model: {bad}")
+    return hf, tok
 
 
 def _load_hf(name: str, dtype: torch.dtype, *, local_only: bool):

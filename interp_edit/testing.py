@@ -17,14 +17,13 @@ Example::
 from __future__ import annotations
 
 import functools
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
+from interp_edit import _files
 from interp_edit._cache import cache_dir, file_digest, stable_hash
 from interp_edit._loading import boot_bridge
 from interp_edit.models import Model
@@ -140,18 +139,26 @@ def fact_model(
                        file_digest(Path(__file__))])
     path = cache_dir("testing") / f"fact_model-{key}.safetensors"
     params = dict(model.hf_model.named_parameters())  # deduplicated: tied weights appear once
-    if path.exists():
+    trained = _files.load_cached(path, functools.partial(_read_weights, like=params))
+    if trained is not None:
         with torch.no_grad():
-            for name, value in load_file(str(path)).items():
+            for name, value in trained.items():
                 params[name].copy_(value)
     else:
         _train(model, facts, steps, seed)
-        tmp = path.with_name(f"{path.stem}-{os.getpid()}.tmp")
-        save_file({k: v.detach().contiguous() for k, v in params.items()}, str(tmp))
-        tmp.replace(path)
+        _files.save_safetensors(params, path)
     # weights changed: a new Model recomputes the fingerprint, so artifacts are keyed to it
     trained = Model(model.bridge, model.tokenizer, model.name + f"-facts{steps}")
     return FactModel(trained, tuple(facts))
+
+
+def _read_weights(path: Path, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Cached trained weights, checked: the names and shapes of ``like``, finite."""
+    weights = _files.read_safetensors(path)[0]
+    _files.require(weights.keys() == like.keys() and all(
+        weights[k].shape == like[k].shape and bool(weights[k].isfinite().all()) for k in like),
+        "not the tiny model's weights")
+    return weights
 
 
 def _train(model: Model, facts: list[SyntheticFact], steps: int, seed: int) -> None:

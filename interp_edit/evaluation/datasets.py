@@ -138,11 +138,12 @@ def _read_json_list(path: str | os.PathLike) -> list[dict[str, Any]]:
     path = Path(path).expanduser()
     if not path.exists():
         raise InterpEditError(
-            f"dataset file {str(path)!r} does not exist (the shared copies live in ../shared/data)"
+            f"dataset file {str(path)!r} does not exist: pass the path to a CounterFact or "
+            "zsRE JSON file"
         )
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InterpEditError(f"{path} is not valid JSON: {exc}") from exc
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
         raise InterpEditError(f"{path}: expected a JSON list of records (objects)")

@@ -237,10 +237,8 @@ def _collect(
 
 
 def _save_atomic(result: TraceResult, path: Path) -> None:
-    """Write to a temporary name, then rename: an interrupted run leaves no partial file."""
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.part.npz")
-    result.save(tmp)
-    os.replace(tmp, path)
+    """An interrupted run leaves no partial file (``TraceResult.save`` is atomic)."""
+    result.save(path)
 
 
 def _check_facts(facts: Sequence[object]) -> None:

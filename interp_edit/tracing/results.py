@@ -19,10 +19,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from interp_edit import _files
 from interp_edit.errors import InterpEditError
 
 KINDS = ("resid", "mlp", "attn")
 _FORMAT = "interp_edit.TraceResult/1"
+_RETRACE = "trace the fact again (ie.trace) and save the result"
 
 
 @dataclass(frozen=True, eq=False)
@@ -99,24 +101,32 @@ class TraceResult:
 
     @classmethod
     def _from_arrays(cls, data: Mapping[str, Any], prefix: str = "") -> TraceResult:
-        try:
-            meta = json.loads(str(data[prefix + "meta"]))
-            scores = torch.from_numpy(np.array(data[prefix + "scores"]))
-        except KeyError as exc:
-            raise InterpEditError(f"not a saved trace: missing array {exc}") from None
-        if meta.pop("format", None) != _FORMAT:
-            raise InterpEditError(f"not a saved trace (expected format {_FORMAT})")
+        """The trace in ``data`` (call inside :func:`interp_edit._files.reading`: a missing
+        array or a field of the wrong kind raises)."""
+        meta = json.loads(str(data[prefix + "meta"]))
+        scores = torch.from_numpy(np.array(data[prefix + "scores"]))
+        _files.require(isinstance(meta, dict) and meta.pop("format", None) == _FORMAT,
+                       f"it is not of format {_FORMAT}")
         meta["subject_range"] = tuple(meta["subject_range"])
-        return cls(scores=scores, **meta)
+        r = cls(scores=scores, **meta)
+        start, end = r.subject_range
+        _files.require(
+            scores.ndim == 2 and scores.is_floating_point() and r.kind in KINDS
+            and len(r.tokens) == len(r.token_ids) == r.n_tokens
+            and all(isinstance(x, int) for x in (start, end, r.target_id, *r.token_ids))
+            and 0 <= start < end <= r.n_tokens,
+            "its scores, tokens and subject range do not fit together")
+        return r
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write one ``.npz`` file (scores + JSON metadata; no pickle)."""
-        np.savez(_npz(path), **self._arrays())
+        """Write one ``.npz`` file (scores + JSON metadata; no pickle), atomically."""
+        _files.save_npz(_npz(path), **self._arrays())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> TraceResult:
-        with np.load(_npz(path), allow_pickle=False) as data:
-            return cls._from_arrays(data)
+        """Read a saved trace; a damaged or foreign file raises ``CorruptFileError``."""
+        with _files.reading(_npz(path), "saved trace", _RETRACE):
+            return cls._from_arrays(_files.read_npz(_npz(path)))
 
 
 @dataclass(frozen=True, eq=False)
@@ -145,11 +155,13 @@ class TraceSet:
         arrays: dict[str, np.ndarray] = {}
         for kind in KINDS:
             arrays |= self[kind]._arrays(prefix=f"{kind}_")
-        np.savez(_npz(path), **arrays)
+        _files.save_npz(_npz(path), **arrays)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> TraceSet:
-        with np.load(_npz(path), allow_pickle=False) as data:
+        """Read a saved set; a damaged or foreign file raises ``CorruptFileError``."""
+        with _files.reading(_npz(path), "saved TraceSet", _RETRACE):
+            data = _files.read_npz(_npz(path))
             return cls(**{k: TraceResult._from_arrays(data, prefix=f"{k}_") for k in KINDS})
 
 
