@@ -8,7 +8,10 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
 
 
 def cache_root() -> Path:
@@ -39,4 +42,15 @@ def file_digest(path: Path, length: int = 16) -> str:
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
+    return h.hexdigest()[:length]
+
+
+def tensors_digest(tensors: Mapping[str, Tensor], length: int = 16) -> str:
+    """Digest of named tensors (names, dtypes, shapes and bytes, in name order): what a set of
+    weight deltas does, for cache keys (:attr:`interp_edit.models.Model.weights_key`)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
+        h.update(t.flatten().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:length]

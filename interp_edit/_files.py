@@ -34,9 +34,11 @@ from typing import Any, Callable, Iterator, Mapping, TypeVar
 import numpy as np
 from torch import Tensor
 
+from interp_edit._cache import tensors_digest
 from interp_edit.errors import CorruptFileError, InterpEditError
 
 T = TypeVar("T")
+_DIGEST = "interp_edit.tensors_sha256"  # safetensors header key: digest of the tensors
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -100,11 +102,14 @@ def write_json(path: str | os.PathLike, obj: Any, **kwargs: Any) -> Path:
 
 def save_safetensors(tensors: Mapping[str, Tensor], path: str | os.PathLike,
                      metadata: dict[str, str] | None = None) -> Path:
+    """Tensors to a safetensors file, with ``metadata`` and a digest of the tensors in its
+    header (:func:`read_safetensors` checks it, so a changed byte is caught)."""
     from safetensors.torch import save_file
 
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-                  metadata=metadata)
+        save_file(tensors, str(tmp), metadata={**(metadata or {}),
+                                               _DIGEST: tensors_digest(tensors)})
     return Path(path)
 
 
@@ -168,13 +173,17 @@ def reading(path: str | os.PathLike, what: str, fix: str) -> Iterator[None]:
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """The tensors of a safetensors file and its header metadata (call inside
-    :func:`reading`: a damaged file raises the library's own error)."""
+    """The tensors of a safetensors file and its header metadata, checked against the digest
+    :func:`save_safetensors` wrote (call inside :func:`reading`: a damaged file raises)."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         meta = dict(f.metadata() or {})
-        return {k: f.get_tensor(k) for k in f.keys()}, meta
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    digest = meta.pop(_DIGEST, None)
+    require(digest is None or digest == tensors_digest(tensors),
+            "its tensors do not match the digest in its header (changed after it was written)")
+    return tensors, meta
 
 
 def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:

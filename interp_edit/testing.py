@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import functools
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +97,22 @@ def random_model(
     n_layers: int = 4, d_model: int = 64, n_subjects: int = 16, seed: int = 0
 ) -> Model:
     """A random tiny Llama-architecture model with a word-level tokenizer (no hub access)."""
+    hf, tok = random_hf(n_layers, d_model, n_subjects, seed)
+    return Model(boot_bridge(f"interp-edit-tiny-{seed}", hf, tok, "cpu", torch.float32), tok,
+                 f"interp-edit-tiny-{n_layers}x{d_model}-s{seed}")
+
+
+def save_random_model(path: str | os.PathLike, **sizes: int) -> Path:
+    """:func:`random_model`'s weights and tokenizer as a Hugging Face directory, which
+    ``load_model(path)`` loads (for tests of loading, caches and installs)."""
+    hf, tok = random_hf(**sizes)
+    hf.save_pretrained(path)
+    tok.save_pretrained(path)
+    return Path(path)
+
+
+def random_hf(n_layers: int = 4, d_model: int = 64, n_subjects: int = 16, seed: int = 0):
+    """The Hugging Face model and tokenizer of :func:`random_model`, before the bridge."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = _tokenizer(_vocabulary(_subjects(n_subjects, seed)))
@@ -113,9 +130,7 @@ def random_model(
         bos_token_id=None,
     )
     torch.manual_seed(seed)
-    hf = LlamaForCausalLM(cfg).eval()
-    return Model(boot_bridge(f"interp-edit-tiny-{seed}", hf, tok, "cpu", torch.float32), tok,
-                 f"interp-edit-tiny-{n_layers}x{d_model}-s{seed}")
+    return LlamaForCausalLM(cfg).eval(), tok
 
 
 @functools.lru_cache(maxsize=4)

@@ -43,7 +43,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from interp_edit import _cache
+from interp_edit import _cache, _files
 from interp_edit.errors import InterpEditError, SubjectNotFoundError
 from interp_edit.models import Model
 from interp_edit.tracing import noise as _noise
@@ -142,7 +142,10 @@ def trace_dataset(
         f = kept[i]
         return trace_dir / fact_file(f.prompt, f.subject, f.attribute, c)
 
-    todo = [(i, c) for i, c in jobs if not path_of(i, c).exists()]
+    # a cached trace that does not load is traced again (with a warning), never averaged
+    done = {(i, c): r for i, c in jobs
+            if (r := _files.load_cached(path_of(i, c), TraceResult.load)) is not None}
+    todo = [(i, c) for i, c in jobs if (i, c) not in done]
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), unit="trace", desc="tracing",
                disable=not progress, dynamic_ncols=True)
     with bar:
@@ -156,14 +159,13 @@ def trace_dataset(
                       precision=c.precision, estimate=c.estimate or "logodds", sever=c.sever,
                       positions=last_subject, progress=False)
             # the trace saw a float std: record where it came from (the dataset's subjects)
-            _save_atomic(dataclasses.replace(r, noise_source=source), path_of(i, c))
+            done[i, c] = dataclasses.replace(r, noise_source=source)
+            _save_atomic(done[i, c], path_of(i, c))
             bar.update()
 
     effects, lows = [], []
     for c in conditions:
-        traced = {i for i, cj in jobs if cj == c}
-        paths = [path_of(i, c) if i in traced else None for i in range(len(kept))]
-        e, low = _collect(paths, model.n_layers)
+        e, low = _collect([done.get((i, c)) for i in range(len(kept))], model.n_layers)
         effects.append(e)
         lows.append(low)
     return AverageTrace(
@@ -223,14 +225,14 @@ def _conditions(kinds: Sequence[str], sever: bool, method: str, precision: str =
 
 
 def _collect(
-    paths: Sequence[Path | None], n_layers: int
+    results: Sequence[TraceResult | None], n_layers: int
 ) -> tuple[Float[Tensor, "fact group layer"], Float[Tensor, "fact"]]:
-    """Group effects and corrupted scores of cached traces; NaN for facts not traced."""
-    effects = torch.full((len(paths), len(GROUPS), n_layers), float("nan"), dtype=torch.float64)
-    low = torch.full((len(paths),), float("nan"), dtype=torch.float64)
-    for i, path in enumerate(paths):
-        if path is not None:
-            r = TraceResult.load(path)
+    """Group effects and corrupted scores of the traces; NaN for facts not traced."""
+    effects = torch.full((len(results), len(GROUPS), n_layers), float("nan"),
+                         dtype=torch.float64)
+    low = torch.full((len(results),), float("nan"), dtype=torch.float64)
+    for i, r in enumerate(results):
+        if r is not None:
             effects[i] = group_effects(r.indirect_effect, r.subject_range)
             low[i] = r.low_score
     return effects, low
