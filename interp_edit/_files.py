@@ -165,6 +165,8 @@ def reading(path: str | os.PathLike, what: str, fix: str) -> Iterator[None]:
         yield
     except FileNotFoundError:
         raise InterpEditError(f"{what} {str(path)!r} does not exist") from None
+    except PermissionError:
+        raise InterpEditError(f"{what} {str(path)!r} cannot be read (permission denied)") from None
     except Exception as exc:  # whatever the parser of a damaged or foreign file raises
         why = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise CorruptFileError(
