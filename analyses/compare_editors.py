@@ -4,8 +4,9 @@ demonstrations), ROME and MEND (when a trained editor exists), on the default mo
 Every number comes from ``ie.evaluate`` (the shared metrics; IKE is scored on
 ``edit.wrap(prompt)``): efficacy, paraphrase, neighbourhood and unchanged top-1 on the first
 ``--n`` CounterFact-val records the model knows (the harness skips the others, identically for
-every method); reverse, portability and fluency on the hand-written probe set
-(``load_probes()``), the only records that carry reverse and portability probes.
+every method); reverse and portability (accuracy and the probability gap new - old) and fluency
+on the first ``--probes`` records of the model's probe set (``load_probes(model.name)``, built
+from the data by ``analyses/build_probes.py``).
 
     python analyses/compare_editors.py                 # --n 200: the README table and chart
     python analyses/compare_editors.py --n 5           # a quick run
@@ -15,8 +16,9 @@ every method); reverse, portability and fluency on the hand-written probe set
     python analyses/compare_editors.py --from-reports results/compare_editors   # redraw only
 
 Writes ``<out>.md`` (table) and ``<out>.png`` (chart). Each variant's per-record reports go to
-``results/<out name>/`` as soon as it is done: a rerun with the same settings reuses them (an
-interrupted comparison resumes), and ``--from-reports`` redraws without computing.
+``results/<out name>/`` as soon as it is done: a rerun with the same settings reuses them, a
+rerun with a larger ``--n`` or ``--probes`` goes on from them (``evaluate(resume=...)``), an
+interrupted comparison resumes, and ``--from-reports`` redraws without computing.
 """
 
 from __future__ import annotations
@@ -50,8 +52,9 @@ DEFAULT_VARIANTS = ("no edit=none", "FT=ft", "FT-L=ft-l", "IKE, no demos=ike:dem
 # (column, which records it is measured on, heading)
 COLUMNS = (("efficacy", "val", "efficacy"), ("paraphrase", "val", "paraphrase"),
            ("neighborhood", "val", "neighbourhood"), ("unchanged_top1", "val", "unchanged top-1"),
-           ("reverse", "probes", "reverse"), ("portability", "probes", "portability"),
-           ("fluency", "probes", "fluency"))
+           ("reverse", "probes", "reverse"), ("reverse_gap", "probes", "reverse gap"),
+           ("portability", "probes", "portability"),
+           ("portability_gap", "probes", "portability gap"), ("fluency", "probes", "fluency"))
 
 
 @dataclass(frozen=True)
@@ -107,9 +110,12 @@ def run_variant(model, variant: Variant, val, probes, args, folder: Path) -> Res
                       done.probes and done.probes.head(args.probes, probes))
     kw = dict(method=variant.method, seed=args.seed, progress=not args.quiet,
               n_unrelated=args.n_unrelated, **variant.hparams)
+    grow = done is not None and _same_settings(done, args)  # go on from the saved rows
     t0 = time.perf_counter()
-    result = Result(variant, ie.evaluate(model, val, n=args.n, **kw),
-                    ie.evaluate(model, probes, n=args.probes, fluency=args.fluency, **kw)
+    result = Result(variant,
+                    ie.evaluate(model, val, n=args.n, resume=done.val if grow else None, **kw),
+                    ie.evaluate(model, probes, n=args.probes, fluency=args.fluency,
+                                resume=done.probes if grow else None, **kw)
                     if args.probes != 0 else None)
     print(f"{variant.label}: {result.val.headline()} ({time.perf_counter() - t0:.0f} s)",
           flush=True)
@@ -117,7 +123,8 @@ def run_variant(model, variant: Variant, val, probes, args, folder: Path) -> Res
     result.val.save(folder / f"{variant.slug}-val.json")
     if result.probes is not None:
         result.probes.save(folder / f"{variant.slug}-probes.json")
-    return result
+    return Result(variant, result.val.head(args.n, val),
+                  result.probes and result.probes.head(args.probes, probes))
 
 
 def _matches(done: Result, args) -> bool:
@@ -126,8 +133,18 @@ def _matches(done: Result, args) -> bool:
                                 and (done.probes.info["fluency_tokens"] is not None)
                                 == args.fluency))
     unrelated = len(done.val.info.get("unrelated_prompts", ())) == args.n_unrelated
+    whole = not any(r is not None and r.info.get("interrupted") for r in (done.val, done.probes))
     return (_covers(done.val.info["n_requested"], args.n) and done.val.seed == args.seed
-            and unrelated and probes_ok)
+            and unrelated and probes_ok and whole)
+
+
+def _same_settings(done: Result, args) -> bool:
+    """Whether the saved reports were made with these settings, so a larger run can resume
+    them (the harness checks the rest: model, hparams, unrelated prompts)."""
+    fluency = done.probes is None or (done.probes.info["fluency_tokens"] is not None) \
+        == args.fluency
+    return (done.val.seed == args.seed and fluency and (done.probes is None) == (args.probes == 0)
+            and len(done.val.info.get("unrelated_prompts", ())) == args.n_unrelated)
 
 
 def _covers(saved: int | None, wanted: int | None) -> bool:
@@ -205,11 +222,13 @@ def _caption(results: Sequence[Result], cols) -> str:
             f"CounterFact-val facts the model knows (the same facts for every method; "
             f"skipped as not known: {len(first.val.skipped)})")
     if probe and first.probes is not None:
-        text += f"; {', '.join(probe)} on {first.probes.n} hand-written probe facts"
+        text += (f"; {', '.join(probe)} on the first {first.probes.n} facts of the model's "
+                 "probe set (built from CounterFact and known_1000 by analyses/build_probes.py)")
     text += (". Mean and 95% bootstrap CI over facts. Efficacy, paraphrase: p(new) > p(true); "
              "neighbourhood: p(true) > p(new) on other subjects' prompts")
     if "reverse" in named or "portability" in named:
-        text += "; reverse, portability: teacher-forced token accuracy of the expected answer"
+        text += ("; reverse, portability: teacher-forced token accuracy of the answer after the "
+                 "edit; gap: p(answer after) - p(answer before)")
     if "fluency" in named:
         text += "; fluency: ROME's n-gram entropy of greedy generations (bits)"
     return text + (". s / edit: computing and applying one edit; eval s / fact: wall time of "
@@ -220,7 +239,8 @@ def _caption(results: Sequence[Result], cols) -> str:
 
 def chart(results: Sequence[Result]):
     """Grouped bars of the [0, 1] metrics with 95% CIs, and wall time per fact (log scale)."""
-    cols = [c for c in COLUMNS if c[0] != "fluency" and any(r.summary(c[0], c[1])
+    cols = [c for c in COLUMNS if c[0] != "fluency" and not c[0].endswith("_gap")
+            and any(r.summary(c[0], c[1])
                                                              for r in results)]
     with style():
         fig = new_figure(TEXT_WIDTH, 2.4)
@@ -296,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 notes.append(f"MEND: no trained editor at {where}; train one "
                              "(analyses/train_mend.py) or pass --mend-editor.")
         val = ie.load_counterfact(args.data)
-        probes = load_probes()
+        probes = load_probes(model.name)
         results = [run_variant(model, v, val, probes, args, folder) for v in variants]
         save_index(results, folder, notes)
     out.parent.mkdir(parents=True, exist_ok=True)

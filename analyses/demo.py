@@ -44,16 +44,18 @@ def show_predictions(model: ie.Model) -> None:
             print(f"  {p:6.3f}  {tok!r}")
 
 
-def trace_fact(model: ie.Model, out: Path) -> None:
+def trace_fact(model: ie.Model, out: Path) -> int:
+    """Trace the fact, draw it, say where it is recalled; returns the window it used."""
     t0 = time.perf_counter()
-    traces = ie.trace_all(model, EDIT.text, EDIT.subject, window=5, samples=SAMPLES)
+    loc = ie.locate(model, EDIT, samples=SAMPLES)
+    window = loc.settings["window"]
+    traces = ie.trace_all(model, EDIT.text, EDIT.subject, window=window, samples=SAMPLES)
     _save(traces.plot(), out / "demo_trace.png")
     mlp = traces.mlp
-    last = mlp.subject_range[1] - 1
-    layer = int(torch.nan_to_num(mlp.indirect_effect[last], nan=-1).argmax())
     print(f"\ncausal trace of {EDIT.text!r} -> {mlp.target!r} ({time.perf_counter() - t0:.0f}s): "
-          f"clean p={mlp.high_score:.3f}, subject corrupted p={mlp.low_score:.3f}; largest MLP "
-          f"effect at the last subject token {mlp.tokens[last]!r}: window centred on layer {layer}")
+          f"clean p={mlp.high_score:.3f}, subject corrupted p={mlp.low_score:.3f}; "
+          f"located at {loc.reason}")
+    return window
 
 
 def table(model: ie.Model, title: str) -> dict[str, tuple[float, float]]:
@@ -66,7 +68,7 @@ def table(model: ie.Model, title: str) -> dict[str, tuple[float, float]]:
     return probs
 
 
-def edit_fact(model: ie.Model, out: Path) -> None:
+def edit_fact(model: ie.Model, out: Path, window: int) -> None:
     from interp_edit.analysis import trace_edit
     from interp_edit.plotting.edits import plot_trace_before_after
 
@@ -87,7 +89,7 @@ def edit_fact(model: ie.Model, out: Path) -> None:
     print(f"  after:  {EDIT.text}{model.generate(EDIT.text, 12)!r}")
 
     t0 = time.perf_counter()
-    old, new = trace_edit(model, edit, kind="mlp", window=5, samples=SAMPLES)
+    old, new = trace_edit(model, edit, kind="mlp", window=window, samples=SAMPLES)
     title = f"ROME edit at layer {edit.info['layer']}: MLP causal trace before (Paris) and after (Rome)"
     _save(plot_trace_before_after(old, new, title=title), out / "demo_rome_trace.png")
     print(f"  traced before/after in {time.perf_counter() - t0:.0f}s")
@@ -110,8 +112,8 @@ def main() -> None:
           f"in {time.perf_counter() - t0:.1f}s")
     show_predictions(model)
     out = ROOT / "figures"
-    trace_fact(model, out)
-    edit_fact(model, out)
+    window = trace_fact(model, out)
+    edit_fact(model, out, window)
     print(f"\ndemo done in {time.perf_counter() - t0:.0f}s")
 
 

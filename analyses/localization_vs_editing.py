@@ -28,6 +28,7 @@ from interp_edit.analysis.localization_study import read_rows, run_study, study_
 from interp_edit.editing.base import make_hparams
 from interp_edit.editing.stats import second_moments
 from interp_edit.evaluation import load_counterfact
+from interp_edit.tracing.locate import default_window
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -53,7 +54,7 @@ def command(study) -> str:
     opts = {"--n": study.n_facts, "--every": every, "--window": study.window,
             "--samples": study.samples, "--prefixes": study.rome.get("n_prefixes"),
             "--v-steps": study.rome.get("v_steps")}
-    defaults = {"--window": 5, "--samples": 10}
+    defaults = {"--window": default_window(study.effect.shape[1]), "--samples": 10}
     args = [f"{k} {v}" for k, v in opts.items() if v is not None and defaults.get(k) != v]
     return "python analyses/localization_vs_editing.py " + " ".join(args)
 
@@ -111,7 +112,8 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=DATA / "counterfact-val.json")
     ap.add_argument("--corpus", default=str(DATA / "wikitext-2" / "valid.txt"),
                     help="text for ROME's key statistics")
-    ap.add_argument("--window", type=int, default=5, help="MLP window of the trace (ROME auto's)")
+    ap.add_argument("--window", type=int, default=None,
+                    help="MLP window of the trace (default: locate's, a fraction of the depth)")
     ap.add_argument("--samples", type=int, default=10, help="noise samples of the trace")
     ap.add_argument("--prefixes", type=int, default=None, help="ROME n_prefixes (default: ROME's)")
     ap.add_argument("--v-steps", type=int, default=None, help="ROME v_steps (default: ROME's)")

@@ -23,8 +23,11 @@ def median_seconds(fn: Callable[[], object], repeats: int = 10) -> float:
 
 
 def up_proj(model) -> torch.Tensor:
-    """Layer 0's MLP up-projection weight: the MLP's matrix shape."""
-    return model.hf_model.get_submodule("model.layers.0.mlp.up_proj").weight
+    """A ``[d_mlp, d_model]`` weight: the shape of the MLP's input projections (layer 0's
+    output matrix transposed, :meth:`interp_edit.arch.Adapter.mlp_out_matrix`)."""
+    from interp_edit.arch import adapter
+
+    return adapter(model).mlp_out_matrix(0).t().contiguous()
 
 
 @torch.no_grad()

@@ -23,23 +23,23 @@ import time
 import torch
 
 import interp_edit as ie
-from interp_edit._llama import LlamaStepper
+from interp_edit.arch.stepper import Stepper
 from interp_edit.editing import stats
 from interp_edit.editing.keys import sample_token_ids
 
 
 def timed_sample(model, generic: bool, rows: int, length: int) -> tuple[list[list[int]], float]:
     """``rows`` sequences of ``length`` new tokens (one starter, one batch), and the seconds."""
-    supports = LlamaStepper.supports
+    supports = Stepper.supports
     if generic:  # the path every other model takes: model.hf_model.generate
-        LlamaStepper.supports = staticmethod(lambda model: False)
+        Stepper.supports = staticmethod(lambda model: False)
     try:
         t0 = time.perf_counter()
         out = sample_token_ids(model, rows, length, seed=0, exact=True, batch_size=rows,
                                starters=("The",))
         return out, time.perf_counter() - t0
     finally:
-        LlamaStepper.supports = supports
+        Stepper.supports = supports
 
 
 def main() -> None:

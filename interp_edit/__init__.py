@@ -34,6 +34,8 @@ _LAZY = {
     "TraceResult": "interp_edit.tracing",
     "AverageTrace": "interp_edit.tracing",
     "trace_dataset": "interp_edit.tracing",
+    "locate": "interp_edit.tracing",
+    "Location": "interp_edit.tracing",
     "load_known_facts": "interp_edit.evaluation",
     "EditRequest": "interp_edit.editing",
     "AppliedEdit": "interp_edit.editing",

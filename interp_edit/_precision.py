@@ -1,12 +1,12 @@
 """Low-precision copies of linear layers' weights, for the callers that can take rounding.
 
-The layer stepper (:mod:`interp_edit._llama`) multiplies with them when it is given a
+The layer stepper (:mod:`interp_edit.arch.stepper`) multiplies with them when it is given a
 ``precision``: MEND's blocks below the edit (``MENDHparams.below``) and the attribution screen
 (``trace(..., method="attribution", precision=...)``, whose backward pass multiplies by copies
 of the transposed weights). The exact tracing methods never do. A copy is made once per
 module and dtype and remade when the weight changes (:func:`low_precision_weights`); on CPU it
 is packed in oneDNN's blocked layout. ``"auto"`` picks bf16 where the hardware multiplies it
-natively (:func:`low_precision_supported`); :func:`interp_edit._llama.resolve_precision`
+natively (:func:`low_precision_supported`); :func:`interp_edit.arch.stepper.resolve_precision`
 turns a setting into the stepper's dtype.
 """
 

@@ -30,6 +30,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from interp_edit import _validate
 from interp_edit._loading import boot_bridge, read_weights
 from interp_edit.errors import InterpEditError, SubjectNotFoundError
 
@@ -60,10 +61,38 @@ class Model:
         self.d_model: int = cfg.d_model
         self.n_ctx: int = cfg.n_ctx
         self.fingerprint: str = _fingerprint(self)
+        # digests of in-place weight changes made outside an AppliedEdit (see weights_changed)
+        self._weight_marks: list[str] = []
         self._hooks_known: bool | None = None  # has_hooks' answer inside hooks_fixed()
 
     def __repr__(self) -> str:
         return f"Model({self.name!r}, n_layers={self.n_layers}, d_model={self.d_model})"
+
+    @property
+    def weights_key(self) -> str:
+        """Identifies the weights in use now, for cache keys: :attr:`fingerprint` (the weights
+        as loaded) when no edit is applied, else a digest of it and of every applied weight
+        edit's deltas, in order (:class:`~interp_edit.editing.base.AppliedEdit` keeps that
+        stack through ``apply``/``undo``; in-context edits change no weight and do not count).
+        So statistics, prefixes or traces computed while an edit is applied are never stored
+        under, nor served to, the unedited model. Weights changed by hand, outside an edit,
+        are not seen: load the model again (a new fingerprint) after changing them."""
+        edits = self.__dict__.get("_applied_edits", ())
+        digests = [d for e in edits if (d := e.weights_digest)] + self._weight_marks
+        if not digests:
+            return self.fingerprint
+        return hashlib.sha256(" ".join([self.fingerprint, *digests]).encode()).hexdigest()[:16]
+
+    @contextlib.contextmanager
+    def weights_changed(self, digest: str) -> Iterator[None]:
+        """Inside the block :attr:`weights_key` includes ``digest``: for an editor that
+        changes weights in place for a while outside an AppliedEdit (ROME's later requests in
+        one call are computed with the earlier ones added)."""
+        self._weight_marks.append(digest)
+        try:
+            yield
+        finally:
+            self._weight_marks.remove(digest)
 
     # ---- underlying modules ------------------------------------------------------------
     @property
@@ -77,9 +106,15 @@ class Model:
 
     @functools.cached_property
     def parameters_by_name(self) -> dict[str, torch.nn.Parameter]:
-        """``hf_model``'s parameters by name, listed once (walking the bridge's module tree
-        takes tens of milliseconds; an edit looks parameters up several times)."""
-        return dict(self.hf_model.named_parameters())
+        """``hf_model``'s parameters by Hugging Face state-dict name (the bridge's wrapper
+        paths removed, :func:`interp_edit.arch.hf_name`), then by the wrapped names too (files
+        written before edits named parameters that way still load). Listed once: walking the
+        bridge's module tree takes tens of milliseconds; an edit looks parameters up several
+        times."""
+        from interp_edit.arch import hf_name
+
+        wrapped = dict(self.hf_model.named_parameters())
+        return {**{hf_name(n): p for n, p in wrapped.items()}, **wrapped}
 
     @functools.cached_property
     def hook_points(self) -> tuple[torch.nn.Module, ...]:
@@ -109,15 +144,18 @@ class Model:
             self._hooks_known = None
 
     def mlp_out_proj(self, layer: int) -> torch.nn.Module:
-        """The HF linear layer that maps MLP keys (``d_mlp``) to the residual stream.
+        """The HF module that maps MLP keys (``d_mlp``) to the residual stream (an
+        ``nn.Linear``, or GPT-2's ``Conv1D``: its weight's orientation and the one
+        ``[d_model, d_mlp]`` view of it are :class:`interp_edit.arch.Adapter`'s).
 
         ROME and MEND edit its weight. Its input is the hook point ``mlp_key_hook(layer)``.
         """
-        self._check_layer(layer)
-        return _unwrap(self.bridge.blocks[layer].mlp.out)
+        from interp_edit.arch import adapter
+
+        return adapter(self).mlp_out(layer)
 
     def _check_layer(self, layer: int) -> None:
-        if not isinstance(layer, int) or not 0 <= layer < self.n_layers:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.n_layers:
             raise InterpEditError(
                 f"layer {layer!r} is out of range: this model has layers 0..{self.n_layers - 1}"
             )
@@ -150,8 +188,10 @@ class Model:
         Found from character offsets, so a BPE token that merges the subject's edge with
         its neighbour is included. ``occurrence`` picks the n-th appearance (0-based).
         """
-        if not subject or not subject.strip():
-            raise SubjectNotFoundError("the subject is empty: pass the subject's text")
+        _validate.text("the prompt", prompt)
+        if not isinstance(subject, str) or not subject.strip():
+            raise SubjectNotFoundError(f"the subject must be non-empty text, not {subject!r}")
+        occurrence = _validate.count("occurrence", occurrence, 0)
         char = -1
         for _ in range(occurrence + 1):
             char = prompt.find(subject, char + 1)
@@ -224,8 +264,9 @@ class Model:
         self, prompts: Sequence[str] | str, targets: Sequence[str] | str
     ) -> Float[Tensor, "batch"]:
         """p(first token of target | prompt) for each pair, in one batched pass."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        targets = [targets] * len(prompts) if isinstance(targets, str) else list(targets)
+        prompts = [prompts] if isinstance(prompts, str) else _validate.items("prompts", prompts)
+        targets = ([targets] * len(prompts) if isinstance(targets, str)
+                   else _validate.items("targets", targets))
         if len(prompts) != len(targets):
             raise InterpEditError(f"{len(prompts)} prompts but {len(targets)} targets")
         first = torch.tensor([self.target_ids(t)[0] for t in targets], device=self.device)
@@ -252,21 +293,23 @@ class Model:
 
     @torch.no_grad()
     def top_k(self, prompt: str, k: int = 5) -> list[tuple[str, float]]:
+        k = _validate.count("k", k, 1, len(self.tokenizer))
         probs = self.last_logits([prompt])[0].softmax(-1)
-        vals, idx = probs.topk(k)
+        vals, idx = probs.topk(min(k, probs.shape[-1]))
         return [(self.tokenizer.decode([int(i)]), float(v)) for v, i in zip(vals, idx)]
 
     @torch.no_grad()
     def generate(self, prompt: str, max_new_tokens: int = 20) -> str:
         """Greedy continuation, returned without the prompt; it ends at the end-of-text token.
-        On a Llama-family model with no hook installed it decodes on the layer stepper with a
+        On a model the layer stepper runs, with no hook installed, it decodes on the layer stepper with a
         key/value cache (the same tokens up to float rounding, ~3x faster on a CPU); otherwise
         it runs the whole sequence through the hooks once per new token."""
-        from interp_edit._llama import LlamaStepper  # (that module imports this one)
+        from interp_edit.arch.stepper import Stepper
 
+        max_new_tokens = _validate.count("max_new_tokens", max_new_tokens, 0)
         ids, eos = self._encode(prompt)[0], self.tokenizer.eos_token_id
-        if LlamaStepper.usable(self):
-            row = LlamaStepper(self, len(ids) + max_new_tokens).decode(
+        if Stepper.usable(self):
+            row = Stepper(self, len(ids) + max_new_tokens).decode(
                 torch.tensor([ids], device=self.device), max_new_tokens,
                 lambda scores: scores.argmax(-1, keepdim=True), stop=eos)[0, len(ids):].tolist()
             return self.tokenizer.decode(row[: row.index(eos)] if eos in row else row)
@@ -298,6 +341,12 @@ def mlp_key_hook(layer: int) -> str:
     return f"blocks.{layer}.mlp.out.hook_in"
 
 
+def mlp_write_hook(layer: int) -> str:
+    """Output of the MLP output projection, [batch, pos, d_model]: what the edited matrix
+    writes, before any post-norm (Gemma 2/3, OLMo-2; elsewhere equal to ``mlp_out_hook``)."""
+    return f"blocks.{layer}.mlp.out.hook_out"
+
+
 EMBED_HOOK = "hook_embed"
 
 
@@ -317,6 +366,8 @@ def load_model(
     Where the weights must come from the hub and it cannot be reached, it fails at once with a
     :class:`ModelNotAvailableError` that says how to get them (:mod:`interp_edit._loading`).
     """
+    if name is not None:
+        _validate.path("the model name or path", name)
     t0 = time.perf_counter()
     hf, tok, bridge_name = read_weights(name, dtype, DEFAULT_MODEL)
     hf = hf.to(device).eval()
@@ -324,11 +375,6 @@ def load_model(
     model = Model(bridge, tok, DEFAULT_MODEL if name is None else str(name))
     log.info("loaded %s in %.2fs", model.name, time.perf_counter() - t0)
     return model
-
-
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    """The HF module inside a bridge component."""
-    return getattr(module, "original_component", module)
 
 
 # config fields that say where and with what the weights were read, not what they are
@@ -347,3 +393,9 @@ def _fingerprint(model: Model) -> str:
             h.update(name.encode())
             h.update(p.detach().flatten()[::4099].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def current_fingerprint(model: Model) -> str:
+    """The fingerprint of the weights as they are now: it differs from ``model.fingerprint``
+    while an edit is applied (a cache keyed by the loaded weights must not serve them)."""
+    return _fingerprint(model)

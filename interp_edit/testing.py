@@ -97,9 +97,22 @@ def random_model(
     n_layers: int = 4, d_model: int = 64, n_subjects: int = 16, seed: int = 0
 ) -> Model:
     """A random tiny Llama-architecture model with a word-level tokenizer (no hub access)."""
-    hf, tok = random_hf(n_layers, d_model, n_subjects, seed)
+    return wrap_tiny("llama", n_layers, d_model, seed, n_subjects, n_ctx=64,
+                     name=f"interp-edit-tiny-{n_layers}x{d_model}-s{seed}")
+
+
+def wrap_tiny(family: str, n_layers: int, d_model: int, seed: int, n_subjects: int = 16,
+              n_ctx: int = 256, name: str | None = None) -> Model:
+    """A random tiny model of ``family`` (:func:`interp_edit.arch.tiny.tiny_hf`) with a fresh
+    word-level tokenizer (the bridge takes its tokenizer over, so each model gets its own)."""
+    from interp_edit.arch.tiny import tiny_hf
+
+    tok = _tokenizer(_vocabulary(_subjects(n_subjects, seed)))
+    hf = tiny_hf(family, len(tok), n_layers, d_model, seed, tok.pad_token_id,
+                 tok.eos_token_id, n_ctx=n_ctx)
+    name = name or f"interp-edit-tiny-{family}-{n_layers}x{d_model}-s{seed}"
     return Model(boot_bridge(f"interp-edit-tiny-{seed}", hf, tok, "cpu", torch.float32), tok,
-                 f"interp-edit-tiny-{n_layers}x{d_model}-s{seed}")
+                 name)
 
 
 def save_random_model(path: str | os.PathLike, **sizes: int) -> Path:
@@ -113,24 +126,11 @@ def save_random_model(path: str | os.PathLike, **sizes: int) -> Path:
 
 def random_hf(n_layers: int = 4, d_model: int = 64, n_subjects: int = 16, seed: int = 0):
     """The Hugging Face model and tokenizer of :func:`random_model`, before the bridge."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from interp_edit.arch.tiny import tiny_hf
 
     tok = _tokenizer(_vocabulary(_subjects(n_subjects, seed)))
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=d_model,
-        intermediate_size=2 * d_model,
-        num_hidden_layers=n_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=None,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(cfg).eval(), tok
+    return tiny_hf("llama", len(tok), n_layers, d_model, seed, tok.pad_token_id,
+                   tok.eos_token_id, n_ctx=64), tok
 
 
 @functools.lru_cache(maxsize=4)

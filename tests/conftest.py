@@ -59,3 +59,14 @@ def tiny():
     from interp_edit.testing import random_model
 
     return random_model()
+
+
+@pytest.fixture(scope="session")
+def fact_corpus(fm, tmp_path_factory) -> Path:
+    """A text file of the fact model's own sentences (it knows no other text): the key
+    statistics corpus of the locate-then-edit tests."""
+    path = tmp_path_factory.mktemp("corpus") / "facts.txt"
+    lines = [t.format(f.subject) + " " + f.attribute + " ." for f in fm.facts
+             for t in (f.template, *f.paraphrases)]
+    path.write_text("\n".join(lines * 4) + "\n")
+    return path

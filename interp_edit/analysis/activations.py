@@ -29,6 +29,7 @@ from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor
 
+from interp_edit import _validate
 from interp_edit.analysis._npz import NpzDataclass
 from interp_edit.analysis.logit_lens import target_lens
 from interp_edit.editing.base import AppliedEdit, EditRequest
@@ -172,6 +173,8 @@ def compare_activations(
     before and after ``edit``, and the logit lens of ``targets`` (default: the first request's
     ``(target_true, target_new)``) at the last token. ``prompts``: ``{kind: text}`` (see
     :func:`probe_prompts`) or plain texts (labelled ``"prompt 0"``, ...)."""
+    _validate.instance("model", model, Model)
+    _validate.instance("edit", edit, AppliedEdit)
     kinds, texts = _labelled(prompts)
     req = edit.requests[0]
     if targets is None:
@@ -212,7 +215,7 @@ def compare_activations(
         targets=tuple(targets),
         subject=req.subject,
         method=edit.method,
-        edit_layers=_edit_layers(edit),
+        edit_layers=_edit_layers(model, edit),
         context=edit.context,
         model_name=model.name,
     )
@@ -281,12 +284,10 @@ def _capture_all(
     }
 
 
-def _edit_layers(edit: AppliedEdit) -> tuple[int, ...]:
-    """Block indices of the parameters the edit changed (``...layers.{i}...`` names)."""
-    layers = set()
-    for name in edit.deltas:
-        parts = name.split(".")
-        for a, b in zip(parts, parts[1:]):
-            if a in ("layers", "h", "blocks", "layer") and b.isdigit():
-                layers.add(int(b))
-    return tuple(sorted(layers))
+def _edit_layers(model: Model, edit: AppliedEdit) -> tuple[int, ...]:
+    """Block indices of the parameters the edit changed (the adapter finds each parameter's
+    block, whatever the family's naming)."""
+    from interp_edit.arch import adapter
+
+    found = {adapter(model).layer_of(name) for name in edit.deltas}
+    return tuple(sorted(j for j in found if j is not None))

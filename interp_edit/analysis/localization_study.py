@@ -29,6 +29,7 @@ from interp_edit.analysis._npz import NpzDataclass
 from interp_edit.analysis.localization import R2_TERMS, LocalizationStats, localization_stats
 from interp_edit.errors import InterpEditError
 from interp_edit.models import Model
+from interp_edit.tracing.locate import default_window, locate
 
 # success metrics (keys of evaluation.metrics.measure) and how tables name them
 SUCCESS = {
@@ -114,9 +115,9 @@ def fact_row(model: Model, record, layers: Sequence[int], *, window: int, sample
     from interp_edit.evaluation.metrics import measure
 
     t0 = time.perf_counter()
-    last = model.subject_range(record.text, record.subject)[1] - 1
-    tr = ie.trace(model, record.text, record.subject, target=record.target_true, kind="mlp",
-                  window=window, samples=samples, seed=seed, positions=[last], progress=False)
+    # the MLP effect at the last subject token at every layer
+    loc = locate(model, record, kind="mlp", search=(0.0, 1.0), window=window, samples=samples,
+                 seed=seed)
 
     def success(layer) -> dict[str, float]:
         with ie.edit(model, record.request, method="rome", layer=layer, **(rome or {})) as e:
@@ -126,8 +127,8 @@ def fact_row(model: Model, record, layers: Sequence[int], *, window: int, sample
 
     auto = success("auto")
     return {
-        "case_id": str(record.case_id), "subject": record.subject, "clean": tr.high_score,
-        "effect": tr.indirect_effect[last].tolist(),
+        "case_id": str(record.case_id), "subject": record.subject,
+        "clean": float(loc.high_scores[0]), "effect": loc.effects.tolist(),
         "success": [success(layer) for layer in layers], "auto": auto,
         "config": {"layers": list(layers), "window": window, "samples": samples, "seed": seed,
                    "rome": rome or {}, "model": model.name},
@@ -140,7 +141,7 @@ def run_study(
     records: Iterable,
     layers: Sequence[int],
     *,
-    window: int = 5,
+    window: int | None = None,
     samples: int = 10,
     seed: int = 1,
     rome: dict[str, Any] | None = None,
@@ -149,8 +150,10 @@ def run_study(
 ) -> LocalizationStudy:
     """Trace and edit every record (see the module docstring). With ``cache`` (a JSON-lines
     file) finished facts are appended as they complete and reused by a later run with the
-    same settings, so a long run can be stopped and resumed."""
+    same settings, so a long run can be stopped and resumed. ``window=None``: the locate
+    default (a fraction of the depth)."""
     layers = [int(x) for x in layers]
+    window = default_window(model.n_layers) if window is None else window
     for layer in layers:
         model._check_layer(layer)
     records = list(records)

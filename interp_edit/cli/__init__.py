@@ -49,6 +49,64 @@ def main(argv: list[str] | None = None) -> int:
     except InterpEditError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return INTERRUPTED
+
+
+INTERRUPTED = 130  # the shell's exit status for a command stopped by SIGINT
+
+
+def noise_arg(text: str) -> str | float:
+    """``--noise``: ``"sK"`` stays a spec, anything else must be a float std."""
+    from interp_edit.errors import InterpEditError
+
+    if text.strip().startswith("s"):
+        return text.strip()
+    try:
+        return float(text)
+    except ValueError:
+        raise InterpEditError(f"--noise {text!r}: use 'sK' (K x the subject-embedding std, "
+                              "e.g. s3) or a float std, e.g. 0.1") from None
+
+
+def json_arg(text: str | None, option: str) -> dict:
+    """A JSON object given on the command line (``--hparams``, ``--config``); {} if None."""
+    import json
+
+    from interp_edit.errors import InterpEditError
+
+    try:
+        value = json.loads(text) if text else {}
+    except json.JSONDecodeError as exc:
+        raise InterpEditError(f"{option} is not valid JSON ({exc}): give an object such as "
+                              "'{\"layer\": 4}'") from None
+    if not isinstance(value, dict):
+        raise InterpEditError(f"{option} must be a JSON object, not {type(value).__name__}")
+    return value
+
+
+def writable(path: str | os.PathLike, *, directory: bool = False):
+    """Check, before any work, that an output can be written: ``path`` (a file, or with
+    ``directory`` a folder) is created with its parents, or its folder takes a new file.
+    Returns it as a Path."""
+    import tempfile
+    from pathlib import Path
+
+    from interp_edit.errors import InterpEditError
+
+    path = Path(path)
+    folder = path if directory else path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not directory and path.is_dir():
+            raise IsADirectoryError(f"{path} is a directory")
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise InterpEditError(f"cannot write {path} ({exc.strerror or exc}): choose another "
+                              "output path") from None
+    return path
 
 
 if __name__ == "__main__":

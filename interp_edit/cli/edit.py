@@ -6,9 +6,6 @@
 
 from __future__ import annotations
 
-import json
-
-
 def register(sub) -> None:
     p = sub.add_parser("edit", help="edit one fact (ROME, MEND, IKE, FT) and show before/after")
     p.add_argument("--method", default="rome", help="edit method (default rome)")
@@ -28,14 +25,20 @@ def register(sub) -> None:
 
 def run(args) -> int:
     import interp_edit as ie
+    from interp_edit import _validate
+    from interp_edit.cli import json_arg, writable
     from interp_edit.errors import InterpEditError
 
-    model = ie.load_model(args.model)
-    hparams = json.loads(args.hparams) if args.hparams else {}
-    if not isinstance(hparams, dict):
-        raise InterpEditError("--hparams must be a JSON object")
+    hparams = json_arg(args.hparams, "--hparams")
     if args.layer is not None:
-        hparams["layer"] = args.layer if args.layer == "auto" else int(args.layer)
+        try:
+            hparams["layer"] = args.layer if args.layer == "auto" else int(args.layer)
+        except ValueError:
+            raise InterpEditError(f"--layer {args.layer!r}: give a layer index or 'auto'") from None
+    _validate.count("--tokens", args.tokens)
+    if args.save:
+        writable(args.save)
+    model = ie.load_model(args.model)
     req = ie.EditRequest(args.prompt, args.subject, args.target, args.true)
     req.validate(model)
     if req.target_true is None:

@@ -16,9 +16,6 @@ the same command again resumes from the checkpoint.
 
 from __future__ import annotations
 
-import json
-
-
 def register(sub) -> None:
     p = sub.add_parser("mend-train", help="meta-train a MEND editor (checkpointed, resumable)")
     p.add_argument("--train", action="append", required=True,
@@ -37,27 +34,31 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from interp_edit.cli import json_arg, writable
     from interp_edit.editing.mend_train import TrainConfig, train_editor
     from interp_edit.errors import InterpEditError
     from interp_edit.models import load_model
 
-    overrides = json.loads(args.config) if args.config else {}
-    if not isinstance(overrides, dict):
-        raise InterpEditError("--config must be a JSON object of TrainConfig fields")
+    overrides = json_arg(args.config, "--config")
     if args.steps is not None:
         overrides["steps"] = args.steps
     if args.minutes is not None:
         overrides["max_minutes"] = args.minutes
     if args.layers is not None:
         layers = args.layers
-        overrides["layers"] = layers if layers in ("last", "traced") else tuple(
-            int(x) for x in layers.split(","))
+        try:
+            overrides["layers"] = layers if layers in ("last", "traced") else tuple(
+                int(x) for x in layers.split(","))
+        except ValueError:
+            raise InterpEditError(f"--layers {layers!r}: use 'last', 'traced' or indices such "
+                                  "as 27,28,29") from None
     try:
         cfg = TrainConfig(**overrides)
     except TypeError as exc:
         raise InterpEditError(f"--config: {exc}") from None
     train = [r for path in args.train for r in load_records(path)]
     val = load_records(args.val)
+    writable(args.out)
     model = load_model(args.model)
     result = train_editor(model, train, val, cfg, out=args.out, checkpoint=args.checkpoint,
                           progress=not args.quiet)

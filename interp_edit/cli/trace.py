@@ -7,9 +7,6 @@ prints the cells whose restoration brings the answer back the most.
 
 from __future__ import annotations
 
-from pathlib import Path
-
-
 def register(sub) -> None:
     p = sub.add_parser("trace", help="causal trace of one fact (heatmap + .npz result)")
     p.add_argument("--prompt", required=True)
@@ -40,19 +37,23 @@ def screen_arguments(p) -> None:
 
 def run(args) -> int:
     from interp_edit._files import atomic_path
+    from interp_edit.cli import noise_arg, writable
     from interp_edit.models import load_model
     from interp_edit.tracing import TraceSet, trace
 
+    from interp_edit import _validate
+
+    noise = noise_arg(args.noise)
+    _validate.count("--top", args.top, 0)
+    out = writable(args.out)  # before the trace runs, not after
+    writable(out.with_suffix(".npz"))
     model = load_model(args.model)
-    noise = args.noise if args.noise.startswith("s") else float(args.noise)
     result = trace(
         model, args.prompt, args.subject, target=args.target, kind=args.kind,
         samples=args.samples, noise=noise, window=args.window, method=args.method,
         sever=args.sever, seed=args.seed, precision=args.precision,
         estimate=args.estimate, progress=True,
     )  # fmt: skip
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     npz = out.with_suffix(".npz")
     result.save(npz)
     traces = list(result) if isinstance(result, TraceSet) else [result]

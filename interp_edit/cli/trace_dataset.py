@@ -36,11 +36,15 @@ def register(sub) -> None:
 
 def run(args) -> int:
     import interp_edit as ie
+    from interp_edit import _validate
     from interp_edit._files import write_text
+    from interp_edit.cli import noise_arg, writable
     from interp_edit.plotting import style
     from interp_edit.tracing.average import peak_table
 
-    noise = args.noise if args.noise.startswith("s") else float(args.noise)
+    noise = noise_arg(args.noise)
+    _validate.optional_count("--limit", args.limit)  # (trace_dataset checks all again)
+    writable(args.out, directory=True)
     kinds = "all" if args.kinds == "all" else tuple(k.strip() for k in args.kinds.split(","))
     model = ie.load_model(args.model)
     facts = ie.load_known_facts(args.path)

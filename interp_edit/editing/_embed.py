@@ -64,7 +64,7 @@ def get_embedder(kind: str, model: Model) -> Embedder:
             )
         return Embedder("minilm-l6-v2", _minilm_embed)
     layer = model.n_layers // 2
-    return Embedder(f"model-{model.fingerprint}-L{layer}",
+    return Embedder(f"model-{model.weights_key}-L{layer}",
                     functools.partial(_model_embed, model, layer=layer))
 
 

@@ -1,4 +1,5 @@
-"""The editor framework: requests, the registry, and applied (undoable, saveable) edits.
+"""The editor framework: the registry and applied (undoable, saveable) edits (requests, the
+facts to rewrite, are :mod:`interp_edit.editing.request`'s).
 
 Every method (ROME, MEND, IKE, FT, FT-L) is one module with a frozen hparams dataclass and an
 ``apply`` function registered under a name; ``edit(model, requests, method=...)`` validates the
@@ -12,68 +13,26 @@ so ``undo()`` restores them bit for bit. In-context edits (IKE) change no weight
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
 from torch.profiler import record_function
 
-from interp_edit import _files
+from interp_edit import _files, _validate
+from interp_edit._cache import tensors_digest
 from interp_edit.errors import InterpEditError, ModelMismatchError
+from interp_edit.editing.request import EditRequest, requests_from  # noqa: F401 (re-exported)
 from interp_edit.models import Model
 
 _EDIT_FORMAT = "interp_edit.AppliedEdit/1"  # in every saved edit's metadata
-
-
-@dataclass(frozen=True)
-class EditRequest:
-    """One fact to rewrite: ``prompt`` is a template with ``{}`` for the subject, or a string
-    that contains the subject (its first occurrence becomes ``{}``)."""
-
-    prompt: str
-    subject: str
-    target_new: str
-    target_true: str | None = None
-
-    @property
-    def template(self) -> str:
-        if "{}" in self.prompt:
-            return self.prompt
-        return self.prompt.replace(self.subject, "{}", 1)
-
-    @property
-    def text(self) -> str:
-        """The prompt with the subject filled in."""
-        return self.template.format(self.subject)
-
-    def validate(self, model: Model) -> None:
-        """Raise InterpEditError if this request cannot be applied to ``model``."""
-        if not self.subject or not self.subject.strip():
-            raise InterpEditError("EditRequest.subject is empty")
-        if "{}" not in self.prompt and self.subject not in self.prompt:
-            raise InterpEditError(
-                f"subject {self.subject!r} is not in prompt {self.prompt!r}: "
-                "use a template with '{}' or a prompt that contains the subject"
-            )
-        if self.template.count("{}") != 1:
-            raise InterpEditError(f"prompt template {self.template!r} must contain one '{{}}'")
-        for name in ("target_new", "target_true"):
-            value = getattr(self, name)
-            if value is None and name == "target_true":
-                continue
-            if not isinstance(value, str) or not value.strip():
-                raise InterpEditError(f"EditRequest.{name} is empty: give the answer text")
-            model.target_ids(value)  # raises if it tokenizes to nothing
-        model.subject_range(self.text, self.subject)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 # ---- the registry ------------------------------------------------------------------------
@@ -94,6 +53,8 @@ _METHOD_MODULES = {
     "ike": "interp_edit.editing.ike",
     "ft": "interp_edit.editing.finetune",
     "ft-l": "interp_edit.editing.finetune",
+    "memit": "interp_edit.editing.memit",
+    "alphaedit": "interp_edit.editing.alphaedit",
 }
 
 
@@ -114,6 +75,7 @@ def available_methods() -> list[str]:
 
 
 def _lookup(method: str) -> _Registered:
+    _validate.text("the edit method", method)
     if method not in _REGISTRY and method in _METHOD_MODULES:
         importlib.import_module(_METHOD_MODULES[method])
     if method not in _REGISTRY:
@@ -132,7 +94,10 @@ def make_hparams(method: str, **overrides: Any):
         raise InterpEditError(
             f"unknown hparams for {method!r}: {unknown}; valid: {sorted(names)}"
         )
-    return cls(**overrides)
+    try:
+        return cls(**overrides)
+    except TypeError as exc:  # a value of the wrong type met a comparison or a conversion
+        raise InterpEditError(f"hparams for {method!r}: {exc}") from None
 
 
 def edit(
@@ -143,9 +108,13 @@ def edit(
 ) -> "AppliedEdit":
     """Apply ``requests`` with ``method``; returns an :class:`AppliedEdit` (undo, save).
 
-    All requests are validated before any weight is touched.
+    All requests and the hparams are validated before any weight is touched (hparams that
+    depend on the model, such as a layer index, through their ``check_model(model)``); a
+    delta that is not finite is refused before it is applied.
     """
-    reqs = [requests] if isinstance(requests, EditRequest) else list(requests)
+    _validate.instance("model", model, Model)
+    reqs = [requests] if isinstance(requests, EditRequest) else _validate.items("requests",
+                                                                                requests)
     if not reqs:
         raise InterpEditError("no edit requests given")
     for r in reqs:
@@ -154,10 +123,17 @@ def edit(
         r.validate(model)
     entry = _lookup(method)
     hp = make_hparams(method, **hparams)
+    check_hparams(hp, model)
     t0 = time.perf_counter()
     applied = entry.apply(model, reqs, hp)
     applied.info.setdefault("seconds", time.perf_counter() - t0)
     return applied
+
+
+def check_hparams(hp: Any, model: Model) -> None:
+    """The checks of ``hp`` that need the model (``hp.check_model``, where it has one)."""
+    if (check := getattr(hp, "check_model", None)) is not None:
+        check(model)
 
 
 # ---- applied edits -----------------------------------------------------------------------
@@ -169,7 +145,9 @@ def get_parameter(model: Model, name: str) -> torch.nn.Parameter:
 
 
 def parameter_name(model: Model, module: torch.nn.Module, attr: str = "weight") -> str:
-    """The ``hf_model`` parameter name of ``module.<attr>`` (e.g. an MLP down projection)."""
+    """The Hugging Face state-dict name of ``module.<attr>`` (e.g. an MLP output projection,
+    ``model.layers.3.mlp.down_proj.weight``), which is what saved edits store: it does not
+    depend on the bridge's wrapper paths (:attr:`Model.parameters_by_name`)."""
     target = getattr(module, attr)
     for name, p in model.parameters_by_name.items():
         if p is target:
@@ -183,7 +161,9 @@ class AppliedEdit:
 
     - ``deltas``: parameter name -> weight change (empty for in-context methods);
     - ``context``: text prepended to prompts by in-context methods (IKE); use ``wrap``;
-    - ``info``: JSON-serialisable details (chosen layer and why, timings, losses).
+    - ``info``: JSON-serialisable details (chosen layer and why, timings, losses);
+    - ``keys``: parameter name -> the keys ``[n, d_in]`` the edit wrote values for (ROME's
+      and MEMIT's k*), so that later edits can protect them (AlphaEdit).
     """
 
     model: Model | None
@@ -193,9 +173,11 @@ class AppliedEdit:
     deltas: dict[str, Tensor] = field(default_factory=dict)
     context: str = ""
     info: dict[str, Any] = field(default_factory=dict)
+    keys: dict[str, Tensor] = field(default_factory=dict)
     _originals: dict[str, Tensor] = field(default_factory=dict, repr=False)
     model_name: str = ""
     fingerprint: str = ""
+    _digest: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_deltas(
@@ -209,6 +191,7 @@ class AppliedEdit:
         *,
         owned: bool = False,
         added_to: Mapping[str, Tensor] | None = None,
+        keys: Mapping[str, Tensor] | None = None,
     ) -> "AppliedEdit":
         """Record ``deltas`` and apply them to ``model`` (the common path for weight editors).
         ``owned``: the editor hands its fresh tensors over, so they are kept, not copied.
@@ -224,6 +207,7 @@ class AppliedEdit:
             hparams=_hparams_dict(hparams),
             deltas={k: v.detach() if owned else v.detach().clone() for k, v in deltas.items()},
             info=dict(info or {}),
+            keys={k: v.detach().clone() for k, v in (keys or {}).items()},
             model_name=model.name,
             fingerprint=model.fingerprint,
         )
@@ -232,6 +216,13 @@ class AppliedEdit:
         if added_to.keys() != out.deltas.keys():
             raise InterpEditError("added_to must hold the weights before of exactly the edited "
                                   f"parameters ({sorted(out.deltas)}), not {sorted(added_to)}")
+        try:
+            out._check_finite()
+        except InterpEditError:  # the editor added them already: put the weights back
+            with torch.no_grad():
+                for name, before in added_to.items():
+                    get_parameter(model, name).copy_(before)
+            raise
         out._originals.update(added_to)
         return out._attach(model)
 
@@ -244,6 +235,18 @@ class AppliedEdit:
                   hparams=_hparams_dict(hparams), context=context, info=dict(info or {}),
                   model_name=model.name, fingerprint=model.fingerprint)
         return out.apply(model)
+
+    @property
+    def weights_digest(self) -> str | None:
+        """A digest of the deltas (None for an edit that changes no weight): part of
+        :attr:`~interp_edit.models.Model.weights_key` while the edit is applied."""
+        if self._digest is None and self.deltas:
+            self._digest = tensors_digest(self.deltas)
+        return self._digest
+
+    def _check_finite(self) -> None:
+        for name, delta in self.deltas.items():
+            _validate.finite(f"the {self.method} edit's delta for {name}", delta)
 
     @property
     def applied(self) -> bool:
@@ -267,6 +270,7 @@ class AppliedEdit:
             if params[name].shape != delta.shape:
                 raise ModelMismatchError(f"delta for {name} has shape {tuple(delta.shape)}, "
                                          f"parameter has {tuple(params[name].shape)}")
+        self._check_finite()
         with torch.no_grad(), record_function("edit: apply the deltas"):
             for name, delta in self.deltas.items():
                 p = params[name]
@@ -319,8 +323,9 @@ class AppliedEdit:
 
     def save(self, path: str | Path) -> Path:
         """Write the deltas as safetensors with the metadata as JSON in the header."""
+        tensors = self.deltas | {_KEYS + k: v for k, v in self.keys.items()}
         meta = {"interp_edit": json.dumps(self.metadata(), default=_json_default)}
-        return _files.save_safetensors(self.deltas, path, meta)
+        return _files.save_safetensors(tensors, path, meta)
 
 
 def load_edit(path: str | Path) -> AppliedEdit:
@@ -328,7 +333,7 @@ def load_edit(path: str | Path) -> AppliedEdit:
     damaged or foreign file raises :class:`~interp_edit.errors.CorruptFileError`."""
     path = Path(path)
     with _files.reading(path, "saved edit", "save the edit again with AppliedEdit.save"):
-        deltas, header = _files.read_safetensors(path)
+        tensors, header = _files.read_safetensors(path)
         _files.require("interp_edit" in header, "no interp_edit metadata in its header")
         meta = json.loads(header["interp_edit"])
         _files.require(isinstance(meta, dict) and meta.get("format") == _EDIT_FORMAT,
@@ -344,19 +349,53 @@ def load_edit(path: str | Path) -> AppliedEdit:
                            and isinstance(r.target_true, (str, type(None))),
                            "a request has a field that is not text")
         _files.require(bool(requests), "it holds no request")
-        _files.require(all(d.is_floating_point() for d in deltas.values()),
-                       "a delta is not a floating-point tensor")
+        _files.require(all(t.is_floating_point() for t in tensors.values()),
+                       "a delta or key is not a floating-point tensor")
     return AppliedEdit(
         model=None,
         method=meta["method"],
         requests=requests,
         hparams=meta["hparams"],
-        deltas=deltas,
+        deltas={k: v for k, v in tensors.items() if not k.startswith(_KEYS)},
         context=meta["context"],
         info=meta["info"],
+        keys={k[len(_KEYS):]: v for k, v in tensors.items() if k.startswith(_KEYS)},
         model_name=meta["model_name"],
         fingerprint=meta["fingerprint"],
     )
+
+
+@contextlib.contextmanager
+def loaded_weights(model: Model) -> Iterator[None]:
+    """Inside the block ``model`` has its weights as loaded (every applied weight edit
+    lifted); after it, the edited weights are back bit for bit. For what is defined on the
+    loaded weights whatever is applied, such as the text ROME samples for its key statistics."""
+    if model._weight_marks:
+        raise InterpEditError("an editor is changing the weights in place: the weights as "
+                              "loaded are not available until it is done")
+    loaded: dict[str, Tensor] = {}
+    for applied in _edit_stack(model):  # oldest first: its originals are the loaded weights
+        for name, original in applied._originals.items():
+            loaded.setdefault(name, original)
+    params = {name: get_parameter(model, name) for name in loaded}
+    edited = {name: p.detach().clone() for name, p in params.items()}
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(loaded[name])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(edited[name])
+
+
+_KEYS = "keys/"  # prefix of the written keys' tensor names in a saved edit
+
+
+def applied_edits(model: Model) -> tuple[AppliedEdit, ...]:
+    """The edits applied to ``model``, oldest first."""
+    return tuple(_edit_stack(model))
 
 
 def _edit_stack(model: Model) -> list[AppliedEdit]:
@@ -378,8 +417,15 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def requests_from(items: Iterable[Any]) -> list[EditRequest]:
-    """EditRequests from records that have ``prompt``, ``subject``, ``target_new`` and
-    ``target_true`` attributes (e.g. evaluation records)."""
-    return [EditRequest(i.prompt, i.subject, i.target_new, getattr(i, "target_true", None))
-            for i in items]
+class Laps:
+    """Lap timer: ``laps("phase")`` records the seconds since the previous lap in ``.laps``."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(now - self._t, 3)
+        self._t = now
+

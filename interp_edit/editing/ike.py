@@ -27,6 +27,7 @@ from typing import Sequence
 
 import torch
 
+from interp_edit import _validate
 from interp_edit._cache import file_digest
 from interp_edit._files import data_file
 from interp_edit.editing import _embed
@@ -63,13 +64,29 @@ class IKEHparams:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.demos, int) or self.demos < 0:
-            raise InterpEditError(f"demos must be >= 0 (0: no demonstrations), not {self.demos!r}")
-        object.__setattr__(self, "mix", tuple(self.mix))  # a list from JSON stays hashable
+        object.__setattr__(self, "demos", _validate.count("IKEHparams.demos", self.demos, 0))
+        _validate.fields(self, seeds=("seed",))
+        if isinstance(self.mix, (str, bytes)) or not hasattr(self.mix, "__len__"):
+            raise InterpEditError(f"mix must be three copy:update:retain weights, not {self.mix!r}")
+        # a list from JSON stays hashable
+        object.__setattr__(self, "mix", tuple(self.mix))
+        for m in self.mix:
+            _validate.number("mix weight", m, 0.0)
+        if self.pool is not None:
+            _validate.text("IKEHparams.pool", str(self.pool) if hasattr(self.pool, "__fspath__")
+                           else self.pool)
         kind_counts(self.demos, self.mix)  # validates the mix
         if self.embedder not in _embed.EMBEDDERS:
             raise InterpEditError(f"unknown IKE embedder {self.embedder!r}; choose one of "
                                   f"{_embed.EMBEDDERS}")
+
+
+    def check_model(self, model: Model) -> None:
+        """The pool and the embedder are there (before any work of an edit)."""
+        if self.demos:
+            load_pool(self.pool)
+        if self.embedder == "minilm":
+            _embed.get_embedder(self.embedder, model)
 
 
 def _fact(prompt: str, target: str) -> str:

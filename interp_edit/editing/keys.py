@@ -8,7 +8,8 @@ whatever text precedes the subject (Meng et al. 2022, §3.1).
 - :func:`sample_token_ids`: seeded top-k sampling from the model (prefixes, generated corpora);
 - :func:`context_templates`: ``("{}", "<prefix>. {}", ...)``, cached per model on disk;
 - :func:`encode_facts`: tokenized prompts with the subject's last token and target positions;
-- :func:`subject_keys` / :func:`key_star`: the keys at the subject's last token and their mean.
+- :func:`subject_keys` / :func:`key_star` / :func:`keys_star`: the keys at the subject's last
+  token and their mean over the contexts, for one fact or for a batch of facts in one pass.
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from einops import rearrange
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from interp_edit import _files
 from interp_edit._cache import cache_dir
-from interp_edit._llama import LlamaStepper
+from interp_edit.arch import adapter
+from interp_edit.arch.stepper import Stepper
 from interp_edit.hooks import capture, hooked
 from interp_edit.models import Model, mlp_key_hook
 
@@ -39,27 +42,23 @@ def sample_token_ids(
     model: Model, n: int, length: int, *, seed: int = 0, top_k: int = 5, exact: bool = False,
     batch_size: int = 64, starters: Sequence[str] = STARTERS, progress: bool | None = False,
 ) -> list[list[int]]:
-    """``n`` token sequences sampled from the model (top-k), each opened by one of
-    ``starters`` in turn and continued by ``length`` new tokens (``exact``: never stop at the
-    end-of-text token; otherwise a sequence ends there). Generation starts after a
-    document-start token (see :func:`document_start`), which the returned rows omit.
-    Seeded; the global RNG state is left untouched.
+    """``n`` token sequences sampled from the model, each opened by one of ``starters`` in
+    turn and continued by ``length`` new tokens (``exact``: never stop at the end-of-text
+    token; otherwise a sequence ends there). Generation starts after a document-start token
+    (see :func:`document_start`), which the returned rows omit.
 
-    Llama-family models sample on the layer stepper (:func:`_sample_on_stepper`: the tokens
-    ``generate`` draws, up to float rounding; 1.6x faster on a 2-core CPU at 128 rows, see
-    ``benchmarks/bench_sampling.py``), others through ``generate``."""
+    The promise: plain top-k sampling at temperature 1 from the model's own next-token
+    distribution (:func:`_draw`; none of the model's generation-config settings apply),
+    seeded, with the global RNG state left untouched. Models the layer stepper runs
+    (:class:`~interp_edit.arch.stepper.Stepper`) decode on it with a key/value cache; every other model on :func:`_sample_by_recompute`,
+    the project's reference (one full forward pass per new token). Both make the same RNG
+    calls, so they draw the same tokens up to float rounding of the scores. Neither depends
+    on Hugging Face ``generate``, whose sampling internals change between releases."""
     from tqdm.auto import tqdm
-    from transformers import GenerationConfig
 
-    # plain top-k at temperature 1, whatever the model's own generation config asks for
-    # (generate fills every unset field from it, e.g. an instruct model's temperature)
-    cfg = GenerationConfig(do_sample=True, top_k=top_k, max_new_tokens=length,
-                           min_new_tokens=length if exact else 0,
-                           pad_token_id=model.tokenizer.pad_token_id, temperature=1.0,
-                           top_p=1.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
-                           repetition_penalty=1.0, no_repeat_ngram_size=0)
     devices = [model.device] if model.device.type == "cuda" else []
     eos = model.tokenizer.eos_token_id
+    banned = _eos_ids(model) if exact else []
     doc = document_start(model)
     jobs = []  # (starter index, rows): starters take turns, at most batch_size rows a call
     for i in range(len(starters)):
@@ -70,50 +69,57 @@ def sample_token_ids(
         ids = torch.tensor([doc + model.tokenize(starters[i]).tolist()] * rows, device=model.device)
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed * 100_003 + j)
-            if LlamaStepper.supports(model):  # the weights only: bridge hooks do not apply
-                gen = _sample_on_stepper(model, ids, length, top_k, banned=_eos_ids(model)
-                                         if exact else [])
+            if Stepper.supports(model):  # the weights only: bridge hooks do not apply
+                gen = _sample_on_stepper(model, ids, length, top_k, banned)
             else:
-                gen = model.hf_model.generate(ids, attention_mask=torch.ones_like(ids),
-                                              generation_config=cfg)
+                gen = _sample_by_recompute(model, ids, length, top_k, banned)
         for row in gen[:, len(doc):].tolist():
             out.append(row if exact or eos not in row else row[: row.index(eos)])
     return out
 
 
 def _eos_ids(model: Model) -> list[int]:
-    """The tokens ``generate`` treats as end of sequence (the model's generation config)."""
+    """The tokens that end a sequence: the model's generation config, else the tokenizer's."""
     eos = model.hf_model.generation_config.eos_token_id
     eos = model.tokenizer.eos_token_id if eos is None else eos
     return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
 
+def _draw(scores: Float[Tensor, "rows d_vocab"], top_k: int,
+          banned: Sequence[int]) -> Int[Tensor, "rows 1"]:
+    """One token per row: ``banned`` tokens at -inf, every score below the k-th largest at
+    -inf, softmax, then one ``torch.multinomial`` call on the global RNG. Changes ``scores``."""
+    scores[:, list(banned)] = -math.inf
+    kth = scores.topk(min(top_k, scores.shape[-1])).values[:, -1:]
+    scores.masked_fill_(scores < kth, -math.inf)
+    return torch.multinomial(scores.softmax(-1), 1)
+
+
 def _sample_on_stepper(model: Model, ids: Int[Tensor, "rows prompt"], length: int, top_k: int,
                        banned: Sequence[int]) -> Int[Tensor, "rows total"]:
-    """``length`` tokens after ``ids``, drawn as Hugging Face ``generate`` draws them (fp32
-    scores of the last position, ``banned`` tokens at -inf, every score below the k-th
-    largest at -inf, softmax, ``torch.multinomial`` on the global RNG), on the layer
-    stepper with a key/value cache. A sequence that draws the end token goes on (the caller
-    cuts it there), which changes no other row."""
+    """``length`` tokens after ``ids`` drawn by :func:`_draw` from the fp32 scores of the last
+    position, on the layer stepper with a key/value cache. A sequence that draws the end
+    token goes on (the caller cuts it there), which changes no other row."""
+    return Stepper(model, ids.shape[1] + length).decode(
+        ids, length, lambda scores: _draw(scores, top_k, banned))
 
-    def draw(scores: Float[Tensor, "rows d_vocab"]) -> Int[Tensor, "rows 1"]:
-        scores[:, list(banned)] = -math.inf
-        kth = scores.topk(min(top_k, scores.shape[-1])).values[:, -1:]
-        scores.masked_fill_(scores < kth, -math.inf)
-        return torch.multinomial(scores.softmax(-1), 1)
 
-    return LlamaStepper(model, ids.shape[1] + length).decode(ids, length, draw)
+def _sample_by_recompute(model: Model, ids: Int[Tensor, "rows prompt"], length: int,
+                         top_k: int, banned: Sequence[int]) -> Int[Tensor, "rows total"]:
+    """The reference sampler: ``length`` tokens after ``ids``, each drawn by :func:`_draw`
+    from the fp32 scores of one full forward pass of the whole sequence so far (no cache).
+    Slow (quadratic in the length) but plain enough to check any faster sampler against."""
+    for _ in range(length):
+        logits = model.hf_model(ids, attention_mask=torch.ones_like(ids)).logits
+        ids = torch.cat([ids, _draw(logits[:, -1].float(), top_k, banned)], 1)
+    return ids
 
 
 def document_start(model: Model) -> list[int]:
-    """The token that opens a plain document, to sample ordinary text after: the tokenizer's
-    ``<|endoftext|>`` (GPT-2, SmolLM), else a BOS token that is not a chat marker, else none.
+    """The token that opens a plain document (:meth:`interp_edit.arch.Adapter.document_start`:
+    the end-of-text token where the tokenizer has one, else a non-chat BOS, else none).
     After a bare "The" with no such token, SmolLM2 continues with code-like fragments."""
-    tok = model.tokenizer
-    vocab = tok.get_vocab()
-    if "<|endoftext|>" in vocab:
-        return [vocab["<|endoftext|>"]]
-    return [tok.bos_token_id] if model.prepend_bos else []
+    return adapter(model).document_start()
 
 
 def context_templates(
@@ -121,10 +127,10 @@ def context_templates(
 ) -> tuple[str, ...]:
     """``"{}"`` followed by ``n`` templates ``"<sampled prefix>. {}"`` of about ``length``
     tokens each. Seeded and cached per model (in memory and under the cache directory)."""
-    key = (model.fingerprint, n, length, seed)
+    key = (model.weights_key, n, length, seed)
     if key in _TEMPLATES:
         return _TEMPLATES[key]
-    path = cache_dir("prefixes", model.fingerprint) / f"v2-n{n}-len{length}-seed{seed}.json"
+    path = cache_dir("prefixes", key[0]) / f"v2-n{n}-len{length}-seed{seed}.json"
     prefixes = _files.load_cached(path, functools.partial(_read_prefixes, n=n))
     if prefixes is None:
         texts = [model.tokenizer.decode(ids) for ids in
@@ -158,21 +164,28 @@ class FactBatch:
         pos = torch.arange(self.ids.shape[1], device=self.ids.device)
         return pos[None, :] == self.subject_last[:, None]
 
+    def select(self, rows: Int[Tensor, "k"]) -> "FactBatch":
+        """The batch of ``rows`` only (right padding stays exact for causal attention)."""
+        return FactBatch(self.ids[rows], self.subject_last[rows], self.target_labels[rows],
+                         self.target_mask[rows])
+
 
 def encode_facts(
     model: Model,
     templates: Sequence[str],
-    subject: str,
+    subject: str | Sequence[str],
     targets: str | None | Sequence[str | None] = None,
 ) -> FactBatch:
-    """Fill ``subject`` into each template (one ``{}`` each, e.g. a context template applied
+    """Fill the subject into each template (one ``{}`` each, e.g. a context template applied
     to the request's prompt) and append all but the last token of the row's target, so that
-    the logits at the masked positions predict every target token. ``targets``: one for all
-    rows, or one per row (``None``: the prompt alone)."""
+    the logits at the masked positions predict every target token. ``subject``: one for all
+    rows, or one per row; ``targets``: one for all rows, or one per row (``None``: the prompt
+    alone)."""
     if targets is None or isinstance(targets, str):
         targets = [targets] * len(templates)
+    subjects = [subject] * len(templates) if isinstance(subject, str) else list(subject)
     seqs, subj_last, spans = [], [], []
-    for tpl, target in zip(templates, targets, strict=True):
+    for tpl, subject, target in zip(templates, subjects, targets, strict=True):
         text = tpl.format(subject)
         # the subject occurrence that replaces "{}" (a prefix may mention the subject too)
         occurrence = _count_occurrences(text[: tpl.index("{}")], subject)
@@ -212,5 +225,21 @@ def key_star(
     model: Model, layer: int, template: str, subject: str, contexts: Sequence[str]
 ) -> Float[Tensor, "d_mlp"]:
     """k*: the mean key at the subject's last token over ``template`` in every context."""
-    batch = encode_facts(model, [c.format(template) for c in contexts], subject)
-    return subject_keys(model, layer, batch).mean(0)
+    return keys_star(model, layer, [(template, subject)], contexts)[0]
+
+
+def context_batch(
+    model: Model, facts: Sequence[tuple[str, str]], contexts: Sequence[str]
+) -> FactBatch:
+    """Every fact ``(template, subject)`` in every context, fact-major: row ``i * len(contexts)
+    + j`` is fact i in context j (context 0 is ``"{}"``, the prompt alone)."""
+    rows = [(c.format(tpl), subj) for tpl, subj in facts for c in contexts]
+    return encode_facts(model, [t for t, _ in rows], [s for _, s in rows])
+
+
+def keys_star(
+    model: Model, layer: int, facts: Sequence[tuple[str, str]], contexts: Sequence[str]
+) -> Float[Tensor, "n_facts d_mlp"]:
+    """k* of each fact ``(template, subject)``: its mean key over the contexts, in one pass."""
+    keys = subject_keys(model, layer, context_batch(model, facts, contexts))
+    return rearrange(keys, "(f c) d -> f c d", c=len(contexts)).mean(1)

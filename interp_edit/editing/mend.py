@@ -13,9 +13,10 @@ inverse second moment of the projection's inputs over ordinary text (plus a ridg
 directions that typical keys rarely use, which keeps edits of the last layers from spilling
 onto other subjects of the same relation (measured: see ``analyses/train_mend.py``).
 
-The edited matrices are MLP output projections (``Model.mlp_out_proj``; ``u`` is the hook point
-``mlp_key_hook``, ``δ`` the gradient at ``mlp_out_hook``) of the layers the editor was trained
-for: MEND's last three (``layer_choice="last"``), the layers where the MLP causal trace is
+The edited matrices are MLP output projections (``Model.mlp_out_proj``, as ``[d_model,
+d_mlp]`` matrices whatever their storage; ``u`` is the hook point ``mlp_key_hook``, ``δ`` the
+gradient at ``mlp_write_hook``, what the matrix writes, before any post-norm) of the layers
+the editor was trained for: MEND's last three (``layer_choice="last"``), the layers where the MLP causal trace is
 strongest (``"traced"``, location-aware; see :mod:`interp_edit.editing.mend_train`) or a given
 list (``"given"``). The loss whose gradient is decomposed is the mean NLL per target token
 of each request's ``target_new``; with ``MENDConfig.contrast`` minus that of its
@@ -50,9 +51,10 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from torch.profiler import record_function
 
-from interp_edit import _files
+from interp_edit import _files, _validate
 from interp_edit._cache import cache_dir
-from interp_edit._llama import resolve_precision
+from interp_edit.arch import adapter
+from interp_edit.arch.stepper import resolve_precision
 from interp_edit._precision import PRECISIONS
 from interp_edit.editing.base import AppliedEdit, EditRequest, parameter_name, register_editor
 from interp_edit.editing.mend_factors import Factors, TargetBatch, batch_factors, gaps_from
@@ -73,7 +75,8 @@ class MENDConfig:
     fingerprint: str  # Model.fingerprint of the model the editor was trained on
     layers: tuple[int, ...]
     layer_choice: str  # "last" (MEND) | "traced" (location-aware) | "given"
-    shapes: tuple[tuple[int, int], ...]  # [d_out, d_in] of each edited weight
+    shapes: tuple[tuple[int, int], ...]  # [d_out, d_in] = [d_model, d_mlp] of each edited
+    # weight as a matrix (Adapter.mlp_out_matrix), whatever its storage (GPT-2: transposed)
     rank: int = 128  # hidden width of each residual block
     n_blocks: int = 1
     init_edit_lr: float = 1e-4  # α_l before training (the trainer may calibrate it per layer)
@@ -93,7 +96,8 @@ class MENDConfig:
     @classmethod
     def for_model(cls, model: Model, layers: Sequence[int], layer_choice: str,
                   **sizes: Any) -> "MENDConfig":
-        shapes = [tuple(model.mlp_out_proj(int(layer)).weight.shape) for layer in layers]
+        matrix = adapter(model).mlp_out_matrix
+        shapes = [tuple(matrix(int(layer)).shape) for layer in layers]
         return cls(model.name, model.fingerprint, tuple(layers), layer_choice, tuple(shapes),
                    **sizes)
 
@@ -193,7 +197,9 @@ class MENDEditor(nn.Module):
         with torch.no_grad(), record_function("mend: editor network"):
             steps = self(run.factors)
         names = {layer: parameter_name(model, model.mlp_out_proj(layer)) for layer in steps}
-        return EditorStep({names[layer]: d for layer, d in steps.items()}, done, run.start)
+        to_parameter = adapter(model).to_parameter  # [d_out, d_in] -> the weight's orientation
+        return EditorStep({names[j]: to_parameter(j, d) for j, d in steps.items()}, done,
+                          run.start)
 
     # ---- persistence ----------------------------------------------------------------------
     def metadata(self) -> dict[str, Any]:
@@ -271,10 +277,14 @@ class MENDHparams:
     def __post_init__(self) -> None:
         if self.editor is not None:
             object.__setattr__(self, "editor", os.fspath(self.editor))
-        if self.passes < 1:
-            raise InterpEditError(f"passes={self.passes}: use 1 (MEND) or more")
+        object.__setattr__(self, "passes", _validate.count("MENDHparams.passes (1: MEND as "
+                                                          "published)", self.passes))
         if self.below not in PRECISIONS:
             raise InterpEditError(f"below={self.below!r}: use one of {', '.join(PRECISIONS)}")
+
+    def check_model(self, model: Model) -> None:
+        """The editor exists and was trained for ``model`` (before any work of an edit)."""
+        load_editor(model, self.editor)
 
     def below_dtype(self, model: Model) -> torch.dtype | None:
         """The dtype of the multiplies below the edit on ``model`` (None: the model's own,

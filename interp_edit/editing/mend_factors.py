@@ -8,7 +8,8 @@ others are dropped.
 
 The gradient pass (:func:`batch_factors`) is most of an edit's cost, so it does only what the
 factors need: the blocks below the first edited one run without gradients (on the layer
-stepper of :mod:`interp_edit._llama` when the model has one and no bridge hook is installed),
+stepper of :mod:`interp_edit.arch.stepper` when the model's family has one and no bridge hook
+is installed),
 logits are computed at the target positions only, and a further pass on the same requests
 (MEND's ``passes`` > 1, or the training loop's edited pass) resumes from the first edited
 block's saved input (:mod:`interp_edit.resume`). :func:`gaps_from` is that further pass
@@ -27,9 +28,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from torch.profiler import record_function
 
-from interp_edit._llama import LayerOut, LlamaStepper
+from interp_edit.arch.stepper import LayerOut, Stepper
 from interp_edit.hooks import add_delta, capture, hooked
-from interp_edit.models import Model, mlp_key_hook, mlp_out_hook
+from interp_edit.models import Model, mlp_key_hook, mlp_write_hook
 from interp_edit.resume import (
     BlockInput, block_input, logits_from, record_block_input, stepper_for, supports_resume)
 
@@ -169,11 +170,12 @@ def batch_factors(
     ``below``: the dtype of the matrix multiplies of the blocks below the first edited one
     (layer stepper only; None: the model's), see :class:`MENDHparams`.
 
-    On Llama-family models with no bridge hook installed the pass runs on the layer stepper
-    (:mod:`interp_edit._llama`; ``δ_t`` is the gradient at the block output, which is the
-    MLP output plus a residual, so the same vector); otherwise on the bridge, with a capture
-    hook for ``u_t`` and zero tensors added to the MLP outputs for ``δ_t``."""
-    if start is None and LlamaStepper.usable(model):
+    On models the layer stepper runs, with no bridge hook installed, the pass runs on it
+    (:mod:`interp_edit.arch.stepper`; ``δ_t`` is the gradient at the output matrix's own
+    output, ``LayerOut.write``, before any post-norm); otherwise on the bridge, with a capture
+    hook for ``u_t`` and zero tensors added to what the matrix writes (``mlp_write_hook``)
+    for ``δ_t``."""
+    if start is None and Stepper.usable(model):
         with record_function("mend: blocks below the edit"):
             start = block_input(model, batch.ids[:, : batch.width], min(layers), below)
     if start is not None and start.kwargs is None:
@@ -201,7 +203,7 @@ def _stepper_factors(model: Model, layers: Sequence[int], batch: TargetBatch,
 
     def keep(j: int, x_j: Tensor, out: LayerOut) -> None:
         if j in layers:
-            outs[j], keys[j] = out.out, out.key.detach()
+            outs[j], keys[j] = out.write, out.key.detach()
 
     x = start.hidden.detach().requires_grad_()  # the graph starts here (weights are frozen)
     # every row predicts at the last position only (one-token answers of one prompt): the last
@@ -228,7 +230,7 @@ def _hooked_factors(model: Model, layers: Sequence[int], batch: TargetBatch,
     bumps = {layer: torch.zeros(*batch.ids.shape, model.d_model, dtype=w.dtype, device=w.device,
                                 requires_grad=True) for layer in layers}
     hooks = [capture(mlp_key_hook(layer), store) for layer in layers]
-    hooks += [add_delta(mlp_out_hook(layer), slice(None), bumps[layer]) for layer in layers]
+    hooks += [add_delta(mlp_write_hook(layer), slice(None), bumps[layer]) for layer in layers]
     with torch.enable_grad(), hooked(model, hooks):
         if start is not None:
             logits = logits_from(model, start, batch.keep)

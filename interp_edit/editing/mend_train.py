@@ -44,6 +44,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from interp_edit import _files
+from interp_edit import _validate as check
+from interp_edit.arch import adapter
 from interp_edit.editing.mend import MENDConfig, MENDEditor, last_layers
 from interp_edit.editing.mend_factors import TargetBatch, batch_factors, gradient_factors
 from interp_edit.errors import InterpEditError
@@ -91,14 +93,27 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, (list, tuple)):
-            object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
+            layers = tuple(check.integer("TrainConfig.layers entry", x, 0)
+                           for x in self.layers)
+            if not layers:
+                raise InterpEditError("TrainConfig.layers is empty: give layer indices")
+            object.__setattr__(self, "layers", layers)
         elif self.layers not in ("last", "traced"):
             raise InterpEditError(f"layers={self.layers!r}: use 'last', 'traced' or indices")
         if self.retain_divergence not in ("forward", "symmetric"):
             raise InterpEditError("retain_divergence must be 'forward' or 'symmetric'")
-        for name in ("steps", "n_layers", "val_every", "val_n"):
-            if getattr(self, name) < 1:
-                raise InterpEditError(f"TrainConfig.{name} must be >= 1")
+        check.fields(self, counts=("steps", "n_layers", "val_every", "val_n", "rank",
+                                       "n_blocks", "key_tokens", "trace_facts"),
+                         positive=("init_edit_lr", "lr", "lr_lr", "grad_clip"),
+                         nonnegative=("key_ridge", "c_edit", "c_loc", "c_margin"),
+                         seeds=("seed",))
+        object.__setattr__(self, "calibrate", check.count("TrainConfig.calibrate",
+                                                              self.calibrate, 0))
+        object.__setattr__(self, "patience", check.count("TrainConfig.patience",
+                                                             self.patience, 0))
+        for name in ("init_step", "max_minutes"):
+            if getattr(self, name) is not None:
+                check.fields(self, positive=(name,))
 
 
 @dataclass(frozen=True)
@@ -145,7 +160,9 @@ def meta_loss(
     away = true_rows[:1] if contrast and editor.config.contrast else []  # true | edit prompt
     run = batch_factors(model, layers, batch, [0], away=away)
     steps = editor(run.factors)
-    edited = {layer: model.mlp_out_proj(layer).weight + steps[layer] for layer in layers}
+    to_parameter = adapter(model).to_parameter  # [d_model, d_mlp] -> the weight's orientation
+    edited = {layer: model.mlp_out_proj(layer).weight + to_parameter(layer, steps[layer])
+              for layer in layers}
     with substituted(model, edited):  # blocks below the first edited one are unchanged
         after = (logits_from(model, run.start, batch.keep) if run.start is not None
                  else model.logits(batch.ids, batch.keep))
@@ -184,26 +201,24 @@ def choose_layers(
         return cfg.layers, "given", {}
     if cfg.layers == "last":
         return last_layers(model, cfg.n_layers), "last", {}
-    from interp_edit.tracing import trace
+    from interp_edit.tracing.locate import locate
 
-    effects, traced = torch.zeros(model.n_layers), []
+    # the records the model knows (p(true) > p(new)): the trace of an unknown fact says nothing
+    known = []
     for rec in records:
-        if len(traced) == cfg.trace_facts:
+        if len(known) == cfg.trace_facts:
             break
         p_true, p_new = model.next_token_probs([rec.text] * 2, [rec.target_true, rec.target_new])
-        if p_true <= p_new:
-            continue  # the model does not know this fact: its trace says nothing
-        last = model.subject_range(rec.text, rec.subject)[1] - 1
-        r = trace(model, rec.text, rec.subject, target=rec.target_true, kind="mlp", window=5,
-                  samples=3, positions=[last], progress=False)
-        effects += torch.nan_to_num(r.indirect_effect[last])
-        traced.append(rec.case_id)
-    if not traced:
+        if p_true > p_new:
+            known.append(rec)
+    if not known:
         raise InterpEditError("layers='traced': the model knows none of the training records")
-    effects /= len(traced)
-    top = sorted(effects.topk(min(cfg.n_layers, model.n_layers)).indices.tolist())
-    return tuple(top), "traced", {"mlp_effects": [round(float(e), 5) for e in effects],
-                                  "traced_records": traced, "window": 5, "samples": 3}
+    # the n_layers contiguous layers of the largest summed MLP effect, anywhere in the depth
+    loc = locate(model, known, kind="mlp", span=min(cfg.n_layers, model.n_layers),
+                 search=(0.0, 1.0))
+    return loc.layers, "traced", {"mlp_effects": [round(float(e), 5) for e in loc.effects],
+                                  "traced_records": [r.case_id for r in known],
+                                  "reason": loc.reason, **loc.settings}
 
 
 # ---- training ---------------------------------------------------------------------------------

@@ -1,11 +1,13 @@
 """ROME: Rank-One Model Editing (Meng et al. 2022), with consistent keys.
 
-An MLP output projection W (``model.mlp_out_proj(layer)``, ``[d_model, d_mlp]``) is read as a
-linear associative memory: the key k at the subject's last token maps to a value W k that
+An MLP output projection W (``model.mlp_out_proj(layer)``, seen as ``[d_model, d_mlp]``
+whatever its storage: :meth:`interp_edit.arch.Adapter.mlp_out_matrix`; GPT-2's Conv1D stores
+it transposed) is read as a linear associative memory: the key k at the subject's last token maps to a value W k that
 carries the subject's attributes. One edit:
 
-1. **locate**: ``layer="auto"`` runs the MLP causal trace of the request and takes the layer
-   with the largest indirect effect at the subject's last token (``layer=int`` overrides);
+1. **locate**: ``layer="auto"`` asks :func:`interp_edit.tracing.locate` for the layer with the
+   largest MLP indirect effect at the subject's last token, within ``auto_search`` (a fraction
+   of the depth); ``layer=int`` overrides;
 2. **k\\***: the mean key at the subject's last token over the prompt and sampled context
    prefixes (:mod:`interp_edit.editing.keys`);
 3. **v\\***: W k* + δ, with δ optimised through the hook layer (added to the MLP output at the
@@ -23,7 +25,8 @@ k* and v*) and returned as one :class:`AppliedEdit`.
 
 from __future__ import annotations
 
-import time
+import contextlib
+import numbers
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -31,33 +34,39 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from interp_edit import _validate
+from interp_edit._cache import tensors_digest
+from interp_edit.arch import adapter
 from interp_edit.editing.base import (
     AppliedEdit,
     EditRequest,
+    Laps,
     get_parameter,
     parameter_name,
     register_editor,
 )
-from interp_edit.editing.keys import FactBatch, context_templates, encode_facts, key_star
-from interp_edit.editing.stats import GENERATED, autocast, second_moment, solve_mom2
+from interp_edit.editing.keys import context_templates, key_star
+from interp_edit.editing.stats import GENERATED, corpus_identity, second_moment
+from interp_edit.editing.update import memit_update
+from interp_edit.editing.vstar import VOptions, optimise_deltas
 from interp_edit.errors import InterpEditError
-from interp_edit.hooks import add_delta, hooked
-from interp_edit.models import Model, mlp_out_hook
-
-KL_TEMPLATE = "{} is a"  # the essence prompt whose next-token distribution must not change
+from interp_edit.models import Model
+from interp_edit.tracing.locate import locate, search_layers
 
 
 @dataclass(frozen=True)
 class ROMEHparams:
-    """ROME's settings. The defaults work on the default model (SmolLM2-135M)."""
+    """ROME's settings. Layer defaults are fractions of the depth, not layer numbers."""
 
-    layer: int | str = "auto"  # "auto": the layer of the largest MLP effect; or an index
-    auto_layers: tuple[int, int] = (1, 10)  # "auto" searches layers [lo, hi) (clipped)
-    auto_fallback: int = 2  # "auto" takes this layer when no MLP effect reaches min_effect
+    layer: int | str = "auto"  # "auto": where the fact is recalled (tracing.locate); or an index
+    auto_search: tuple[float, float] = (0.0, 0.5)  # "auto" searches this fraction of the depth
+    # "auto" takes this fraction of the depth (an early layer, where edits work best: README's
+    # localization study) when no MLP effect in the search reaches min_effect
+    auto_fallback: float = 0.07
     min_effect: float = 0.02  # smallest indirect effect that counts as located
     trace_method: str = "fast"  # "fast" (exact) | "attribution" (gradient estimate)
     trace_samples: int = 3  # noise samples of the locating trace
-    trace_window: int = 5  # MLP layers restored together in the locating trace
+    trace_window: int | None = None  # MLP layers restored together (None: locate's default)
     n_prefixes: int = 5  # context prefixes sampled from the model for k* and v*
     prefix_len: int = 10  # tokens per prefix
     seed: int = 0  # seeds the prefixes and the generated corpus
@@ -73,23 +82,40 @@ class ROMEHparams:
     precision: str = "bf16"  # "bf16": autocast the v* passes and the statistics pass; "fp32"
 
     def __post_init__(self) -> None:
-        if not (self.layer == "auto" or (isinstance(self.layer, int) and self.layer >= 0)):
-            raise InterpEditError(f"layer must be 'auto' or a layer index, not {self.layer!r}")
-        if self.trace_method not in ("fast", "reference", "attribution"):
-            raise InterpEditError(f"trace_method {self.trace_method!r}: use 'fast' or "
-                                  "'attribution'")
-        for name in ("v_lr", "v_steps", "stats_tokens", "trace_samples", "trace_window"):
-            if not getattr(self, name) > 0:
-                raise InterpEditError(f"ROME hparam {name} must be positive")
-        for name in ("n_prefixes", "v_weight_decay", "kl_factor", "mom2_ridge", "v_nll_stop"):
-            if getattr(self, name) < 0:
-                raise InterpEditError(f"ROME hparam {name} must be >= 0")
-        if self.precision not in ("bf16", "fp32"):
-            raise InterpEditError(f"precision must be 'bf16' or 'fp32', not {self.precision!r}")
-        object.__setattr__(self, "auto_layers", tuple(self.auto_layers))
-        lo, hi = self.auto_layers
-        if not 0 <= lo < hi:
-            raise InterpEditError(f"auto_layers {self.auto_layers} is not a range 0 <= lo < hi")
+        if self.layer != "auto":
+            if isinstance(self.layer, bool) or not isinstance(self.layer, numbers.Integral) or (
+                    self.layer < 0):
+                raise InterpEditError(f"layer must be 'auto' or a layer index, not "
+                                      f"{self.layer!r}")
+            object.__setattr__(self, "layer", int(self.layer))
+        _validate.choice("trace_method", self.trace_method, ("fast", "reference", "attribution"))
+        _validate.choice("precision", self.precision, ("bf16", "fp32"))
+        _validate.text("ROMEHparams.corpus", self.corpus)
+        _validate.fields(self, counts=("v_steps", "stats_tokens", "prefix_len"),
+                         positive=("v_lr", "clamp_norm_factor"),
+                         nonnegative=("v_weight_decay", "kl_factor", "mom2_ridge", "v_nll_stop"),
+                         seeds=("seed",))
+        object.__setattr__(self, "trace_samples", _validate.count(
+            "ROMEHparams.trace_samples", self.trace_samples, 1, _validate.MAX_SAMPLES))
+        object.__setattr__(self, "n_prefixes", _validate.count("ROMEHparams.n_prefixes",
+                                                               self.n_prefixes, 0))
+        _validate.number("min_effect", self.min_effect)
+        if self.trace_window is not None:
+            _validate.fields(self, counts=("trace_window",))
+        if isinstance(self.auto_search, (str, bytes)) or len(self.auto_search) != 2:
+            raise InterpEditError(f"auto_search={self.auto_search!r}: give (start, stop) "
+                                  "fractions of the depth, e.g. (0.0, 0.5)")
+        for x in self.auto_search:
+            _validate.number("auto_search (fractions of the depth)", x, 0.0, 1.0)
+        object.__setattr__(self, "auto_search", tuple(self.auto_search))
+        search_layers(2, self.auto_search)  # raises unless 0 <= start < stop <= 1
+        _validate.number("auto_fallback (a fraction of the depth)", self.auto_fallback, 0.0, 1.0)
+
+    def check_model(self, model: Model) -> None:
+        """The layers asked for exist in ``model`` (checked before any work of an edit)."""
+        if self.layer != "auto":
+            _validate.index("ROMEHparams.layer", self.layer, model.n_layers)
+        corpus_identity(self.corpus, self.seed)  # a missing text file fails here, not later
 
 
 @dataclass(frozen=True)
@@ -97,10 +123,11 @@ class RomeStep:
     """One request's edit, computed on the current weights (not applied)."""
 
     layer: int
-    parameter: str  # hf_model parameter name of the edited weight
+    parameter: str  # Hugging Face state-dict name of the edited weight
     k: Float[Tensor, "d_mlp"]  # k*: mean key at the subject's last token
     v: Float[Tensor, "d_model"]  # v*: the value W' k* must produce
-    delta: Float[Tensor, "d_model d_mlp"]  # ΔW, rank one
+    delta: Float[Tensor, "d_model d_mlp"]  # ΔW, rank one, as [d_model, d_mlp]
+    update: Tensor  # ΔW in the parameter's own orientation (what is added to it)
     info: dict  # why this layer, the locating trace, the v* losses, seconds per phase
 
 
@@ -110,18 +137,25 @@ def apply_rome(model: Model, requests: Sequence[EditRequest], hp: ROMEHparams) -
     contexts = context_templates(model, hp.n_prefixes, hp.prefix_len, seed=hp.seed)
     originals: dict[str, Tensor] = {}
     total: dict[str, Tensor] = {}
+    written: dict[str, list[Tensor]] = {}  # parameter -> the k* of each request edited there
     infos = []
+    marks = contextlib.ExitStack()
     try:
-        for req in requests:
+        for i, req in enumerate(requests):
             step = rome_step(model, req, hp, contexts)
             weight = model.mlp_out_proj(step.layer).weight
             originals.setdefault(step.parameter, weight.detach().clone())
             with torch.no_grad():
-                weight.add_(step.delta)  # the next request sees this one
+                weight.add_(step.update)  # the next request sees this one
+            if i + 1 < len(requests):  # and caches see it too (Model.weights_key)
+                marks.enter_context(model.weights_changed(
+                    tensors_digest({step.parameter: step.update})))
             prev = total.get(step.parameter)
-            total[step.parameter] = step.delta if prev is None else prev + step.delta
+            total[step.parameter] = step.update if prev is None else prev + step.update
+            written.setdefault(step.parameter, []).append(step.k)
             infos.append(step.info)
     finally:
+        marks.close()
         with torch.no_grad():
             for name, orig in originals.items():
                 get_parameter(model, name).copy_(orig)
@@ -132,12 +166,13 @@ def apply_rome(model: Model, requests: Sequence[EditRequest], hp: ROMEHparams) -
         "timings": {k: round(sum(i["seconds"][k] for i in infos), 3) for k in infos[0]["seconds"]},
         "edits": infos,
     }
-    return AppliedEdit.from_deltas(model, "rome", requests, hp, total, info=summary)
+    keys = {name: torch.stack(ks) for name, ks in written.items()}
+    return AppliedEdit.from_deltas(model, "rome", requests, hp, total, info=summary, keys=keys)
 
 
 def rome_step(model: Model, req: EditRequest, hp: ROMEHparams, contexts: Sequence[str]) -> RomeStep:
     """One request on the current weights: the layer, k*, v* and ΔW."""
-    clock = _Clock()
+    clock = Laps()
     layer, why, trace = choose_layer(model, req, hp)
     clock("locate")
     proj = model.mlp_out_proj(layer)
@@ -146,48 +181,31 @@ def rome_step(model: Model, req: EditRequest, hp: ROMEHparams, contexts: Sequenc
     clock("stats")
     k = key_star(model, layer, req.template, req.subject, contexts)
     clock("k")
-    w = proj.weight.detach()
+    ad = adapter(model)
+    w = ad.mlp_out_matrix(layer).detach()  # [d_model, d_mlp], whatever the storage
     v, losses = compute_v(model, layer, req, w @ k, contexts, hp)
     clock("v")
     delta = rank_one_update(w, k, v, mom2, ridge=hp.mom2_ridge)
     clock("update")
     info = {"layer": layer, "why": why, "trace": trace, "v": losses, "seconds": clock.laps}
-    return RomeStep(layer, parameter_name(model, proj), k, v, delta, info)
+    return RomeStep(layer, parameter_name(model, proj), k, v, delta,
+                    ad.to_parameter(layer, delta), info)
 
 
 def choose_layer(model: Model, req: EditRequest, hp: ROMEHparams) -> tuple[int, str, dict | None]:
-    """The edit layer, the reason in words, and the per-layer effects that decided it."""
+    """The edit layer, the reason in words, and the location that decided it
+    (:func:`interp_edit.tracing.locate`: the MLP trace of the request's true answer)."""
     if hp.layer != "auto":
         model._check_layer(hp.layer)
         return hp.layer, f"given (layer={hp.layer})", None
-    from interp_edit.tracing import trace
-
-    lo, hi = hp.auto_layers[0], min(hp.auto_layers[1], model.n_layers)
-    if lo >= hi:
-        raise InterpEditError(
-            f"auto_layers {hp.auto_layers} is empty on a {model.n_layers}-layer model")
-    last = model.subject_range(req.text, req.subject)[1] - 1
-    r = trace(model, req.text, req.subject, target=req.target_true, kind="mlp",
-              window=hp.trace_window, samples=hp.trace_samples, method=hp.trace_method,
-              seed=hp.seed + 1, positions=[last], layers=list(range(lo, hi)), progress=False)
-    effects = r.indirect_effect[last]
-    layer = lo + int(torch.nan_to_num(effects[lo:hi], nan=-float("inf")).argmax())
-    best = float(effects[layer])
-    how = (f"{hp.trace_method} trace of p({r.target.strip()}), window {hp.trace_window}, "
-           f"{hp.trace_samples} samples, layers {lo}..{hi - 1}")
-    if best >= hp.min_effect:
-        why = (f"largest MLP indirect effect at the last subject token {r.tokens[last]!r}: "
-               f"{best:.3f} at layer {layer} ({how})")
-    else:
-        model._check_layer(hp.auto_fallback)
-        why = (f"no MLP indirect effect at the last subject token {r.tokens[last]!r} reaches "
-               f"{hp.min_effect} (largest {best:.3f} at layer {layer}; {how}): fallback layer "
-               f"{hp.auto_fallback}")
-        layer = hp.auto_fallback
-    info = {"target": r.target, "method": r.method, "window": r.window, "samples": r.samples,
-            "low_score": r.low_score, "high_score": r.high_score, "token": last,
-            "effects": [None if e != e else round(float(e), 5) for e in effects.tolist()]}
-    return layer, why, info
+    loc = locate(model, req, kind="mlp", search=hp.auto_search, window=hp.trace_window,
+                 samples=hp.trace_samples, seed=hp.seed + 1, method=hp.trace_method)
+    layer, why = loc.layer, loc.reason
+    if float(loc.effects[layer]) < hp.min_effect:
+        layer = round(hp.auto_fallback * (model.n_layers - 1))
+        why = (f"no MLP indirect effect reaches min_effect {hp.min_effect} ({why}): fallback "
+               f"layer {layer} (auto_fallback {hp.auto_fallback} of the depth)")
+    return layer, why, loc.to_dict()
 
 
 def compute_v(
@@ -198,57 +216,10 @@ def compute_v(
     contexts: Sequence[str],
     hp: ROMEHparams,
 ) -> tuple[Float[Tensor, "d_model"], dict]:
-    """v* = v0 + δ, with δ added to the MLP output at the subject's last token, optimised for
-    the new target after every context (NLL) while "{subject} is a" keeps its distribution
-    (KL), under weight decay and the norm clamp ‖δ‖ ≤ clamp_norm_factor · ‖v0‖."""
-    templates = [c.format(req.template) for c in contexts]
-    batch = encode_facts(model, [*templates, KL_TEMPLATE], req.subject,
-                         [req.target_new] * len(templates) + [None])
-    kl_row = len(templates)
-    kl_pos = batch.subject_last[kl_row]
-    delta = torch.zeros_like(v0, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=hp.v_lr)
-    max_norm = hp.clamp_norm_factor * v0.norm()
-    rows = batch.target_mask.nonzero()[:, 0]  # the row of each target token
-    n_target = batch.target_mask.sum(1)[:kl_row]
-    kl_init, curve = None, []
-    for step in range(hp.v_steps):
-        with autocast(model, hp.precision):
-            logp_target, logp_kl = _edited_logprobs(model, layer, batch, delta, kl_row, kl_pos)
-        if kl_init is None:
-            kl_init = logp_kl.detach()
-        per_row = torch.zeros(kl_row, device=rows.device).index_add(0, rows, logp_target)
-        nll = -(per_row / n_target).mean()
-        kl = torch.nn.functional.kl_div(kl_init, logp_kl, log_target=True, reduction="sum")
-        decay = hp.v_weight_decay * delta.norm() / v0.norm() ** 2
-        loss = nll + hp.kl_factor * kl + decay
-        curve.append((loss.item(), nll.item(), kl.item()))
-        if nll.item() < hp.v_nll_stop or step == hp.v_steps - 1:
-            break
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        with torch.no_grad():  # project back into the ball ‖δ‖ ≤ max_norm
-            if delta.norm() > max_norm:
-                delta.mul_(max_norm / delta.norm())
-    losses = {"steps": len(curve), "loss": [round(c[0], 4) for c in curve],
-              "nll": [round(curve[0][1], 4), round(curve[-1][1], 4)], "kl": round(curve[-1][2], 5),
-              "delta_norm_ratio": round(float(delta.detach().norm() / v0.norm()), 4)}
-    return (v0 + delta).detach(), losses
-
-
-def _edited_logprobs(
-    model: Model, layer: int, batch: FactBatch, delta: Float[Tensor, "d_model"], kl_row: int,
-    kl_pos: Tensor,
-) -> tuple[Float[Tensor, "n_target_tokens"], Float[Tensor, "d_vocab"]]:
-    """Log-probabilities of every target token (in ``target_mask`` order) and the
-    next-token log-distribution of the KL row, with δ added at each subject's last token."""
-    bump = batch.at_subject_last()[..., None] * delta  # [batch, pos, d_model]
-    with hooked(model, [add_delta(mlp_out_hook(layer), slice(None), bump)]):
-        logits = model.logits(batch.ids)  # [batch, pos, d_vocab]
-    target = logits[batch.target_mask].float().log_softmax(-1)  # [n_target_tokens, d_vocab]
-    labels = batch.target_labels[batch.target_mask]
-    return target.gather(-1, labels[:, None])[:, 0], logits[kl_row, kl_pos].float().log_softmax(-1)
+    """v* = v0 + δ: the one-fact case of :func:`~interp_edit.editing.vstar.optimise_deltas`."""
+    delta, losses = optimise_deltas(model, layer, [(req.template, req.subject, req.target_new)],
+                                    v0[None], contexts, VOptions.of(hp))
+    return (v0 + delta[0]).detach(), losses[0]
 
 
 def rank_one_update(
@@ -259,22 +230,7 @@ def rank_one_update(
     *,
     ridge: float = 0.0,
 ) -> Float[Tensor, "d_model d_mlp"]:
-    """ΔW = (v − W k)(C⁻¹k)ᵀ / (kᵀC⁻¹k), computed in float64; then (W + ΔW) k = v.
-    ``ridge`` regularises C (see :func:`~interp_edit.editing.stats.solve_mom2`)."""
-    k64 = k.double()
-    c_inv_k = solve_mom2(mom2, k, ridge)
-    resid = v.double() - w.double() @ k64
-    return (torch.outer(resid, c_inv_k) / (k64 @ c_inv_k)).to(w.dtype)
-
-
-class _Clock:
-    """Lap timer: ``clock("phase")`` records the seconds since the previous lap."""
-
-    def __init__(self) -> None:
-        self.laps: dict[str, float] = {}
-        self._t = time.perf_counter()
-
-    def __call__(self, name: str) -> None:
-        now = time.perf_counter()
-        self.laps[name] = round(now - self._t, 3)
-        self._t = now
+    """ΔW = (v − W k)(C⁻¹k)ᵀ / (kᵀC⁻¹k), so (W + ΔW) k = v: MEMIT's update for one key with
+    no weight on the preserved keys (:func:`~interp_edit.editing.update.memit_update`)."""
+    resid = (v.double() - w.double() @ k.double())[:, None]
+    return memit_update(resid, k[:, None], mom2, ridge=ridge).to(w.dtype)

@@ -10,7 +10,8 @@ are typical of ordinary text) change as little as possible. C is estimated from 
 
 The text is cut into fixed-length chunks (no padding), the forward pass stops after the
 deepest requested layer, and every requested layer is captured in the same pass. Results are
-cached as safetensors plus a JSON sidecar, keyed by the model fingerprint, layer, corpus
+cached as safetensors plus a JSON sidecar, keyed by the weights in use (``Model.weights_key``:
+the model's fingerprint, plus any applied edit), layer, corpus
 identity (a file's content digest), token count and chunk length. An entry that does not
 load, or is not a finite symmetric ``d_mlp x d_mlp`` matrix, is rebuilt with a warning.
 """
@@ -32,6 +33,7 @@ from torch import Tensor
 from interp_edit import _files
 from interp_edit._cache import cache_dir, file_digest
 from interp_edit._loading import hub_unreachable
+from interp_edit.arch import adapter
 from interp_edit.editing.keys import sample_token_ids
 from interp_edit.errors import InterpEditError
 from interp_edit.hooks import capture, hooked
@@ -74,11 +76,12 @@ def second_moments(
     ``"fp32"`` runs it in float32. ``refresh`` rebuilds cached entries; ``progress`` shows a
     bar (``None``: on a terminal). Returns float32 matrices on the model's device."""
     autocast(model, precision)  # checks the name
+    seq_len = min(seq_len, model.n_ctx)  # learned positions end at the context (GPT-2, OPT)
     if n_tokens < seq_len:
         raise InterpEditError(f"n_tokens={n_tokens} is less than one chunk of {seq_len} tokens")
     for layer in layers:
         model._check_layer(layer)
-    ident = _corpus_identity(corpus, seed)
+    ident = corpus_identity(corpus, seed)
     paths = {layer: _cache_path(model, layer, ident, n_tokens, seq_len, precision)
              for layer in sorted(set(layers))}
     for layer, path in paths.items():  # read (and check) what is cached
@@ -96,7 +99,8 @@ def second_moments(
         if count <= n_tokens - seq_len:
             log.warning("corpus %s has only %d tokens (asked for %d)", ident, count, n_tokens)
         for layer in missing:
-            meta = {"model": model.name, "fingerprint": model.fingerprint, "layer": layer,
+            meta = {"model": model.name, "fingerprint": model.fingerprint,
+                    "weights": model.weights_key, "layer": layer,
                     "corpus": ident, "n_tokens_requested": n_tokens, "n_tokens": count,
                     "seq_len": seq_len, "precision": precision, "seconds": round(seconds, 2)}
             _files.save_safetensors({"mom2": moments[layer]}, paths[layer])
@@ -109,7 +113,7 @@ def _read_mom2(path: Path, model: Model) -> Tensor:
     """A cached second moment, checked: ``d_mlp x d_mlp``, finite, symmetric with a
     non-negative diagonal (a mean of k kᵀ)."""
     mom2 = _files.read_safetensors(path)[0]["mom2"]
-    d = model.mlp_out_proj(0).weight.shape[1]
+    d = adapter(model).mlp_out_matrix(0).shape[1]
     _files.require(mom2.shape == (d, d) and mom2.dtype == torch.float32
                    and bool(mom2.isfinite().all()) and bool((mom2.diagonal() >= 0).all())
                    and torch.allclose(mom2, mom2.T, rtol=1e-4,
@@ -119,10 +123,11 @@ def _read_mom2(path: Path, model: Model) -> Tensor:
 
 
 def solve_mom2(
-    mom2: Float[Tensor, "d_mlp d_mlp"], k: Float[Tensor, "d_mlp"], ridge: float = 0.0
-) -> Float[Tensor, "d_mlp"]:
-    """C⁻¹k in float64, with C = mom2 + ridge · mean(diag mom2) · I. The Cholesky factor of
-    each matrix is kept in memory, so repeated edits at a layer solve in milliseconds."""
+    mom2: Float[Tensor, "d_mlp d_mlp"], k: Float[Tensor, "d_mlp *n"], ridge: float = 0.0
+) -> Float[Tensor, "d_mlp *n"]:
+    """C⁻¹k in float64 (``k`` one key or a matrix of keys as columns), with
+    C = mom2 + ridge · mean(diag mom2) · I. The Cholesky factor of each matrix is kept in
+    memory, so repeated edits at a layer solve in milliseconds."""
     key = (id(mom2), float(ridge))
     hit = _FACTORS.get(key)
     if hit is None or hit[0] is not mom2:
@@ -134,14 +139,16 @@ def solve_mom2(
                 "the key second moment is singular (too few tokens for d_mlp dimensions?): "
                 "use more stats tokens or a ridge > 0")
         _FACTORS[key] = hit = (mom2, factor)
-    return torch.cholesky_solve(k.double()[:, None], hit[1])[:, 0]
+    rhs = k.double()
+    out = torch.cholesky_solve(rhs[:, None] if rhs.dim() == 1 else rhs, hit[1])
+    return out[:, 0] if rhs.dim() == 1 else out
 
 
 def stats_info(model: Model, layer: int, corpus: str | os.PathLike = GENERATED,
                n_tokens: int = 100_000, *, seq_len: int = 128, seed: int = 0,
                precision: str = "bf16") -> dict | None:
     """The JSON metadata of a cached entry (tokens used, build seconds), or None."""
-    path = _cache_path(model, layer, _corpus_identity(corpus, seed), n_tokens, seq_len,
+    path = _cache_path(model, layer, corpus_identity(corpus, seed), n_tokens, seq_len,
                        precision)
     return _files.load_cached(path.with_suffix(".json"), _read_info)
 
@@ -155,7 +162,7 @@ def _read_info(path: Path) -> dict:
 def _cache_path(model: Model, layer: int, ident: str, n_tokens: int, seq_len: int,
                 precision: str) -> Path:
     name = f"{ident}-n{n_tokens}-len{seq_len}-{precision}-L{layer}.safetensors"
-    return cache_dir("stats", model.fingerprint) / name
+    return cache_dir("stats", model.weights_key) / name
 
 
 def autocast(model: Model, precision: str):
@@ -166,7 +173,7 @@ def autocast(model: Model, precision: str):
 
 
 # ---- corpora -----------------------------------------------------------------------------
-def _corpus_identity(corpus: str | os.PathLike, seed: int) -> str:
+def corpus_identity(corpus: str | os.PathLike, seed: int) -> str:
     """A file-name-safe identity: the content digest for a file, the name for the rest."""
     if str(corpus) == GENERATED:
         return f"generated-v3-s{seed}"  # v3: sampled in fp32 on the layer stepper
@@ -201,8 +208,13 @@ def _chunks(model: Model, corpus, n_tokens: int, seq_len: int, seed: int,
 
 
 def _generated(model: Model, n: int, seq_len: int, seed: int, progress: bool | None) -> Tensor:
-    """``n`` sequences of ``seq_len`` tokens sampled from the model (fp32, whatever the
-    statistics' precision: the same text either way), cached per model."""
+    """``n`` sequences of ``seq_len`` tokens sampled from the model *as loaded* (fp32,
+    whatever the statistics' precision: the same text either way), cached per model. While
+    edits are applied they are lifted for the sampling (the statistics themselves are of the
+    weights in use): one text per model, and a ROME edit on top of others does not sample
+    the corpus again."""
+    from interp_edit.editing.base import loaded_weights
+
     name = f"generated-v3-s{seed}-{n}x{seq_len}.safetensors"
     path = cache_dir("corpora", model.fingerprint) / name
     ids = _files.load_cached(path, functools.partial(_read_ids, shape=(n, seq_len),
@@ -211,8 +223,9 @@ def _generated(model: Model, n: int, seq_len: int, seed: int, progress: bool | N
         return ids
     log.warning("sampling %d tokens from %s for key statistics (once; cached)", n * seq_len,
                 model.name)
-    rows = sample_token_ids(model, n, seq_len - 1, seed=seed, exact=True, batch_size=128,
-                            progress=_show(progress))
+    with loaded_weights(model):
+        rows = sample_token_ids(model, n, seq_len - 1, seed=seed, exact=True, batch_size=128,
+                                progress=_show(progress))
     ids = torch.tensor([r[:seq_len] for r in rows], dtype=torch.long)
     _files.save_safetensors({"ids": ids}, path)
     return ids

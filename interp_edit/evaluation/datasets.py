@@ -8,9 +8,9 @@
   the official format are not used: no metric here reads them.
 - :func:`load_zsre`: zsRE question-answer edits in the MEND format (``src`` question,
   ``answers``, ``alt`` = the new answer, ``rephrase``, ``loc``/``loc_ans``).
-- :func:`load_probes`: a small hand-written set in this package (``probes.json``) in the
-  official CounterFact format plus ``reverse`` and ``portability`` lists of
-  ``[prompt, answer-after-the-edit]``.
+- :func:`load_probes`: a reverse and portability probe set built from the data for one model
+  (``analyses/build_probes.py``, ``probe_builder.py``); the sets of the built-in models ship in
+  this package (``probe_sets/``).
 """
 
 from __future__ import annotations
@@ -18,15 +18,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
+from interp_edit import _validate
 from interp_edit.errors import InterpEditError
 from interp_edit.evaluation.records import EditRecord
 
 log = logging.getLogger(__name__)
 
-PROBES_PATH = Path(__file__).with_name("probes.json")
+PROBE_SETS = Path(__file__).with_name("probe_sets")
+PROBE_SET_FORMAT = "interp_edit.ProbeSet/1"
 _FLAT_KEYS = {"prompt", "subject", "target_new", "ground_truth"}
 _ZSRE_KEYS = {"src", "alt", "answers", "subject"}
 
@@ -36,9 +39,9 @@ def load_counterfact(path: str | os.PathLike) -> list[EditRecord]:
     rows = _read_json_list(path)
     keys = set(rows[0]) if rows else set()
     if "requested_rewrite" in keys:
-        return [_official(r, i, "counterfact") for i, r in enumerate(rows)]
+        return [_record(path, i, _official, r, i, "counterfact") for i, r in enumerate(rows)]
     if _FLAT_KEYS <= keys:
-        return [_flattened(r, i) for i, r in enumerate(rows)]
+        return [_record(path, i, _flattened, r, i) for i, r in enumerate(rows)]
     hint = " (it looks like zsRE: use load_zsre)" if _ZSRE_KEYS <= keys else ""
     raise InterpEditError(
         f"{path}: unknown CounterFact format{hint}; records have keys {sorted(keys)}, expected "
@@ -56,33 +59,44 @@ def load_zsre(path: str | os.PathLike) -> list[EditRecord]:
             f"{path}: unknown zsRE format; records have keys {sorted(keys)}, expected at least "
             f"{sorted(_ZSRE_KEYS)} (the MEND format)"
         )
-    out, dropped = [], 0
-    for i, r in enumerate(rows):
-        src, subject = r["src"], r["subject"]
-        if subject not in src or not r["answers"] or not str(r["alt"]).strip():
-            dropped += 1
-            continue
-        loc = ((r["loc"], r["loc_ans"]),) if r.get("loc") and r.get("loc_ans") else ()
-        out.append(EditRecord(
-            case_id=r.get("case_id", i),
-            prompt=_template(src, subject),
-            subject=subject,
-            target_new=r["alt"],
-            target_true=r["answers"][0],
-            paraphrases=(r["rephrase"],) if r.get("rephrase") else (),
-            neighborhood=loc,
-            source="zsre",
-        ))
+    out = [rec for i, r in enumerate(rows) if (rec := _record(path, i, _zsre, r, i))]
+    dropped = len(rows) - len(out)
     if dropped:
         log.warning("%s: dropped %d zsRE records (subject not in the question, or no answer/alt)",
                     path, dropped)
     return out
 
 
-def load_probes(path: str | os.PathLike | None = None) -> list[EditRecord]:
-    """The hand-written CounterFact-style facts with reverse and portability probes."""
-    rows = _read_json_list(PROBES_PATH if path is None else path)
-    return [_official(r, i, "probes") for i, r in enumerate(rows)]
+def load_probes(source: str | os.PathLike | None = None) -> list[EditRecord]:
+    """A probe set: ``source`` is a probe-set JSON file, or a model name (the set built for it
+    that ships in ``probe_sets/``); ``None``: the default model's set."""
+    path = Path(source) if source is not None and str(source).endswith(".json") else \
+        probe_set_path(source)
+    doc = _load_json(path)
+    if not isinstance(doc, dict) or doc.get("format") != PROBE_SET_FORMAT:
+        raise InterpEditError(f"{path} is not a probe set (build one with "
+                              "analyses/build_probes.py)")
+    return [EditRecord.from_dict(r) for r in doc["records"]]
+
+
+def probe_set_path(model_name: str | os.PathLike | None = None) -> Path:
+    """Where the probe set of a model lives in this package (``None``: the default model)."""
+    from interp_edit.models import DEFAULT_MODEL
+
+    name = str(model_name) if model_name is not None else DEFAULT_MODEL
+    return PROBE_SETS / (re.sub(r"[^A-Za-z0-9.]+", "-", name).strip("-").lower() + ".json")
+
+
+def _record(path, i: int, build, *args) -> EditRecord | None:
+    """``build(*args)``, with a record that lacks a field or has one of the wrong type
+    reported as an InterpEditError naming the file and the record."""
+    try:
+        return build(*args)
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError) as exc:
+        if isinstance(exc, InterpEditError):
+            raise InterpEditError(f"{path}: record {i}: {exc}") from None
+        what = f"lacks the field {exc}" if isinstance(exc, KeyError) else f"is malformed ({exc})"
+        raise InterpEditError(f"{path}: record {i} {what}; fix or remove it") from None
 
 
 # ---- formats --------------------------------------------------------------------------------
@@ -101,6 +115,25 @@ def _official(r: dict[str, Any], i: int, source: str) -> EditRecord:
         portability=tuple(tuple(x) for x in r.get("portability", ())),
         generation_prompts=tuple(r.get("generation_prompts", ())),
         source=source,
+    )
+
+
+def _zsre(r: dict[str, Any], i: int) -> EditRecord | None:
+    """A zsRE record, or None (dropped) when its subject is not in the question, or it has
+    no answer or an empty ``alt``."""
+    src, subject = r["src"], r["subject"]
+    if subject not in src or not r["answers"] or not str(r["alt"]).strip():
+        return None
+    loc = ((r["loc"], r["loc_ans"]),) if r.get("loc") and r.get("loc_ans") else ()
+    return EditRecord(
+        case_id=r.get("case_id", i),
+        prompt=_template(src, subject),
+        subject=subject,
+        target_new=r["alt"],
+        target_true=r["answers"][0],
+        paraphrases=(r["rephrase"],) if r.get("rephrase") else (),
+        neighborhood=loc,
+        source="zsre",
     )
 
 
@@ -135,16 +168,21 @@ def _template(prompt: str, subject: str) -> str:
 
 
 def _read_json_list(path: str | os.PathLike) -> list[dict[str, Any]]:
-    path = Path(path).expanduser()
+    data = _load_json(path)
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise InterpEditError(f"{path}: expected a JSON list of records (objects)")
+    return data
+
+
+def _load_json(path: str | os.PathLike) -> Any:
+    """A JSON file's content, with errors that say which file is missing or broken."""
+    path = Path(_validate.path("path", path)).expanduser()
     if not path.exists():
         raise InterpEditError(
             f"dataset file {str(path)!r} does not exist: pass the path to a CounterFact or "
             "zsRE JSON file"
         )
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InterpEditError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-        raise InterpEditError(f"{path}: expected a JSON list of records (objects)")
-    return data

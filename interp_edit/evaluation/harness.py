@@ -21,6 +21,10 @@ Ctrl-C (KeyboardInterrupt) stops early and returns the records evaluated so far
 (``report.info["interrupted"]``); ``evaluate(..., resume=that_report)`` goes on from there and
 returns what one uninterrupted run would have (the same rows: each record's seed depends only
 on its position, and the unrelated prompts only on ``seed``).
+
+``batch_size=B`` edits B records per edit call instead, and ``sequential=True`` applies batch
+after batch without undo, measuring everything edited so far along the way
+(:mod:`interp_edit.evaluation.streams`).
 """
 
 from __future__ import annotations
@@ -35,9 +39,10 @@ from typing import Any, Iterable
 import torch
 from tqdm.auto import tqdm
 
-from interp_edit.editing.base import AppliedEdit, edit, make_hparams
+from interp_edit import _validate
+from interp_edit.editing.base import AppliedEdit, check_hparams, edit, make_hparams
 from interp_edit.errors import InterpEditError
-from interp_edit.evaluation import metrics
+from interp_edit.evaluation import metrics, streams
 from interp_edit.evaluation.records import EditRecord
 from interp_edit.evaluation.report import EvalReport
 from interp_edit.models import Model
@@ -58,6 +63,11 @@ def evaluate(
     n_unrelated: int = 10,
     fluency_tokens: int = 40,
     resume: EvalReport | None = None,
+    batch_size: int | None = None,
+    sequential: bool = False,
+    every: int = 1,
+    perplexity_text: str | None = None,
+    edits_dir: str | None = None,
     **hparams: Any,
 ) -> EvalReport:
     """Edit, measure and undo each record; returns per-record rows and aggregates with CIs.
@@ -67,13 +77,24 @@ def evaluate(
     ``hparams`` go to the editor (``method="none"`` takes none).
     ``resume``: a report of an earlier (interrupted) run with the same model, method, hparams,
     seed and settings; its records are kept and not evaluated again.
+    ``batch_size``, ``sequential``, ``every``, ``perplexity_text``, ``edits_dir``: the batch and
+    sequential protocols (:mod:`~interp_edit.evaluation.streams`; ``sequential`` without a
+    ``batch_size`` edits one record per batch).
     """
-    records = list(records)
+    _validate.instance("model", model, Model)
+    records = _validate.items("records", records)
     if not records:
         raise InterpEditError("no records to evaluate: load some with load_counterfact/load_zsre")
-    if n is not None and n < 1:
-        raise InterpEditError(f"n must be a positive number of records (or None), got {n}")
-    hp = _resolve_hparams(method, hparams)
+    if bad := [type(r).__name__ for r in records if not isinstance(r, EditRecord)][:1]:
+        raise InterpEditError(f"evaluate takes EditRecords (load_counterfact, load_zsre), "
+                              f"not {bad[0]}")
+    n = _validate.optional_count("n", n)
+    seed = _validate.seed("seed", seed)
+    n_unrelated = _validate.count("n_unrelated", n_unrelated, 0)
+    fluency_tokens = _validate.count("fluency_tokens", fluency_tokens)
+    # the whole configuration before the first record: a wrong one is an error, not a skip
+    # of every record ("edit failed" is for what goes wrong with one record's edit)
+    hp = _resolve_hparams(model, method, hparams)
 
     rng = random.Random(seed)
     pool = [(r.subject, r.text) for r in rng.sample(records, min(n_unrelated, len(records)))]
@@ -83,11 +104,30 @@ def evaluate(
     skipped: list[dict[str, Any]] = []
     settings = {"fluency_tokens": fluency_tokens if fluency else None,
                 "unrelated_prompts": [p for _, p in pool]}
+    stream = None
+    if batch_size is not None or sequential:
+        stream = streams.StreamOptions(1 if batch_size is None else batch_size, sequential,
+                                       every, perplexity_text, edits_dir=edits_dir)
+        if method == BASELINE:
+            raise InterpEditError("the batch and sequential protocols need an edit method")
+        settings.update(stream.settings())
     seconds_before = 0.0
     if resume is not None:
         _check_resume(resume, model, method, hp, seed, settings)
-        rows, skipped = list(resume.rows), list(resume.skipped)
-        seconds_before = float(resume.info.get("seconds_total", 0.0))
+        if stream is None:
+            rows, skipped = list(resume.rows), list(resume.skipped)
+            seconds_before = float(resume.info.get("seconds_total", 0.0))
+    if stream is not None:
+        t_start = time.perf_counter()
+        chosen, skipped = streams.select(model, records, n, _skip_reason)
+        rows, info = streams.run_stream(model, chosen, method, hparams, stream, pool, pool_top1,
+                                        fluency_tokens if fluency else 0, seed, resume)
+        return EvalReport(method=method, model_name=model.name, hparams=hp, rows=tuple(rows),
+                          skipped=tuple(skipped), seed=seed,
+                          info={"seconds_total": time.perf_counter() - t_start
+                                + (float(resume.info.get("seconds_total", 0)) if resume else 0),
+                                "n_requested": n, "n_records": len(records), **settings,
+                                **info})
     done = {str(x["case_id"]) for x in (*rows, *skipped)}
     bar = tqdm(total=n or len(records), initial=len(rows), desc=f"evaluate {method}",
                disable=not progress)
@@ -221,12 +261,15 @@ def _skip_reason(model: Model, rec: EditRecord) -> tuple[str, str] | None:
     return None
 
 
-def _resolve_hparams(method: str, hparams: dict[str, Any]) -> dict[str, Any]:
-    """The editor's full hparams (defaults filled in), checked before any record is edited."""
+def _resolve_hparams(model: Model, method: str, hparams: dict[str, Any]) -> dict[str, Any]:
+    """The editor's full hparams (defaults filled in), checked against the model (layers,
+    editor and pool files: :func:`~interp_edit.editing.base.check_hparams`) before any
+    record is edited."""
     if method == BASELINE:
         if hparams:
             raise InterpEditError(
                 f"method='none' (no edit) takes no hparams, got {sorted(hparams)}")
         return {}
     hp = make_hparams(method, **hparams)
+    check_hparams(hp, model)
     return {f.name: getattr(hp, f.name) for f in dataclasses.fields(hp)}

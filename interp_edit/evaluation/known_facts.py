@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from interp_edit import _validate
 from interp_edit.errors import InterpEditError
 
 KNOWN_1000_URL = "https://rome.baulab.info/data/dsets/known_1000.json"
@@ -35,7 +36,7 @@ class KnownFact:
 
 def load_known_facts(path: str | os.PathLike) -> list[KnownFact]:
     """Read known_1000.json (a JSON list of records with the :class:`KnownFact` fields)."""
-    path = Path(path).expanduser()
+    path = Path(_validate.path("path", path)).expanduser()
     if not path.is_file():
         raise InterpEditError(
             f"known facts file {str(path)!r} not found: pass the path to known_1000.json "

@@ -20,9 +20,11 @@ The metrics of one record (:func:`measure`; keys of the returned dict):
 - ``paraphrase`` (+ ``_gap``, ``_first``): the same, averaged over paraphrase prompts.
 - ``neighborhood`` (+ ``_gap``, ``_first``): the fraction of neighbour prompts where
   p(neighbour's true answer) > p(new); the gap is p(true) - p(new).
-- ``reverse`` / ``portability``: teacher-forced token accuracy of the expected answer;
-  ``reverse_logprob`` / ``portability_logprob``: its mean per-token log-probability (compare
-  before and after the edit: on a small model the accuracy is often 0 on both sides).
+- ``reverse`` / ``portability`` (probes ``(prompt, answer, answer_before)``, see
+  ``probe_builder.py``): the teacher-forced token accuracy of the answer after the edit;
+  ``reverse_gap`` / ``portability_gap``: p(answer) - p(answer_before), averaged over probes
+  (how far the question moved from the old answer to the new one, also when the accuracy is 0
+  on both sides, as it often is on a small model).
 
 Outside a record: :func:`unchanged_top1` (the share of unrelated prompts whose top-1 next token
 is unchanged by the edit) and :func:`fluency` (ROME's weighted bi/tri-gram entropy of greedy
@@ -132,8 +134,14 @@ def _contrast(s: TargetScores) -> dict[str, float]:
 
 
 def _recall(s: TargetScores) -> dict[str, float]:
-    """Is the expected answer produced (token accuracy), and how likely is it?"""
-    return {"": _mean(s.token_acc), "_logprob": _mean(s.logprob)}
+    """Pairs laid out (answer, answer before the edit) alternately: is the answer produced
+    (token accuracy), and how much likelier is it than the old one?"""
+    a, b = s[0::2], s[1::2]
+    return {"": _mean(a.token_acc), "_gap": _mean(a.prob - b.prob)}
+
+
+def _probe_pairs(probes) -> list[tuple[str, str]]:
+    return [x for p, new, old in probes for x in ((p, new), (p, old))]
 
 
 def _efficacy_pairs(r: "EditRecord") -> list[tuple[str, str]]:
@@ -160,8 +168,8 @@ METRICS: dict[str, _Metric] = {
     "efficacy": _Metric(_efficacy_pairs, _contrast, _CONTRAST),
     "paraphrase": _Metric(_paraphrase_pairs, _contrast, _CONTRAST),
     "neighborhood": _Metric(_neighborhood_pairs, _contrast, _CONTRAST),
-    "reverse": _Metric(lambda r: list(r.reverse), _recall, ("", "_logprob")),
-    "portability": _Metric(lambda r: list(r.portability), _recall, ("", "_logprob")),
+    "reverse": _Metric(lambda r: _probe_pairs(r.reverse), _recall, ("", "_gap")),
+    "portability": _Metric(lambda r: _probe_pairs(r.portability), _recall, ("", "_gap")),
 }
 
 

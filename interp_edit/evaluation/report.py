@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from interp_edit import _files
+from interp_edit import _files, _validate
 from interp_edit.errors import InterpEditError
 from interp_edit.evaluation.metrics import METRICS
 
@@ -71,8 +71,7 @@ class EvalReport:
         taken in order, so a saved 200-record run also serves a 50-record comparison on the
         same records). ``records``: the records the run was given (anything with a
         ``case_id``)."""
-        if n is not None and n < 1:
-            raise InterpEditError(f"n must be a positive number of records (or None), got {n}")
+        n = _validate.optional_count("n", n)
         if n is None or self.n <= n:
             return self
         order = {str(r.case_id): i for i, r in enumerate(records)}

@@ -7,7 +7,7 @@
 
 Modules: ``noise`` (the corruption), ``reference`` (one pass per cell, the yardstick),
 ``engine`` (fast and exact), ``attribution`` (gradient estimate), ``results`` (result types),
-``dataset`` (many facts, averaged).
+``dataset`` (many facts, averaged), ``locate`` (which layer recalls these facts).
 """
 
 from __future__ import annotations
@@ -15,9 +15,11 @@ from __future__ import annotations
 import importlib
 
 from interp_edit.tracing.api import trace, trace_all
+from interp_edit.tracing.locate import Location, locate  # binds the name over the submodule
 from interp_edit.tracing.results import TraceResult, TraceSet
 
-__all__ = ["AverageTrace", "TraceResult", "TraceSet", "trace", "trace_all", "trace_dataset"]
+__all__ = ["AverageTrace", "Location", "TraceResult", "TraceSet", "locate", "trace", "trace_all",
+           "trace_dataset"]
 
 _LAZY = {name: "interp_edit.tracing.dataset" for name in ("AverageTrace", "trace_dataset")}
 

@@ -9,8 +9,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from interp_edit import _validate
 from interp_edit.models import Model
-from interp_edit.tracing.inputs import check_options, prepare, screen_precision, select_cells
+from interp_edit.tracing.inputs import (
+    check_cells, check_fact, check_options, prepare, screen_precision, select_cells)
 from interp_edit.tracing.results import KINDS, TraceResult, TraceSet
 
 # method -> module with ``run(inputs, kinds, *, window, sever, cells, progress) -> Traced``
@@ -84,8 +86,11 @@ def trace(
             (None for the exact methods, which refuse ``"prob"``).
         progress: show a progress bar (``None``: on a terminal, for runs longer than 3 s).
     """
+    _validate.instance("model", model, Model)
     kinds = KINDS if kind == "all" else (kind,)
     check_options(kinds, method, window, sever, precision, estimate)
+    check_fact(prompt, subject, target, samples, seed)  # every argument before any pass
+    check_cells(model, prompt, positions, layers)
     ran = screen_precision(model, method, precision)
     dtype = torch.bfloat16 if ran == "bfloat16" else None
     module = importlib.import_module(_METHOD_MODULES[method])

@@ -40,7 +40,7 @@ from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor
 
-from interp_edit._llama import LlamaStepper, RunCache
+from interp_edit.arch.stepper import Stepper, RunCache
 from interp_edit.tracing.inputs import TraceInputs, Traced, window_layers
 from interp_edit.tracing.reference import SITE_HOOKS, capture_runs
 
@@ -58,7 +58,7 @@ def site_effects(
     backward (layer stepper only; None: the model's)."""
     noise = inputs.noise.clone().requires_grad_(True)  # puts the corrupted run on the graph
     with torch.enable_grad():
-        if LlamaStepper.usable(inputs.model):
+        if Stepper.usable(inputs.model):
             clean, corrupted, inputs, (out, seed, logp) = _stepper_runs(inputs, noise, precision)
         else:
             clean, corrupted, probs, inputs = _hooked_runs(inputs, noise)
@@ -94,7 +94,7 @@ def _stepper_runs(
     softmax's backward, in closed form; zero on the clean row), and the samples' log
     p(target). The last layer runs the last position alone: the others' outputs there reach
     nothing."""
-    stepper = LlamaStepper(inputs.model, inputs.n_tokens, precision)
+    stepper = Stepper(inputs.model, inputs.n_tokens, precision)
     rows = torch.cat((noise.new_zeros(1, *noise.shape[1:]), noise))
     run = stepper.full_run(inputs.batch(1 + inputs.samples), rows, inputs.subject_range,
                            last_only=True)

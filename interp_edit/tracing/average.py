@@ -29,7 +29,7 @@ from jaxtyping import Float, Int
 from scipy import stats as _scipy_stats
 from torch import Tensor
 
-from interp_edit import _files
+from interp_edit import _files, _validate
 from interp_edit.errors import InterpEditError
 
 if TYPE_CHECKING:
@@ -231,7 +231,10 @@ class AverageTrace:
            method: str | None = None) -> Peak:
         """The mean AIE (with CI) of one token group at one layer."""
         cond = self.condition(kind, sever, method)
+        if group not in self.groups:
+            raise InterpEditError(f"unknown token group {group!r}: choose one of {self.groups}")
         s, g = self.stats(kind, sever, cond.method), self.groups.index(group)
+        layer = _validate.index("layer", layer, s.mean.shape[1])
         return Peak(cond, group, layer, float(s.mean[g, layer]), float(s.lo[g, layer]),
                     float(s.hi[g, layer]), int(s.n[g]))
 
@@ -240,6 +243,7 @@ class AverageTrace:
         """The cached single-fact trace behind row ``index`` (for plotting one example)."""
         from interp_edit.tracing.results import TraceResult
 
+        index = _validate.index("index", index, len(self.prompts), negative=True)
         path = Path(self.trace_dir or "") / fact_file(
             self.prompts[index], self.subjects[index], self.targets[index],
             self.condition(kind, sever, method))

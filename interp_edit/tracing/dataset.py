@@ -43,12 +43,12 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from interp_edit import _cache, _files
+from interp_edit import _cache, _files, _validate
 from interp_edit.errors import InterpEditError, SubjectNotFoundError
 from interp_edit.models import Model
 from interp_edit.tracing import noise as _noise
 from interp_edit.tracing.api import trace
-from interp_edit.tracing.inputs import check_options, screen_precision
+from interp_edit.tracing.inputs import check_fact, check_options, screen_precision
 from interp_edit.tracing.average import (
     GROUPS,
     KINDS,
@@ -104,8 +104,15 @@ def trace_dataset(
     cells, see :func:`trace`).
     Other arguments are passed to :func:`trace`.
     """
-    facts = list(facts)
+    _validate.instance("model", model, Model)
+    facts = _validate.items("facts", facts)
     _check_facts(facts)
+    check_fact("-", "-", None, samples, seed)  # (the facts' own text was checked above)
+    limit = _validate.optional_count("limit", limit)
+    exact_sample = _validate.optional_count("exact_sample", exact_sample, 0)
+    batch_size = _validate.count("batch_size", batch_size)
+    if not isinstance(sever, bool):
+        raise InterpEditError(f"sever must be True or False, not {sever!r}")
     kinds = KINDS if kinds == "all" else (kinds,) if isinstance(kinds, str) else tuple(kinds)
     if bad := [k for k in kinds if k not in KINDS]:
         raise InterpEditError(f"unknown kinds {bad}: choose from {KINDS} or 'all'")
@@ -123,7 +130,9 @@ def trace_dataset(
         raise InterpEditError("the model predicts none of these facts' targets top-1: "
                               "nothing to trace (check the targets, or raise limit)")
 
-    settings = dict(model=model.fingerprint, noise_std=repr(std), samples=samples,
+    # the weights in use (with any applied edit): an edited model never reuses, nor leaves
+    # behind, traces of the unedited one
+    settings = dict(model=model.weights_key, noise_std=repr(std), samples=samples,
                     window=window, seed=seed)
     root = Path(cache_dir) if cache_dir is not None else _cache.cache_dir("traces")
     model_slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model.name)
@@ -142,9 +151,10 @@ def trace_dataset(
         f = kept[i]
         return trace_dir / fact_file(f.prompt, f.subject, f.attribute, c)
 
-    # a cached trace that does not load is traced again (with a warning), never averaged
+    expect = dict(window=window, samples=samples, seed=seed, noise_std=std,
+                  model_name=model.name, n_layers=model.n_layers)
     done = {(i, c): r for i, c in jobs
-            if (r := _files.load_cached(path_of(i, c), TraceResult.load)) is not None}
+            if (r := _cached(path_of(i, c), kept[i], c, expect)) is not None}
     todo = [(i, c) for i, c in jobs if (i, c) not in done]
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), unit="trace", desc="tracing",
                disable=not progress, dynamic_ncols=True)
@@ -186,8 +196,8 @@ def dataset_noise(model: Model, noise: str | float, subjects: Sequence[str]) -> 
         std = k * _noise.embedding_std(model, subjects)
         return std, (f"{k:g} x std of subject-token embeddings over the "
                      f"dataset's {len(subjects)} subjects")
-    if isinstance(noise, (int, float)) and not isinstance(noise, bool) and noise >= 0:
-        return float(noise), "fixed std"
+    if isinstance(noise, (int, float)) and not isinstance(noise, bool):
+        return _validate.number("the noise std", noise, 0.0), "fixed std"
     raise InterpEditError(f"a dataset trace takes noise='sK' or a float std >= 0, not {noise!r}")
 
 
@@ -238,19 +248,44 @@ def _collect(
     return effects, low
 
 
+def _cached(path: Path, fact: Fact, c: Condition, expect: dict) -> TraceResult | None:
+    """The cached trace at ``path`` if it is this fact's, traced under this condition and
+    these settings; ``None`` (traced again, with a warning) when it is missing, unreadable
+    (then removed) or another trace (a file copied or renamed into the cache must not be
+    averaged in)."""
+    r = _files.load_cached(path, TraceResult.load)
+    if r is None:
+        return None
+    found = dict(prompt=r.prompt, subject=r.subject, target=r.target, kind=r.kind,
+                 sever=r.sever, method=r.method, precision=r.precision, estimate=r.estimate,
+                 window=r.window, samples=r.samples, seed=r.seed, noise_std=r.noise_std,
+                 model_name=r.model_name, n_layers=r.n_layers)
+    want = dict(prompt=fact.prompt, subject=fact.subject, target=fact.attribute, kind=c.kind,
+                sever=c.sever, method=c.method, precision=c.precision, estimate=c.estimate,
+                **expect)
+    differ = [k for k in want if found[k] != want[k]]
+    if not differ and len(r.token_ids) == r.n_tokens:
+        return r
+    log.warning("%s is not the trace of %r under %s (it differs in %s): tracing again", path,
+                fact.prompt, c.slug, ", ".join(differ) or "its grid's size")
+    return None
+
+
 def _save_atomic(result: TraceResult, path: Path) -> None:
     """An interrupted run leaves no partial file (``TraceResult.save`` is atomic)."""
     result.save(path)
 
 
 def _check_facts(facts: Sequence[object]) -> None:
-    for f in facts:
+    for i, f in enumerate(facts):
         missing = [a for a in ("prompt", "subject", "attribute") if not hasattr(f, a)]
         if missing:
             raise InterpEditError(
                 f"a fact needs .prompt, .subject and .attribute; {type(f).__name__} lacks "
                 f"{missing} (use ie.load_known_facts, or any object with those attributes)"
             )
+        for a in ("prompt", "subject", "attribute"):
+            _validate.text(f"fact {i}'s {a}", getattr(f, a))
 
 
 def _say(progress: bool, message: str) -> None:

@@ -3,7 +3,7 @@
 Where the reference spends its time, and what this engine does instead:
 
 1. The clean and corrupted runs happen once, caching every layer's input, sublayer outputs
-   and keys/values (:class:`~interp_edit._llama.RunCache`).
+   and keys/values (:class:`~interp_edit.arch.stepper.RunCache`).
 2. Cells that provably change nothing need no compute. Before the subject's first token the
    corrupted run equals the clean one (the noise is on subject tokens only and attention is
    causal): ``low_score``. At the last layer only the last position reaches the logits, so a
@@ -43,7 +43,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from interp_edit.tracing import reference
-from interp_edit._llama import LlamaStepper, Patch, RunCache
+from interp_edit.arch.stepper import Stepper, Patch, RunCache
 from interp_edit.tracing.inputs import Plan, Restore, TraceInputs, Traced, progress_bar
 
 _FALLBACK_CELLS_PER_PASS = 16
@@ -52,7 +52,7 @@ _UNEMBED_ROWS = 256  # final states per unembedding call
 
 
 def run(inputs: TraceInputs, kinds, *, window, sever, cells, progress) -> Traced:
-    if not LlamaStepper.usable(inputs.model):
+    if not Stepper.usable(inputs.model):
         return reference.run(
             inputs, kinds, window=window, sever=sever, cells=cells, progress=progress,
             cells_per_pass=_FALLBACK_CELLS_PER_PASS, last_logits=True,
@@ -67,7 +67,7 @@ def _fast_grid(
     inputs: TraceInputs, jobs: Sequence[tuple[int, Plan]], progress: bool | None
 ) -> tuple[Float[Tensor, "n_jobs"], float]:
     S, T, L, tid = inputs.samples, inputs.n_tokens, inputs.n_layers, inputs.target_id
-    stepper = LlamaStepper(inputs.model, T)
+    stepper = Stepper(inputs.model, T)
     clean = inputs.clean  # prepare's clean pass (trace asks for it with method='fast')
     assert clean is not None, "the fast engine needs prepare(..., clean_pass=True)"
     corrupted = stepper.full_run(inputs.batch(S), inputs.noise, inputs.subject_range)
@@ -115,7 +115,7 @@ def _prefix(plan: Plan, layer: int) -> Plan:
 class _Sweep:
     """All cells of one token ``t``, layer by layer, states keyed by restorations so far."""
 
-    def __init__(self, stepper: LlamaStepper, clean: RunCache, corrupted: RunCache, t: int):
+    def __init__(self, stepper: Stepper, clean: RunCache, corrupted: RunCache, t: int):
         self.st, self.clean, self.cor, self.t = stepper, clean, corrupted, t
         self.S = corrupted.x[0].shape[0]
         self.T = corrupted.x[0].shape[1]

@@ -23,7 +23,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from interp_edit._llama import LlamaStepper, RunCache, resolve_precision
+from interp_edit import _validate
+from interp_edit.arch.stepper import Stepper, RunCache, resolve_precision
 from interp_edit._precision import PRECISIONS
 from interp_edit.errors import InterpEditError
 from interp_edit.models import Model
@@ -137,7 +138,7 @@ def prepare(
     prompt as one more row of its corrupted batch, and the hook-layer paths (the reference,
     the fast engine's fallback, the screen on other models) score the pass that captures the
     clean activations (:func:`interp_edit.tracing.reference.capture_runs`)."""
-    _positive_int("samples", samples)
+    check_fact(prompt, subject, target, samples, seed)
     ids = model.tokenize(prompt)  # raises on an empty prompt or one longer than the context
     start, end = model.subject_range(prompt, subject)
     target_id = None if target is None else model.target_ids(target)[0]
@@ -146,16 +147,16 @@ def prepare(
         model, prompt, subject, ids, (start, end), target, target_id, None, values, std,
         source, int(seed),
     )  # fmt: skip
-    if not (clean_pass and LlamaStepper.usable(model)):
+    if not (clean_pass and Stepper.usable(model)):
         return inputs
-    stepper = LlamaStepper(model, len(ids))
+    stepper = Stepper(model, len(ids))
     clean = stepper.full_run(ids[None].to(model.device))
     return inputs.completed(stepper.unembed(clean.final[0]).softmax(-1), clean)
 
 
 def screen_precision(model: Model, method: str, precision: str) -> str:
     """What a trace's multiplies run in, ``"model"`` or ``"bfloat16"``: ``precision`` resolved
-    for ``method="attribution"`` (see :func:`interp_edit._llama.resolve_precision`), the
+    for ``method="attribution"`` (see :func:`interp_edit.arch.stepper.resolve_precision`), the
     model's dtype for the exact methods."""
     if method != "attribution" or resolve_precision(model, precision) is None:
         return "model"
@@ -179,7 +180,7 @@ def check_options(kinds: Sequence[str], method: str, window: int, sever: str | N
     for kind in kinds:
         if kind not in KINDS:
             raise InterpEditError(f"unknown kind {kind!r}: choose one of {KINDS} or 'all'")
-    _positive_int("window", window)
+    _validate.count("window", window)
     if sever is not None:
         if sever not in SEVERS:
             raise InterpEditError(f"unknown sever {sever!r}: choose one of {SEVERS} or None")
@@ -199,17 +200,26 @@ def select_cells(
 
 
 def _indices(name: str, given: Sequence[int] | None, n: int) -> list[int]:
-    if given is None:
-        return list(range(n))
-    out = sorted({int(i) + n if int(i) < 0 else int(i) for i in given})
-    if not out or out[0] < 0 or out[-1] >= n:
-        raise InterpEditError(f"{name}={list(given)!r} must be non-empty indices in 0..{n - 1}")
-    return out
+    return list(range(n)) if given is None else _validate.indices(name, given, n)
 
 
-def _positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InterpEditError(f"{name} must be an integer >= 1, got {value!r}")
+def check_fact(prompt: str, subject: str, target: str | None, samples: int, seed: int) -> None:
+    """The fact and the sampling settings of a trace, checked before any pass runs."""
+    _validate.text("prompt", prompt)
+    _validate.text("subject", subject)
+    if target is not None:
+        _validate.text("target", target)
+    _validate.count("samples", samples, 1, _validate.MAX_SAMPLES)
+    _validate.seed("seed", seed)
+
+
+def check_cells(model: Model, prompt: str, positions: Sequence[int] | None,
+                layers: Sequence[int] | None) -> None:
+    """``positions``/``layers`` checked against the prompt's tokens and the model's layers
+    (what :func:`select_cells` reads later), before the trace's first pass."""
+    _indices("layers", layers, model.n_layers)
+    if positions is not None:
+        _indices("positions", positions, len(model.tokenize(prompt)))
 
 
 def progress_bar(total: int, show: bool | None, desc: str):

@@ -24,7 +24,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from interp_edit import _files
+from interp_edit import _files, _validate
 from interp_edit._cache import cache_dir
 from interp_edit.errors import InterpEditError
 from interp_edit.models import Model
@@ -53,7 +53,7 @@ _SPEC = re.compile(r"^s(\d+(?:\.\d*)?|\.\d+)$")
 def spec_multiplier(spec: str) -> float | None:
     """K of a noise spec ``"sK"`` (``"s3"`` -> 3.0, ``"s2.5"`` -> 2.5), or ``None`` when
     ``spec`` is not of that form. :func:`resolve_noise` and ``trace_dataset`` both parse here."""
-    match = _SPEC.match(spec.strip())
+    match = _SPEC.fullmatch(spec.strip())
     return float(match.group(1)) if match else None
 
 
@@ -70,7 +70,7 @@ def embedding_std(model: Model, subjects: Sequence[str]) -> float:
 
 def reference_std(model: Model) -> tuple[float, int]:
     """Embedding std over :data:`REFERENCE_SUBJECTS` for this model (cached) and the list size."""
-    path = cache_dir("noise") / f"{model.fingerprint}-{REFERENCE_LIST_NAME}.json"
+    path = cache_dir("noise") / f"{model.weights_key}-{REFERENCE_LIST_NAME}.json"
     std = _files.load_cached(path, _read_std)
     if std is None:
         std = embedding_std(model, REFERENCE_SUBJECTS)
@@ -103,6 +103,7 @@ def resolve_noise(
                 f"[samples, subject_len, d_model] = {list(shape)} for this prompt and subject "
                 "(pass samples= equal to the tensor's first dimension)"
             )
+        _validate.finite("the noise tensor", noise.detach())
         return noise.detach().float().to(model.device), float(noise.float().std()), "given tensor"
     if isinstance(noise, str):
         k = spec_multiplier(noise)
@@ -118,12 +119,11 @@ def resolve_noise(
             f"subjects ({REFERENCE_LIST_NAME}, n={n})"
         )
     elif isinstance(noise, (int, float)) and not isinstance(noise, bool):
-        std, source = float(noise), "fixed std"
+        std, source = _validate.number("the noise std", noise, 0.0), "fixed std"
     else:
         kind = type(noise).__name__
         raise InterpEditError(f"noise must be 'sK', a float or a tensor, not {kind}")
-    if not std >= 0:
-        raise InterpEditError(f"the noise std must be >= 0, got {std}")
+    _validate.number("the noise std", std, 0.0)  # K x the std: finite when K is
     gen = torch.Generator().manual_seed(int(seed))
     sampled = torch.randn(shape, generator=gen, dtype=torch.float32) * std
     return sampled.to(model.device), std, source

@@ -19,7 +19,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from interp_edit import _files
+from interp_edit import _files, _validate
 from interp_edit.errors import InterpEditError
 
 KINDS = ("resid", "mlp", "attn")
@@ -79,6 +79,7 @@ class TraceResult:
 
     def top_cells(self, k: int = 5) -> list[tuple[int, int, float]]:
         """The ``k`` cells with the largest score, as ``(token, layer, score)``."""
+        k = _validate.count("k", k, 0)
         flat = torch.nan_to_num(self.scores, nan=-float("inf")).flatten()
         idx = flat.topk(min(k, flat.numel())).indices
         return [(int(i) // self.n_layers, int(i) % self.n_layers, float(flat[i])) for i in idx]

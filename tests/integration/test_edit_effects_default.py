@@ -30,7 +30,7 @@ def test_logit_lens_at_last_layer_is_the_output_distribution(default_model):
 def test_noop_edit_changes_nothing(default_model):
     m = default_model
     name = parameter_name(m, m.mlp_out_proj(4))
-    zero = torch.zeros_like(dict(m.hf_model.named_parameters())[name])
+    zero = torch.zeros_like(m.parameters_by_name[name])
     with AppliedEdit.from_deltas(m, "noop", [REQ], {}, {name: zero}) as e:
         d = compare_activations(m, e, PROMPTS)
     assert torch.all(d.resid_change.nan_to_num() == 0) and torch.equal(d.lens_before, d.lens_after)

@@ -45,6 +45,6 @@ def test_auto_layer_traces_the_fact(default_model, corpus):
     m = default_model
     with ie.edit(m, EIFFEL, method="rome", layer="auto", corpus=corpus) as edit:
         trace = edit.info["edits"][0]["trace"]
-        assert trace["target"].strip() == "Paris" and "MLP indirect effect" in edit.info["why"]
+        assert trace["targets"][0].strip() == "Paris" and "MLP indirect effect" in edit.info["why"]
         assert len(trace["effects"]) == m.n_layers
         assert _top1(m, EIFFEL.text) == "Rome"

@@ -27,7 +27,7 @@ def _prompts(fm, i=0):
 def _weight_edit(fm, layer, scale, seed=0):
     m = fm.model
     name = parameter_name(m, m.mlp_out_proj(layer))
-    shape = dict(m.hf_model.named_parameters())[name].shape
+    shape = m.parameters_by_name[name].shape
     delta = scale * torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     return AppliedEdit.from_deltas(m, "toy", [_req(fm)], {}, {name: delta})
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import interp_edit as ie
+from interp_edit.arch import hf_name
 from interp_edit.editing.base import AppliedEdit, parameter_name, register_editor
 from interp_edit.errors import InterpEditError, ModelMismatchError
 
@@ -19,7 +20,7 @@ class _ToyHparams:
 @register_editor("toy", _ToyHparams)
 def _toy(model, requests, hp):
     name = parameter_name(model, model.mlp_out_proj(hp.layer))
-    w = dict(model.hf_model.named_parameters())[name]
+    w = model.parameters_by_name[name]
     g = torch.Generator().manual_seed(len(requests))
     return AppliedEdit.from_deltas(model, "toy", requests, hp,
                                    {name: hp.scale * torch.randn(w.shape, generator=g)},
@@ -34,7 +35,7 @@ def _req(fm, i=0, **kw):
 
 
 def _weights(model):
-    return {k: v.detach().clone() for k, v in model.hf_model.named_parameters()}
+    return {hf_name(k): v.detach().clone() for k, v in model.hf_model.named_parameters()}
 
 
 def test_request_template_and_text(fm):
@@ -65,7 +66,7 @@ def test_weights_added_by_the_editor_are_kept_for_undo(fm):
     one applied the ordinary way, keeps the editor's copy for undo and undoes bit for bit."""
     m = fm.model
     name = parameter_name(m, m.mlp_out_proj(1))
-    w = dict(m.hf_model.named_parameters())[name]
+    w = m.parameters_by_name[name]
     before, delta = w.detach().clone(), 0.01 * torch.randn_like(w)
     plain = AppliedEdit.from_deltas(m, "toy", [_req(fm)], _ToyHparams(), {name: delta})
     edited = w.detach().clone()

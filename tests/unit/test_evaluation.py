@@ -53,8 +53,8 @@ def _records(fm, relation="city"):
             target_true=f.attribute,
             paraphrases=tuple(p.format(f.subject) for p in f.paraphrases),
             neighborhood=((facts[i - 1].prompt, facts[i - 1].attribute),),
-            reverse=(("the home of", f.subject),),
-            portability=((f.prompt, f"{_other_city(f)} {f.attribute}"),),
+            reverse=(("the home of", f.subject, facts[i - 1].subject),),
+            portability=((f.prompt, f"{_other_city(f)} {f.attribute}", f.attribute),),
         )
         for i, f in enumerate(facts)
     ]
@@ -95,8 +95,14 @@ def test_record_metrics_by_hand(fm):
     q_true, q_new = m.next_token_probs([nb, nb], [ans, r.target_new]).tolist()
     assert got["neighborhood"] == float(q_true > q_new)
     assert got["neighborhood_gap"] == pytest.approx(q_true - q_new, abs=1e-6)
-    assert got["portability_logprob"] == pytest.approx(
-        m.target_logprobs([r.portability[0][0]], [r.portability[0][1]]).item() / 2, abs=1e-5)
+    (prompt, new, old), = r.portability  # a two-token answer against a one-token one
+    p_after = math.exp(m.target_logprobs([prompt], [new]).item() / 2)
+    assert got["portability_gap"] == pytest.approx(
+        p_after - m.next_token_probs([prompt], [old]).item(), abs=1e-5)
+    pid, tid = m.tokenize(prompt).tolist(), m.target_ids(new)
+    logits = m.logits(torch.tensor([pid + tid]))[0]
+    hits = [int(logits[len(pid) - 1 + j].argmax()) == t for j, t in enumerate(tid)]
+    assert got["portability"] == pytest.approx(sum(hits) / 2)
     single = metrics.efficacy(m, r)
     assert single == {k: got[k] for k in ("efficacy", "efficacy_gap", "efficacy_first")}
 
@@ -106,7 +112,7 @@ def test_missing_probes_are_none(fm):
     bare = EditRecord(0, f.template, f.subject, "Rome", f.attribute)
     got = metrics.measure(fm.model, bare)
     assert got["efficacy"] is not None
-    assert got["paraphrase"] is got["reverse_logprob"] is got["neighborhood_gap"] is None
+    assert got["paraphrase"] is got["reverse_gap"] is got["neighborhood_gap"] is None
     with pytest.raises(InterpEditError, match="unknown metrics"):
         metrics.measure(fm.model, bare, metrics=("efficacy", "nope"))
 

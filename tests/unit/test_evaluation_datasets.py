@@ -6,7 +6,7 @@ import json
 import pytest
 
 from interp_edit.errors import InterpEditError
-from interp_edit.evaluation import EditRecord, load_counterfact, load_probes, load_zsre
+from interp_edit.evaluation import EditRecord, load_counterfact, load_zsre
 
 OFFICIAL = {
     "case_id": 0,
@@ -99,18 +99,6 @@ def test_loader_errors(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(InterpEditError, match="not valid JSON"):
         load_zsre(tmp_path / "bad.json")
-
-
-def test_probe_set_has_reverse_and_portability():
-    probes = load_probes()
-    assert 20 <= len(probes) <= 40
-    assert len({p.case_id for p in probes}) == len(probes)
-    for p in probes:
-        assert p.source == "probes" and p.reverse and p.portability and p.neighborhood
-        assert p.subject in p.text and p.target_new != p.target_true
-    needle = next(p for p in probes if p.subject == "The Space Needle")
-    assert needle.target_new == "Taipei"
-    assert ("The Space Needle is located in the country of", "Taiwan") in needle.portability
 
 
 def test_record_is_frozen_and_validated():

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import interp_edit as ie
+from interp_edit.arch import hf_name
 from interp_edit.editing.base import parameter_name
 from interp_edit.editing.finetune import FTHparams, FTLHparams
 from interp_edit.errors import InterpEditError
@@ -19,7 +20,7 @@ def _req(fm, i=0):
 
 
 def _weights(model):
-    return {k: v.detach().clone() for k, v in model.hf_model.named_parameters()}
+    return {hf_name(k): v.detach().clone() for k, v in model.hf_model.named_parameters()}
 
 
 def test_ft_moves_p_new_above_p_true(fm):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import interp_edit as ie
+from interp_edit.arch import hf_name
 from interp_edit.editing.base import parameter_name
 from interp_edit.editing.mend import MENDConfig, MENDEditor, last_layers
 from interp_edit.editing.mend_factors import TargetBatch, gradient_factors
@@ -54,7 +55,7 @@ def trained(fm, data, tmp_path_factory):
 
 
 def _weights(model):
-    return {k: v.detach().clone() for k, v in model.hf_model.named_parameters()}
+    return {hf_name(k): v.detach().clone() for k, v in model.hf_model.named_parameters()}
 
 
 def test_gradient_factorisation_is_exact(fm):
@@ -124,7 +125,7 @@ def test_resumed_step_equals_a_full_pass(fm, trained):
     req = ie.EditRequest(f.template, f.subject, "Oslo", f.attribute)
     first = editor.step(m, [req])
     assert first.start is not None and first.start.layer == min(editor.config.layers)
-    params = dict(m.hf_model.named_parameters())
+    params = m.parameters_by_name
     saved = {name: params[name].detach().clone() for name in first.deltas}
     try:
         with torch.no_grad():
@@ -215,7 +216,9 @@ def test_layer_choice(fm, data):
                                                                   trace_facts=3))
     assert how == "traced" and len(layers) == 2 and len(evidence["mlp_effects"]) == m.n_layers
     effects = torch.tensor(evidence["mlp_effects"])
-    assert set(layers) == set(effects.topk(2).indices.tolist())
+    sums = [float(effects[i] + effects[i + 1]) for i in range(m.n_layers - 1)]
+    start = max(range(len(sums)), key=lambda i: (sums[i], -i))  # the best adjacent pair
+    assert layers == (start, start + 1) and "layers" in evidence["reason"]
     cfg = MENDConfig.for_model(m, layers, how)
     assert cfg.layer_choice == "traced" and cfg.shapes == ((64, 128),) * 2
 
@@ -304,7 +307,8 @@ def _same_factors(run, ref, layers) -> None:
         (u, d), (u_ref, d_ref) = run.factors[layer], ref.factors[layer]
         assert u.shape == u_ref.shape and u.shape[0] > 0
         torch.testing.assert_close(u, u_ref, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(d, d_ref, rtol=1e-4, atol=1e-7)
+        # fp32 rounding of two summation orders: 1e-6 is 1e-5 of the factors' scale (~0.1)
+        torch.testing.assert_close(d, d_ref, rtol=1e-4, atol=1e-6)
 
 
 def test_stepper_factors_equal_the_hooked_ones(fm):

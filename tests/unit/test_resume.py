@@ -86,7 +86,7 @@ def test_low_precision_block_input_uses_bf16_copies_that_follow_the_weights(fm, 
     equal to it; a copy is made once and remade when its weight changes in place."""
     import torch.nn.functional as F
 
-    from interp_edit._llama import _parts
+    from interp_edit.arch.stepper import _parts
     from interp_edit._precision import low_precision_weights
 
     m = fm.model

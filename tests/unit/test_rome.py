@@ -12,15 +12,11 @@ from interp_edit.testing import CITIES
 
 
 @pytest.fixture(scope="module")
-def HP(fm, tmp_path_factory):
+def HP(fact_corpus):
     """Settings for the 4-layer fact model. It knows only its own sentences: no context
     prefixes (it cannot continue them), and key statistics from those sentences."""
-    path = tmp_path_factory.mktemp("corpus") / "facts.txt"
-    lines = [t.format(f.subject) + " " + f.attribute + " ." for f in fm.facts
-             for t in (f.template, *f.paraphrases)]
-    path.write_text("\n".join(lines * 4) + "\n")
     return dict(layer=0, n_prefixes=0, v_steps=100, v_nll_stop=0.01, v_weight_decay=0.01,
-                corpus=str(path), stats_tokens=2000, precision="fp32")
+                corpus=str(fact_corpus), stats_tokens=2000, precision="fp32")
 
 
 @pytest.fixture(autouse=True)
@@ -121,16 +117,17 @@ def test_several_requests_apply_sequentially_as_one_edit(fm, HP):
 
 def test_auto_layer_records_the_trace(fm, HP):
     m, req = fm.model, _req(fm)
-    hp = {**HP, "layer": "auto", "auto_layers": (0, 3), "trace_samples": 2, "trace_window": 1,
+    hp = {**HP, "layer": "auto", "auto_search": (0.0, 0.75), "trace_samples": 2, "trace_window": 1,
           "min_effect": -1.0}
     with ie.edit(m, req, method="rome", **hp) as edit:
         info = edit.info["edits"][0]
-        assert 0 <= edit.info["layer"] < 3 and "largest MLP indirect effect" in edit.info["why"]
+        assert 0 <= edit.info["layer"] < 3 and "peak MLP indirect effect" in edit.info["why"]
+        assert "search range layers 0..2" in edit.info["why"]
         effects = info["trace"]["effects"]
         assert len(effects) == m.n_layers and effects[3] is None  # layer 3 not searched
         assert edit.info["layer"] == max(range(3), key=lambda l: effects[l])
     hp["min_effect"] = 2.0  # no effect is that large: the fallback layer, and why
-    with ie.edit(m, req, method="rome", **hp, auto_fallback=1) as edit:
+    with ie.edit(m, req, method="rome", **hp, auto_fallback=0.34) as edit:  # 0.34 x 3 -> 1
         assert edit.info["layer"] == 1 and "fallback layer 1" in edit.info["why"]
 
 
@@ -154,7 +151,9 @@ def test_save_and_load_roundtrip(fm, HP, tmp_path):
     (dict(kl_factor=-1.0), "kl_factor must be >= 0"),
     (dict(precision="fp16"), "precision"),
     (dict(trace_method="magic"), "trace_method"),
-    (dict(auto_layers=(3, 1)), "auto_layers"),
+    (dict(auto_search=(0.75, 0.25)), "search"),
+    (dict(auto_search=(0, 10)), "fractions"),
+    (dict(auto_fallback=2), "auto_fallback"),
     (dict(corpus="/no/such/file.txt"), "not a text file"),
 ])
 def test_bad_hparams_leave_the_weights_alone(fm, HP, kw, match):

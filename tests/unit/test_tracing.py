@@ -6,7 +6,7 @@ import torch
 
 import interp_edit as ie
 from interp_edit.tracing import engine
-from interp_edit._llama import _orig
+from interp_edit.arch import unwrap as _orig
 
 KINDS = ("resid", "mlp", "attn")
 ATOL = 1e-5
@@ -137,7 +137,7 @@ def test_severed_matches_direct_implementation(fm, fact, sever):
 
 
 def test_generic_fallback_equals_reference(fm, fact, ref_set, monkeypatch):
-    monkeypatch.setattr(engine.LlamaStepper, "supports", staticmethod(lambda model: False))
+    monkeypatch.setattr(engine.Stepper, "supports", staticmethod(lambda model: False))
     fast = ie.trace_all(fm.model, fact.prompt, fact.subject, window=3, samples=4)
     for kind in KINDS:
         assert (fast[kind].scores - ref_set[kind].scores).abs().max() <= ATOL
@@ -343,7 +343,7 @@ def test_rotary_gradient_is_the_transposed_rotation():
     """The rotary embedding's closed-form backward (used wherever a gradient flows: the
     attribution screen, MEND) equals autograd through the plain in-place formula, and its
     forward is the plain one bit for bit."""
-    from interp_edit._llama import _Rotary, _rotate
+    from interp_edit.arch.rotary import Rotary as _Rotary, rotate as _rotate
 
     torch.manual_seed(0)
     x = torch.randn(3, 5, 4, 8, dtype=torch.float64, requires_grad=True)
@@ -394,7 +394,7 @@ def test_attribution_through_stepper_and_hooks_agree(fm, fact, monkeypatch, insi
     kw = dict(window=3, samples=3, method="attribution", precision="model")
     stepper = ie.trace_all(fm.model, prompt, fact.subject, **kw)
     assert (stepper.resid.subject_range[0] > 0) == inside
-    monkeypatch.setattr(engine.LlamaStepper, "supports", staticmethod(lambda model: False))
+    monkeypatch.setattr(engine.Stepper, "supports", staticmethod(lambda model: False))
     hooked = ie.trace_all(fm.model, prompt, fact.subject, **kw)
     for kind in KINDS:
         assert (stepper[kind].scores - hooked[kind].scores).abs().max() <= ATOL
@@ -412,10 +412,10 @@ def test_every_method_runs_the_clean_prompt_once(fm, fact, monkeypatch, method):
     from interp_edit.models import Model
 
     calls = []
-    logits, full_run = Model.logits, engine.LlamaStepper.full_run
+    logits, full_run = Model.logits, engine.Stepper.full_run
     monkeypatch.setattr(Model, "logits", lambda self, ids, *a, **k: (
         calls.append(int(ids.shape[0])), logits(self, ids, *a, **k))[1])
-    monkeypatch.setattr(engine.LlamaStepper, "full_run", lambda self, ids, *a, **k: (
+    monkeypatch.setattr(engine.Stepper, "full_run", lambda self, ids, *a, **k: (
         calls.append(int(ids.shape[0])), full_run(self, ids, *a, **k))[1])
     kw = dict(window=3, samples=2, method=method)
     if method == "attribution":
@@ -423,6 +423,6 @@ def test_every_method_runs_the_clean_prompt_once(fm, fact, monkeypatch, method):
     stepper = ie.trace_all(fm.model, fact.prompt, fact.subject, **kw)
     assert calls.count(1) == (0 if method == "attribution" else 1)  # the screen: a batch row
     calls.clear()
-    monkeypatch.setattr(engine.LlamaStepper, "supports", staticmethod(lambda model: False))
+    monkeypatch.setattr(engine.Stepper, "supports", staticmethod(lambda model: False))
     hooked = ie.trace_all(fm.model, fact.prompt, fact.subject, **kw)
     assert calls.count(1) == 1 and hooked.resid.high_score == stepper.resid.high_score

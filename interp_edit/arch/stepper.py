@@ -1,17 +1,21 @@
-"""A layer stepper for Hugging Face Llama-family decoders: runs one decoder layer at a time on
+"""The layer stepper of the fast paths: runs one decoder layer at a time on
 a slice of positions ``start .. start+P-1``, reading the keys/values of earlier positions from
 a cache, and lets the caller replace the attention output, MLP output or block output at the
 slice's first position. The fast tracing engine is built on it, MEND computes its
 gradient factors with it (:mod:`interp_edit.editing.mend`, :mod:`interp_edit.resume`), and
-sampling and greedy generation decode on it with a key/value cache (:meth:`LlamaStepper.decode`;
+sampling and greedy generation decode on it with a key/value cache (:meth:`Stepper.decode`;
 :func:`interp_edit.editing.keys.sample_token_ids`, :meth:`interp_edit.models.Model.generate`).
 
-It calls the model's own RMSNorm and rotary modules and its own weights (through
-``torch.nn.functional``), so the numbers match a plain forward pass up to float rounding.
+It runs every family whose :class:`~interp_edit.arch.families.Family` has ``stepper=True``
+(the layer layouts are read by :mod:`interp_edit.arch.parts`). It calls the model's own norm
+and rotary modules and its own weights (through ``torch.nn.functional``), so the numbers
+match a plain forward pass up to float rounding. Its ``mlp`` output is what the block adds to
+the residual stream (after the post-norm, where the family has one: the bridge's
+``hook_mlp_out``), its ``write`` the MLP output matrix's own output (before it).
 Hooks on the TransformerBridge are *not* run here; the engine falls back to the hook-based
 path when a bridge hook is installed.
 
-``LlamaStepper(model, n, precision=torch.bfloat16)`` multiplies with bf16 copies of the
+``Stepper(model, n, precision=torch.bfloat16)`` multiplies with bf16 copies of the
 weights (made once per module and remade when a weight changes, :mod:`interp_edit._precision`)
 while the residual stream, the norms and attention stay in the model's dtype: an
 approximation for callers that can take it (MEND's blocks below the edit,
@@ -29,22 +33,17 @@ from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from einops import einsum, rearrange
+from einops import einsum, rearrange, repeat
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from interp_edit._precision import PRECISIONS, low_precision_linear, low_precision_supported
+from interp_edit.arch.families import adapter
+from interp_edit.arch.parts import Parts, parts
+from interp_edit.arch.rotary import rope
 from interp_edit.errors import InterpEditError
-from interp_edit.models import Model
 
 SITES = ("attn", "mlp", "resid")
-
-
-def _orig(module: torch.nn.Module) -> torch.nn.Module:
-    """The Hugging Face module inside (possibly nested) TransformerBridge wrappers."""
-    while hasattr(module, "original_component"):
-        module = module.original_component
-    return module
 
 
 class Patch(NamedTuple):
@@ -56,11 +55,13 @@ class Patch(NamedTuple):
 
 class LayerOut(NamedTuple):
     out: Float[Tensor, "batch pos d_model"]  # block output (the next layer's input)
-    attn: Float[Tensor, "batch pos d_model"]
-    mlp: Float[Tensor, "batch pos d_model"]
+    attn: Float[Tensor, "batch pos d_model"]  # what attention adds to the residual stream
+    mlp: Float[Tensor, "batch pos d_model"]  # what the MLP adds to the residual stream
     k: Float[Tensor, "batch kv_head pos d_head"]  # after rotary
     v: Float[Tensor, "batch kv_head pos d_head"]
     key: Float[Tensor, "batch pos d_mlp"] | None  # the MLP key (None where a patch skipped rows)
+    write: Float[Tensor, "batch pos d_model"] | None  # the MLP output matrix's output (None:
+    # as ``key``); the same tensor as ``mlp`` where the family has no post-norm
 
 
 @dataclass(frozen=True)
@@ -79,105 +80,29 @@ class RunCache:
         return self.x[-1][:, -1]
 
 
-class _Layer(NamedTuple):
-    """One decoder layer's Hugging Face modules (weights are read at call time, so an edit
-    applied in place is seen)."""
-
-    input_norm: torch.nn.Module
-    q: torch.nn.Module
-    k: torch.nn.Module
-    v: torch.nn.Module
-    o: torch.nn.Module
-    scaling: float
-    post_norm: torch.nn.Module
-    gate: torch.nn.Module
-    up: torch.nn.Module
-    down: torch.nn.Module
-    act: Callable[[Tensor], Tensor]
+_PARTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-class _Parts(NamedTuple):
-    layers: list[_Layer]
-    embed: torch.nn.Module
-    norm: torch.nn.Module
-    lm_head: torch.nn.Module
-    rotary: torch.nn.Module
-    n_heads: int
-    n_kv: int
-
-
-_PARTS: "weakref.WeakKeyDictionary[Model, _Parts]" = weakref.WeakKeyDictionary()
-
-
-def _parts(model: Model) -> _Parts:
+def _parts(model) -> Parts:
     """The model's modules, unwrapped from the bridge once per model (walking the wrappers
     on every call cost milliseconds per edit)."""
     if model not in _PARTS:
-        hf = _orig(model.hf_model)
-        inner = _orig(hf.model)
-        layers = []
-        for block in map(_orig, inner.layers):
-            attn, mlp = _orig(block.self_attn), _orig(block.mlp)
-            layers.append(_Layer(
-                _orig(block.input_layernorm), _orig(attn.q_proj), _orig(attn.k_proj),
-                _orig(attn.v_proj), _orig(attn.o_proj), attn.scaling,
-                _orig(block.post_attention_layernorm), _orig(mlp.gate_proj), _orig(mlp.up_proj),
-                _orig(mlp.down_proj), mlp.act_fn,
-            ))  # fmt: skip
-        _PARTS[model] = _Parts(
-            layers, _orig(inner.embed_tokens), _orig(inner.norm), _orig(hf.lm_head),
-            _orig(inner.rotary_emb), hf.config.num_attention_heads,
-            hf.config.num_key_value_heads,
-        )  # fmt: skip
+        _PARTS[model] = parts(adapter(model))
     return _PARTS[model]
 
 
-def resolve_precision(model: Model, setting: str) -> torch.dtype | None:
+def resolve_precision(model, setting: str) -> torch.dtype | None:
     """The dtype of the layer stepper's matrix multiplies for a precision ``setting``:
     ``"bfloat16"``; ``"model"`` (None: the model's own weights); ``"auto"``: bfloat16 where the
     hardware multiplies it natively (:func:`low_precision_supported`), else the model's. None
     also wherever the stepper does not run (other architectures, a bridge hook installed)."""
     if setting not in PRECISIONS:
         raise InterpEditError(f"precision {setting!r}: use one of {', '.join(PRECISIONS)}")
-    if setting == "model" or not LlamaStepper.usable(model):
+    if setting == "model" or not Stepper.usable(model):
         return None
     if setting == "auto" and not low_precision_supported(model.device):
         return None
     return torch.bfloat16
-
-
-def _rotate(x: Float[Tensor, "b p h d"], cos: Float[Tensor, "p 1 d"],
-            sin: Float[Tensor, "p 1 d"]) -> Float[Tensor, "b p h d"]:
-    """Rotary embedding, ``x * cos + rotate_half(x) * sin`` as Hugging Face computes it (the
-    same roundings), without the concatenated copy."""
-    half = x.shape[-1] // 2
-    out = x * cos
-    out[..., :half] -= x[..., half:] * sin[..., :half]
-    out[..., half:] += x[..., :half] * sin[..., half:]
-    return out
-
-
-class _Rotary(torch.autograd.Function):
-    """:func:`_rotate` with its input gradient in closed form: the rotation's transpose,
-    ``g * cos + rotate_half^T(g * sin)`` (autograd through the in-place halves recorded
-    copies of whole slices, ~10% of the attribution screen's time)."""
-
-    @staticmethod
-    def forward(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        return _rotate(x, cos, sin)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        ctx.save_for_backward(inputs[1], inputs[2])
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
-        cos, sin = ctx.saved_tensors
-        half = grad.shape[-1] // 2
-        out, g_sin = grad * cos, grad * sin
-        out[..., :half] += g_sin[..., half:]
-        out[..., half:] -= g_sin[..., :half]
-        return out, None, None
 
 
 def _apply(act: Tensor, patch: Patch | None) -> Tensor:
@@ -186,39 +111,44 @@ def _apply(act: Tensor, patch: Patch | None) -> Tensor:
     return act
 
 
-class LlamaStepper:
-    """Step through a Llama-family model layer by layer (see the module docstring)."""
+def _norm(module: torch.nn.Module | None, x: Tensor) -> Tensor:
+    return x if module is None else module(x)
+
+
+class Stepper:
+    """Step through a model layer by layer (see the module docstring)."""
 
     @staticmethod
-    def supports(model: Model) -> bool:
-        hf = model.hf_model
-        cfg = hf.config
-        return (
-            type(hf).__name__ == "LlamaForCausalLM"
-            and getattr(cfg, "sliding_window", None) is None
-            and getattr(cfg, "pretraining_tp", 1) == 1
-            and hasattr(_orig(hf.model), "rotary_emb")
-        )
+    def supports(model) -> bool:
+        """Whether the model's family runs on the stepper (the weights alone, no hooks)."""
+        ad = adapter(model)
+        return ad.has_stepper and getattr(ad.hf.config, "pretraining_tp", 1) == 1
 
     @staticmethod
-    def usable(model: Model) -> bool:
+    def usable(model) -> bool:
         """Supported, and no hook is installed on the bridge (the stepper would not run it)."""
-        return LlamaStepper.supports(model) and not model.has_hooks()
+        return Stepper.supports(model) and not model.has_hooks()
 
-    def __init__(self, model: Model, n_tokens: int, precision: torch.dtype | None = None):
-        parts = _parts(model)
+    def __init__(self, model, n_tokens: int, precision: torch.dtype | None = None):
+        p = _parts(model)
         # matrix multiplies in ``precision`` (weights copied once, see low_precision_weights;
         # inputs cast, outputs cast back: the residual stream, norms and attention keep the
         # model's dtype); None: the model's own weights
-        self.dtype = parts.embed.weight.dtype
+        self.dtype = p.embed.weight.dtype
         self.precision = None if precision in (None, self.dtype) else precision
-        self.layers, self.embed, self.norm = parts.layers, parts.embed, parts.norm
-        self.lm_head, self.n_heads, self.n_kv = parts.lm_head, parts.n_heads, parts.n_kv
+        self.layers, self.embed, self.norm = p.layers, p.embed, p.norm
+        self.lm_head, self.n_heads, self.n_kv = p.lm_head, p.n_heads, p.n_kv
+        self.softcapped = adapter(model).softcapped
+        self.n_tokens = n_tokens
         positions = torch.arange(n_tokens, device=model.device)[None]
         probe = self.embed.weight[:1][None]  # dtype/device carrier for the rotary module
-        cos, sin = parts.rotary(probe, positions)
-        self.cos, self.sin = cos[0], sin[0]  # [pos, d_head]
-        self._masks: dict[tuple[int, int, int], Tensor] = {}
+        self.tables: dict[str | None, tuple[Tensor, Tensor]] = {}
+        for kind in p.rotary_types:  # Gemma 3: one table per layer type; else one
+            cos, sin = (p.rotary(probe, positions) if kind is None
+                        else p.rotary(probe, positions, kind))
+            self.tables[kind] = (cos[0], sin[0])  # [pos, rotary_dim]
+        self.kv_shape = (self.n_kv, n_tokens, p.head_dim)
+        self._masks: dict[tuple[int, int, int | None], Tensor | None] = {}
 
     # ---- pieces --------------------------------------------------------------------------
     def _linear(self, lin: torch.nn.Module, x: Tensor) -> Tensor:
@@ -234,25 +164,26 @@ class LlamaStepper:
         """``x`` in the multiplies' dtype (cast once where several multiplies read it)."""
         return x if self.precision is None else x.to(self.precision)
 
-    def _causal_mask(self, n_queries: int, n_keys: int, start: int) -> Bool[Tensor, "q k"]:
-        """Query i (position start+i) sees keys 0 .. start+i; built once per shape (a sweep
-        asks for the same few hundreds of times)."""
-        key = (n_queries, n_keys, start)
+    def _mask(self, n_queries: int, n_keys: int, window: int | None) -> Bool[Tensor, "q k"] | None:
+        """The queries are the last ``n_queries`` of ``n_keys`` positions; query i sees keys
+        j <= i (and i - window < j under a sliding window). None where every query sees
+        every key. Built once per shape (a sweep asks for the same few hundreds of times)."""
+        key = (n_queries, n_keys, window)
         if key not in self._masks:
-            ones = torch.ones(n_queries, n_keys, dtype=torch.bool, device=self.cos.device)
-            self._masks[key] = ones.tril(diagonal=start)
+            if n_queries == 1 and (window is None or n_keys <= window):
+                self._masks[key] = None
+            else:
+                ones = torch.ones(n_queries, n_keys, dtype=torch.bool, device=self.embed.weight.device)
+                mask = ones.tril(diagonal=n_keys - n_queries)
+                if window is not None:
+                    mask &= ~ones.tril(diagonal=n_keys - n_queries - window)
+                self._masks[key] = mask
         return self._masks[key]
 
-    def _rope(self, x: Float[Tensor, "b p h d"], start: int) -> Float[Tensor, "b p h d"]:
-        """Rotary embedding of positions ``start ..`` (see :func:`_rotate`)."""
-        p = x.shape[1]
-        cos, sin = self.cos[start : start + p, None], self.sin[start : start + p, None]
-        if torch.is_grad_enabled() and x.requires_grad:
-            return _Rotary.apply(x, cos, sin)
-        return _rotate(x, cos, sin)
-
-    def _heads(self, proj: torch.nn.Module, x: Tensor, n: int) -> Float[Tensor, "b p h d"]:
-        return rearrange(self._linear(proj, x), "b p (h d) -> b p h d", h=n)
+    def _heads(self, proj: torch.nn.Module, x: Tensor, n: int,
+               whole_norm: torch.nn.Module | None = None) -> Float[Tensor, "b p h d"]:
+        y = self._linear(proj, x)
+        return rearrange(_norm(whole_norm, y), "b p (h d) -> b p h d", h=n)
 
     def _key(self, j: int, x: Float[Tensor, "b p d"]) -> Float[Tensor, "b p d_mlp"]:
         """The input of MLP ``j``'s output projection (``x``: the normalized MLP input), in
@@ -264,8 +195,8 @@ class LlamaStepper:
         return hidden
 
     def unembed(self, h: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
-        """Logits from final-layer hidden states (final norm, unembedding)."""
-        return self._linear(self.lm_head, self.norm(h))
+        """Logits from final-layer hidden states (final norm, unembedding, softcapping)."""
+        return self.softcapped(self._linear(self.lm_head, self.norm(h)))
 
     def token_logits(
         self, h: Float[Tensor, "n d_model"], ids: Int[Tensor, "n k"]
@@ -274,7 +205,25 @@ class LlamaStepper:
         unembedding instead of all of it."""
         w = self.lm_head.weight[ids]  # [n, k, d_model]
         out = einsum(self.norm(h), w, "n d, n k d -> n k")
-        return out if self.lm_head.bias is None else out + self.lm_head.bias[ids]
+        return self.softcapped(out if self.lm_head.bias is None else out + self.lm_head.bias[ids])
+
+    def _attend(self, j: int, q: Tensor, keys: Tensor, values: Tensor) -> Float[Tensor, "b h q d"]:
+        """Scaled dot-product attention of layer ``j`` (causal, its window, its softcap)."""
+        lay = self.layers[j]
+        mask = self._mask(q.shape[2], keys.shape[2], lay.window)
+        if lay.softcap is None:
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                                  scale=lay.scaling,
+                                                  enable_gqa=self.n_kv != self.n_heads)
+        # Gemma 2: cap · tanh(scores / cap) before the mask, softmax in fp32 (as its eager path)
+        group = self.n_heads // self.n_kv
+        keys, values = (repeat(a, "b h p d -> b (h g) p d", g=group) for a in (keys, values))
+        scores = einsum(q, keys, "b h q d, b h k d -> b h q k") * lay.scaling
+        scores = torch.tanh(scores / lay.softcap) * lay.softcap
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = scores.softmax(-1, dtype=torch.float32).to(q.dtype)
+        return einsum(probs, values, "b h q k, b h k d -> b h q d")
 
     def layer(
         self,
@@ -293,10 +242,16 @@ class LlamaStepper:
         the earlier positions; this slice's keys and values are written into them and read
         from there (decoding without a concatenation per step, :meth:`decode`)."""
         lay, patches = self.layers[j], patches or {}
-        h = self._narrow(lay.input_norm(x))
+        cos, sin = self.tables[lay.rotary]
+        h = self._narrow(_norm(lay.attn_in_norm, x))
         q_in, q_start = (h[:, -1:], start + x.shape[1] - 1) if last_only else (h, start)
-        q = self._rope(self._heads(lay.q, q_in, self.n_heads), q_start).transpose(1, 2)
-        k = self._rope(self._heads(lay.k, h, self.n_kv), start).transpose(1, 2)
+        whole = lay.qk_norm_whole
+        q = self._heads(lay.q, q_in, self.n_heads, lay.q_norm if whole else None)
+        k = self._heads(lay.k, h, self.n_kv, lay.k_norm if whole else None)
+        if not whole:
+            q, k = _norm(lay.q_norm, q), _norm(lay.k_norm, k)
+        q = rope(q, cos, sin, q_start).transpose(1, 2)
+        k = rope(k, cos, sin, start).transpose(1, 2)
         v = self._heads(lay.v, h, self.n_kv).transpose(1, 2)
         keys, values = k, v
         if cache is not None:
@@ -305,31 +260,35 @@ class LlamaStepper:
             keys, values = cache[0][:, :, :end], cache[1][:, :, :end]
         elif past is not None:
             keys, values = torch.cat((past[0], k), 2), torch.cat((past[1], v), 2)
-        mask = self._causal_mask(q.shape[2], keys.shape[2], start) if q.shape[2] > 1 else None
-        z = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask, scale=lay.scaling,
-            enable_gqa=self.n_kv != self.n_heads,
-        )
-        a = _apply(self._linear(lay.o, rearrange(z, "b h p d -> b p (h d)")), patches.get("attn"))
+        z = self._attend(j, q, keys, values)
+        a = self._linear(lay.o, rearrange(z, "b h p d -> b p (h d)"))
+        a = _apply(_norm(lay.attn_out_norm, a), patches.get("attn"))
         mid = (x[:, -1:] if last_only else x) + a
-        m, key = self._patched_mlp(j, lay.post_norm(mid), patches.get("mlp"))
-        return LayerOut(_apply(mid + m, patches.get("resid")), a, m, k, v, key)
+        m, key, write = self._patched_mlp(j, _norm(lay.mlp_in_norm, mid), patches.get("mlp"))
+        return LayerOut(_apply(mid + m, patches.get("resid")), a, m, k, v, key, write)
+
+    def _mlp(self, j: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """MLP ``j`` on normalized inputs: its output, key and the output matrix's output."""
+        lay = self.layers[j]
+        key = self._key(j, x)
+        write = self._linear(lay.down, key)
+        return _norm(lay.mlp_out_norm, write), key, write
 
     def _patched_mlp(
         self, j: int, x: Float[Tensor, "batch pos d_model"], patch: Patch | None
-    ) -> tuple[Float[Tensor, "batch pos d_model"], Float[Tensor, "batch pos d_mlp"] | None]:
-        """The MLP output, with ``patch`` applied, and its key (``None`` when the patch
-        replaced some rows: those are not computed, as an MLP-window trace replaces many)."""
-        down = self.layers[j].down
+    ) -> tuple[Float[Tensor, "batch pos d_model"], Tensor | None, Tensor | None]:
+        """The MLP output, with ``patch`` applied, its key and its output matrix's output
+        (``None`` when the patch replaced some rows: those are not computed, as an MLP-window
+        trace replaces many)."""
         if patch is None or not bool(patch.mask.any()):
-            key = self._key(j, x)
-            return _apply(self._linear(down, key), patch), key
+            out, key, write = self._mlp(j, x)
+            return _apply(out, patch), key, write
         keep = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         keep[:, 0] = ~patch.mask
         out = torch.empty_like(x)
-        out[keep] = self._linear(down, self._key(j, x[keep][None]))[0]
+        out[keep] = self._mlp(j, x[keep][None])[0][0]
         out[:, 0][patch.mask] = patch.value[patch.mask]
-        return out, None
+        return out, None, None
 
     def run(
         self,
@@ -362,8 +321,9 @@ class LlamaStepper:
         the last position; fewer when every row has chosen ``stop``. Each step's keys and
         values go into buffers sized for every position this stepper was built for, which
         must be at least ``prompt + length``."""
-        shape = (ids.shape[0], self.n_kv, *self.cos.shape)  # [batch, kv_head, n_tokens, d_head]
-        cache = [(self.cos.new_empty(shape), self.cos.new_empty(shape)) for _ in self.layers]
+        shape = (ids.shape[0], *self.kv_shape)  # [batch, kv_head, n_tokens, d_head]
+        w = self.embed.weight
+        cache = [(w.new_empty(shape), w.new_empty(shape)) for _ in self.layers]
         out, new, start = [ids], ids, 0
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         for _ in range(length):
@@ -391,10 +351,10 @@ class LlamaStepper:
         subject: tuple[int, int] = (0, 0),
         last_only: bool = False,
     ) -> RunCache:
-        """A whole forward pass (noise added to the subject embeddings), caching everything.
-        Differentiable: call it under ``torch.no_grad()`` unless gradients are wanted.
-        ``last_only``: the last layer computes the last position alone (its outputs, and the
-        last ``x``, are ``[batch, 1, d_model]``)."""
+        """A whole forward pass (noise added to the subject's token embeddings), caching
+        everything. Differentiable: call it under ``torch.no_grad()`` unless gradients are
+        wanted. ``last_only``: the last layer computes the last position alone (its outputs,
+        and the last ``x``, are ``[batch, 1, d_model]``)."""
         x = self.embed(ids)
         if noise is not None:
             x = x.clone()

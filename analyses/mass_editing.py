@@ -1,0 +1,141 @@
+"""MEMIT and AlphaEdit on the default model: one batch, and a sequential stream of batches.
+
+From the edit stream ``counterfact-edit.json`` (the first records the model knows), through
+``ie.evaluate``:
+
+- **batch**: ``--n`` facts in one edit per method (``batch_size=n``), metrics on the edited
+  records themselves, the time of the edit (key statistics cached beforehand);
+- **sequential**: ``--batches`` batches of ``--batch`` facts, applied one after another without
+  undo (``sequential=True``), with after every batch the efficacy, paraphrase and neighbourhood
+  of every fact edited so far, WikiText-2 perplexity and (``--fluency``) n-gram entropy; then
+  the whole stream is undone and the weights are checked bit for bit.
+
+Each run's report is written as soon as it ends (``results/mass_editing/<run>.json``) and a
+finished run is not redone; a sequential run stopped with Ctrl-C resumes from its saved batch
+edits. Prints one markdown table; ``--plot`` draws the sequential curves.
+
+    python analyses/mass_editing.py --n 100 --batch 20 --batches 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+import interp_edit as ie
+from interp_edit.cli import enable_ctrl_c
+from interp_edit.evaluation import EvalReport
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+CURVE = ("efficacy", "paraphrase", "neighborhood", "perplexity", "fluency")
+
+
+def run(model, records, name: str, out: Path, method: str, **kw) -> EvalReport:
+    """One evaluation, reused when its report exists (resumed when it was interrupted)."""
+    path = out / f"{name}.json"
+    resume = EvalReport.load(path) if path.exists() else None
+    if resume is not None and not resume.info.get("interrupted"):
+        print(f"{name}: reusing {path}", flush=True)
+        return resume
+    rep = ie.evaluate(model, records, method=method, progress=False, resume=resume, **kw)
+    rep.save(path)
+    print(f"{name}: wrote {path} ({rep.n} facts, {rep.info['seconds_total']:.0f} s)", flush=True)
+    return rep
+
+
+def table(reports: dict[str, EvalReport]) -> str:
+    lines = ["| run | n | efficacy | paraphrase | neighbourhood | unchanged top-1 | "
+             "perplexity (start → end) | edit s / batch |", "|---|---|---|---|---|---|---|---|"]
+    for name, rep in reports.items():
+        agg = rep.aggregate()
+
+        def cell(col):
+            return str(agg[col]) if col in agg else ""
+
+        curve = rep.info.get("curve") or []
+        ppl = (f"{curve[0]['perplexity']:.2f} → {curve[-1]['perplexity']:.2f}"
+               if curve and "perplexity" in curve[0] else "")
+        secs = ([p["batch_seconds"] for p in curve[1:]] if curve
+                else sorted({r["batch_seconds"] for r in rep.rows}))
+        lines.append(f"| {name} | {rep.n} | {cell('efficacy')} | {cell('paraphrase')} | "
+                     f"{cell('neighborhood')} | {cell('unchanged_top1')} | {ppl} | "
+                     f"{', '.join(f'{s:.0f}' for s in secs)} |")
+    return "\n".join(lines)
+
+
+def plot(reports: dict[str, EvalReport], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seq = {k: r for k, r in reports.items() if r.info.get("curve")}
+    cols = [c for c in CURVE if any(c in p for r in seq.values() for p in r.info["curve"])]
+    fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 3))
+    for ax, col in zip(axes, cols):
+        for name, rep in seq.items():
+            pts = [(p["edits"], p[col]) for p in rep.info["curve"] if p.get(col) is not None]
+            ax.plot(*zip(*pts), marker="o", label=name)
+        ax.set_title(col)
+        ax.set_xlabel("facts edited")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=100, help="facts in the one-batch edit")
+    ap.add_argument("--batch", type=int, default=20, help="facts per batch of the stream")
+    ap.add_argument("--batches", type=int, default=5, help="batches in the stream")
+    ap.add_argument("--methods", default="memit,alphaedit")
+    ap.add_argument("--sequential-methods", default=None,
+                    help="methods of the stream (default: --methods)")
+    ap.add_argument("--corpus", default=str(DATA / "wikitext-2" / "valid.txt"),
+                    help="key statistics corpus")
+    ap.add_argument("--fluency", action="store_true", help="n-gram entropy at checkpoints")
+    ap.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE",
+                    help="editor hyperparameter for every run")
+    ap.add_argument("--out", type=Path, default=ROOT / "results" / "mass_editing")
+    ap.add_argument("--plot", type=Path, default=None, help="draw the stream curves here")
+    args = ap.parse_args()
+    from interp_edit.cli.evaluate import parse_hparams
+
+    torch.set_num_threads(1)
+    enable_ctrl_c()
+    args.out.mkdir(parents=True, exist_ok=True)
+    model = ie.load_model()
+    records = ie.load_counterfact(DATA / "counterfact-edit.json")
+    hp = {"corpus": args.corpus, **parse_hparams(args.hparam)}
+    reports: dict[str, EvalReport] = {}
+    for method in args.methods.split(","):
+        if args.n:
+            reports[f"batch-{method}-n{args.n}"] = run(
+                model, records, f"batch-{method}-n{args.n}", args.out, method, n=args.n,
+                batch_size=args.n, **hp)
+    for method in (args.sequential_methods or args.methods).split(","):
+        if not args.batches:
+            continue
+        name = f"sequential-{method}-{args.batches}x{args.batch}"
+        reports[name] = run(
+            model, records, name, args.out, method, n=args.batch * args.batches,
+            batch_size=args.batch, sequential=True, every=1, fluency=args.fluency,
+            perplexity_text=str(DATA / "wikitext-2" / "test.txt"),
+            edits_dir=str(args.out / f"{name}-edits"), **hp)
+    print(table(reports))
+    summary = {k: {"n": r.n, "aggregate": {c: str(s) for c, s in r.aggregate().items()},
+                   "curve": r.info.get("curve"), "undo_bit_exact": r.info.get("undo_bit_exact"),
+                   "hparams": r.hparams} for k, r in reports.items()}
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    if args.plot:
+        plot(reports, args.plot)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Batched v*: one pass per step for a batch of facts gives each fact's one-at-a-time δ."""
+
+import pytest
+import torch
+
+from interp_edit.editing import keys
+from interp_edit.editing.vstar import VOptions, optimise_deltas, optimise_in_groups
+from interp_edit.errors import InterpEditError
+from interp_edit.testing import CITIES
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("INTERP_EDIT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def _facts(fm, idx):
+    out = []
+    for i in idx:
+        f = fm.facts[i]
+        pool = CITIES if f.relation == "city" else ["pilot", "chef"]
+        out.append((f.template, f.subject, next(a for a in pool if a != f.attribute)))
+    return out
+
+
+OPTS = VOptions(v_lr=0.5, v_steps=20, v_nll_stop=0.3, v_weight_decay=0.01, precision="fp32")
+
+
+def test_batched_deltas_equal_per_fact_deltas(fm):
+    m, layer = fm.model, 0
+    contexts = keys.context_templates(m, 2, 3)
+    facts = _facts(fm, [0, 3, 5, 8, 11])
+    k = keys.keys_star(m, layer, [(t, s) for t, s, _ in facts], contexts)
+    v0 = k @ m.mlp_out_proj(layer).weight.detach().T  # W k* per fact
+    batched, infos = optimise_deltas(m, layer, facts, v0, contexts, OPTS)
+    steps = set()
+    for i, fact in enumerate(facts):
+        alone, info = optimise_deltas(m, layer, [fact], v0[i:i + 1], contexts, OPTS)
+        torch.testing.assert_close(batched[i], alone[0], rtol=1e-4, atol=1e-4 * float(v0[i].norm()))
+        assert infos[i]["steps"] == info[0]["steps"]
+        torch.testing.assert_close(torch.tensor(infos[i]["loss"]), torch.tensor(info[0]["loss"]),
+                                   rtol=1e-3, atol=1e-3)
+        steps.add(info[0]["steps"])
+        assert batched[i].norm() > 0
+    assert len(steps) > 1  # facts stopped at different steps: the per-fact stop was exercised
+    grouped, _ = optimise_in_groups(m, layer, facts, v0, contexts, OPTS, group=2)
+    torch.testing.assert_close(grouped, batched, rtol=1e-4, atol=1e-4 * float(v0.norm(dim=1).max()))
+
+
+def test_clamp_bounds_each_delta(fm):
+    m, layer = fm.model, 1
+    contexts = ("{}",)
+    facts = _facts(fm, [0, 2])
+    k = keys.keys_star(m, layer, [(t, s) for t, s, _ in facts], contexts)
+    v0 = k @ m.mlp_out_proj(layer).weight.detach().T
+    opts = VOptions(v_lr=5.0, v_steps=6, v_nll_stop=0.0, clamp_norm_factor=0.1,
+                    precision="fp32")
+    deltas, infos = optimise_deltas(m, layer, facts, v0, contexts, opts)
+    assert (deltas.norm(dim=1) <= 0.1 * v0.norm(dim=1) * (1 + 1e-5)).all()
+    assert all(i["steps"] == 6 for i in infos)
+
+
+def test_bad_inputs(fm):
+    with pytest.raises(InterpEditError, match="2 facts but 1"):
+        optimise_deltas(fm.model, 0, _facts(fm, [0, 1]), torch.zeros(1, 64), ("{}",), OPTS)
