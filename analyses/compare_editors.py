@@ -27,6 +27,7 @@ import argparse
 import ast
 import dataclasses
 import json
+import os
 import re
 import sys
 import time
@@ -45,6 +46,7 @@ from interp_edit.plotting.style import TEXT_WIDTH, new_figure, save_figure, styl
 
 ROOT = Path(__file__).resolve().parents[1]
 VAL = ROOT.parent / "shared" / "data" / "counterfact-val.json"
+os.environ.setdefault("INTERP_EDIT_DATA", str(VAL.parent))  # IKE's default pool
 DEFAULT_VARIANTS = ("no edit=none", "FT=ft", "FT-L=ft-l", "IKE, no demos=ike:demos=0",
                     "IKE=ike", "ROME=rome", "MEND=mend")
 # (column, which records it is measured on, heading)

@@ -20,6 +20,7 @@ save the results under ``figures/edit_effects_data/`` and draw for each:
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from interp_edit.tracing import TraceResult
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
+os.environ.setdefault("INTERP_EDIT_DATA", str(DATA))  # IKE's default pool
 # A landmark fact the default model knows (p(Paris) ~ 0.7), with CounterFact-style probes.
 FACT = EditRecord(
     case_id="eiffel",

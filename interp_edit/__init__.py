@@ -1,7 +1,9 @@
 """interp_edit: locate facts in transformer language models (causal tracing), rewrite them
 (ROME, MEND, IKE, fine-tuning), measure the edit, and draw what changed inside the model.
 
-The public API is re-exported here; see README.md and ../shared/DESIGN.md.
+The public API is re-exported here; see README.md. Data files are passed as paths (IKE's
+default demonstration pool is looked up in the folder named by ``INTERP_EDIT_DATA``); caches
+live in the user cache directory (``INTERP_EDIT_CACHE``). Nothing is read from the source tree.
 
     import interp_edit as ie
     model = ie.load_model()                       # SmolLM2-135M-Instruct, offline, fp32
@@ -14,6 +16,7 @@ from __future__ import annotations
 import importlib
 
 from interp_edit.errors import (
+    CorruptFileError,
     HookNestingError,
     InterpEditError,
     ModelMismatchError,
@@ -45,6 +48,7 @@ _LAZY = {
 }
 
 __all__ = [
+    "CorruptFileError",
     "DEFAULT_MODEL",
     "HookNestingError",
     "InterpEditError",

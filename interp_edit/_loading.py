@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from interp_edit import _files
 from interp_edit._builtin import BUILTINS, assemble, cache_key, check_shape
 from interp_edit._cache import cache_dir, file_digest
 from interp_edit.errors import InterpEditError, ModelNotAvailableError
@@ -102,38 +103,63 @@ def load_gguf(source: Callable[[], Path], key: str, dtype: torch.dtype, *,
               keep_source: bool = True):
     """Dequantize a GGUF file once into an fp32 safetensors directory ``models/<key>`` of the
     user cache, then load that. ``source()`` gives the file and is called only when the cache
-    is missing or fails its check (every file the manifest lists, at its size);
-    ``keep_source=False`` deletes the file afterwards (it can be made again)."""
-    cached = cache_dir("models", key)
-    if not _valid(cached):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    is missing or fails its checks (every file its manifest lists, at its size; every weight
+    loaded), a damaged entry being rebuilt with a warning; ``keep_source=False`` deletes the
+    file afterwards (it can be made again). The entry is written in a directory of its own and
+    renamed into place (two processes loading at once each write their own; the first
+    complete one is kept)."""
+    cached = cache_dir("models") / key
 
-        path = source()
-        log.warning("dequantizing %s once into %s", path.name, cached)
-        with quiet_logs():
-            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-            hf = AutoModelForCausalLM.from_pretrained(
-                path.parent, gguf_file=path.name, dtype=torch.float32
-            )
-        # the weights are already dequantized fp32: drop the GGUF marker so HF will save them
-        if hasattr(hf.config, "quantization_config"):
-            del hf.config.quantization_config
-        hf.hf_quantizer = None
-        hf.is_quantized = False
-        tmp = cached.with_name(f"{cached.name}.{os.getpid()}.tmp")
-        hf.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
+    def load(d: Path):
+        _files.require(_valid(d), "its files do not match its manifest")
+        return _load_complete(d, dtype)
+
+    loaded = _files.load_cached(cached, load)
+    if loaded is not None:
+        return loaded
+    path = source()
+    log.warning("dequantizing %s once into %s", path.name, cached)
+    with _files.atomic_dir(cached) as tmp:
+        _dequantize(path, tmp)
         (tmp / "source.txt").write_text(f"{path}\nsha256[:16]={file_digest(path)}\n")
         sizes = {f.name: f.stat().st_size for f in tmp.iterdir()}
         (tmp / _MANIFEST).write_text(json.dumps(sizes, sort_keys=True))
-        for f in tmp.iterdir():  # the manifest last: files land before it vouches for them
-            if f.name != _MANIFEST:
-                f.replace(cached / f.name)
-        (tmp / _MANIFEST).replace(cached / _MANIFEST)
-        tmp.rmdir()
-        if not keep_source:
-            path.unlink(missing_ok=True)
-    return _load_hf(str(cached), dtype, local_only=True)
+    if not keep_source:
+        path.unlink(missing_ok=True)
+    return load(cached)
+
+
+def _dequantize(path: Path, out: Path) -> None:
+    """The GGUF file's weights as fp32 safetensors and its tokenizer, saved into ``out``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with quiet_logs():
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        hf = AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=torch.float32
+        )
+    # the weights are already dequantized fp32: drop the GGUF marker so HF will save them
+    if hasattr(hf.config, "quantization_config"):
+        del hf.config.quantization_config
+    hf.hf_quantizer = None
+    hf.is_quantized = False
+    hf.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+
+
+def _load_complete(path: Path, dtype: torch.dtype):
+    """A cached model directory, refused (raises) unless every weight was in its files:
+    Hugging Face would fill a missing one with random values."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with quiet_logs():
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        hf, info = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, local_files_only=True, output_loading_info=True)
+    bad = {k: v for k, v in info.items() if k != "error_msgs" and v} | (
+        {"errors": info["error_msgs"]} if info.get("error_msgs") else {})
+    _files.require(not bad, f"its weights do not match the model: {bad}")
+    return hf, tok
 
 
 def _valid(cached: Path) -> bool:

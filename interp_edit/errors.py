@@ -26,3 +26,8 @@ class HookNestingError(InterpEditError):
 
 class ModelMismatchError(InterpEditError):
     """An artifact (edit, editor, statistics) was made for a different model."""
+
+
+class CorruptFileError(InterpEditError):
+    """A file (a saved edit, trace, report, editor, checkpoint) is damaged, truncated or of
+    another kind; the message names it and says what to do."""

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
+from interp_edit import _files
 from interp_edit._cache import cache_dir, file_digest, stable_hash
 from interp_edit._loading import boot_bridge
 from interp_edit.models import Model
@@ -115,6 +115,24 @@ def wrap_tiny(family: str, n_layers: int, d_model: int, seed: int, n_subjects: i
                  name)
 
 
+def save_random_model(path: str | os.PathLike, **sizes: int) -> Path:
+    """:func:`random_model`'s weights and tokenizer as a Hugging Face directory, which
+    ``load_model(path)`` loads (for tests of loading, caches and installs)."""
+    hf, tok = random_hf(**sizes)
+    hf.save_pretrained(path)
+    tok.save_pretrained(path)
+    return Path(path)
+
+
+def random_hf(n_layers: int = 4, d_model: int = 64, n_subjects: int = 16, seed: int = 0):
+    """The Hugging Face model and tokenizer of :func:`random_model`, before the bridge."""
+    from interp_edit.arch.tiny import tiny_hf
+
+    tok = _tokenizer(_vocabulary(_subjects(n_subjects, seed)))
+    return tiny_hf("llama", len(tok), n_layers, d_model, seed, tok.pad_token_id,
+                   tok.eos_token_id, n_ctx=64), tok
+
+
 @functools.lru_cache(maxsize=4)
 def fact_model(
     n_layers: int = 4, d_model: int = 64, n_subjects: int = 16, steps: int = 300, seed: int = 0
@@ -136,18 +154,26 @@ def fact_model(
                        file_digest(Path(__file__))])
     path = cache_dir("testing") / f"fact_model-{key}.safetensors"
     params = dict(model.hf_model.named_parameters())  # deduplicated: tied weights appear once
-    if path.exists():
+    trained = _files.load_cached(path, functools.partial(_read_weights, like=params))
+    if trained is not None:
         with torch.no_grad():
-            for name, value in load_file(str(path)).items():
+            for name, value in trained.items():
                 params[name].copy_(value)
     else:
         _train(model, facts, steps, seed)
-        tmp = path.with_name(f"{path.stem}-{os.getpid()}.tmp")
-        save_file({k: v.detach().contiguous() for k, v in params.items()}, str(tmp))
-        tmp.replace(path)
+        _files.save_safetensors(params, path)
     # weights changed: a new Model recomputes the fingerprint, so artifacts are keyed to it
     trained = Model(model.bridge, model.tokenizer, model.name + f"-facts{steps}")
     return FactModel(trained, tuple(facts))
+
+
+def _read_weights(path: Path, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Cached trained weights, checked: the names and shapes of ``like``, finite."""
+    weights = _files.read_safetensors(path)[0]
+    _files.require(weights.keys() == like.keys() and all(
+        weights[k].shape == like[k].shape and bool(weights[k].isfinite().all()) for k in like),
+        "not the tiny model's weights")
+    return weights
 
 
 def _train(model: Model, facts: list[SyntheticFact], steps: int, seed: int) -> None:

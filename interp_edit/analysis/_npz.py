@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from interp_edit import _files
 from interp_edit.errors import InterpEditError
 
 T = TypeVar("T")
@@ -33,20 +34,20 @@ def save_dataclass(obj: Any, path: str | os.PathLike, fmt: str) -> str:
         else:
             meta[f.name] = value
     out = npz_path(path)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    np.savez(out, __meta__=np.array(json.dumps(meta)), **arrays)
+    _files.save_npz(out, __meta__=np.array(json.dumps(meta)), **arrays)
     return out
 
 
 def load_dataclass(cls: type[T], path: str | os.PathLike, fmt: str) -> T:
-    with np.load(npz_path(path), allow_pickle=False) as data:
-        if "__meta__" not in data:
-            raise InterpEditError(f"{path} is not a saved {cls.__name__} (no metadata)")
-        meta = json.loads(str(data["__meta__"]))
-        if meta.pop("format", None) != fmt:
-            raise InterpEditError(f"{path} is not a saved {cls.__name__} (expected {fmt})")
-        arrays = {k: torch.from_numpy(np.array(data[k])) for k in data.files if k != "__meta__"}
-    return cls(**arrays, **{k: _tuples(v) for k, v in meta.items()})
+    """The ``cls`` saved at ``path``; a damaged or foreign file raises ``CorruptFileError``."""
+    path = npz_path(path)
+    with _files.reading(path, f"saved {cls.__name__}", "compute it again and save it"):
+        data = _files.read_npz(path)
+        meta = json.loads(str(data.pop("__meta__")))
+        _files.require(isinstance(meta, dict) and meta.pop("format", None) == fmt,
+                       f"it is not of format {fmt}")
+        arrays = {k: torch.from_numpy(v) for k, v in data.items()}
+        return cls(**arrays, **{k: _tuples(v) for k, v in meta.items()})
 
 
 def _tuples(value: Any) -> Any:

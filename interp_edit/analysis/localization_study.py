@@ -17,12 +17,14 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable, Sequence
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from interp_edit import _files
 from interp_edit.analysis._npz import NpzDataclass
 from interp_edit.analysis.localization import R2_TERMS, LocalizationStats, localization_stats
 from interp_edit.errors import InterpEditError
@@ -164,8 +166,8 @@ def run_study(
         if row is None or row["config"] != want:
             row = fact_row(model, rec, layers, window=window, samples=samples, seed=seed, rome=rome)
             if cache is not None:
-                with open(cache, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                done[str(rec.case_id)] = row
+                _files.write_text(cache, "".join(json.dumps(r) + "\n" for r in done.values()))
         rows.append(row)
         if progress:
             best = max(range(len(layers)), key=lambda j: row["success"][j]["efficacy_gap"])
@@ -201,11 +203,18 @@ def study_from_rows(rows: Sequence[dict]) -> LocalizationStudy:
 
 
 def read_rows(cache) -> dict[str, dict]:
-    """The rows of a cache file by case id (the last one of each id wins)."""
-    if cache is None or not os.path.exists(cache):
+    """The rows of a cache file by case id (the last one of each id wins); a file that does
+    not read as such rows is set aside with a warning (its facts are studied again)."""
+    if cache is None:
         return {}
-    with open(cache) as f:
-        return {row["case_id"]: row for row in map(json.loads, filter(str.strip, f))}
+    return _files.load_cached(Path(cache), _read_rows) or {}
+
+
+def _read_rows(path: Path) -> dict[str, dict]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    _files.require(all(isinstance(r, dict) and "case_id" in r and "config" in r for r in rows),
+                   "a line is not a study row")
+    return {str(r["case_id"]): r for r in rows}
 
 
 def _plots():

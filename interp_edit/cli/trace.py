@@ -42,6 +42,7 @@ def screen_arguments(p) -> None:
 
 
 def run(args) -> int:
+    from interp_edit._files import atomic_path
     from interp_edit.cli import noise_arg, writable
     from interp_edit.models import load_model
     from interp_edit.tracing import TraceSet, trace
@@ -77,6 +78,7 @@ def run(args) -> int:
     except ImportError as exc:  # plotting not installed/written yet: the .npz is still there
         print(f"figure not written ({exc}); plot later with TraceResult.load({str(npz)!r}).plot()")
         return 0
-    fig.savefig(out, bbox_inches="tight")
+    with atomic_path(out, suffix=out.suffix) as tmp:
+        fig.savefig(tmp, bbox_inches="tight")
     print(f"figure: {out}")
     return 0

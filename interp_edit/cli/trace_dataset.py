@@ -41,6 +41,7 @@ def register(sub) -> None:
 def run(args) -> int:
     import interp_edit as ie
     from interp_edit import _validate
+    from interp_edit._files import write_text
     from interp_edit.cli import noise_arg, writable
     from interp_edit.plotting import style
     from interp_edit.tracing.average import peak_table
@@ -65,7 +66,7 @@ def run(args) -> int:
     if args.sever:
         style.save_figure(avg.plot_severed(), out / "severed")
     table = peak_table(avg)
-    (out / "peaks.md").write_text(f"{avg!r}\n\n{table}")
+    write_text(out / "peaks.md", f"{avg!r}\n\n{table}")
     print(f"{avg!r}\n\n{table}\nwrote {out}/average.npz, aie.png/.pdf"
           + (", severed.png/.pdf" if args.sever else "") + ", peaks.md")
     return 0

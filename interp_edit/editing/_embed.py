@@ -9,7 +9,8 @@ Two embedders, both offline:
 
 ``"auto"`` picks ``"minilm"`` when the package is installed, else ``"model"``.
 Embeddings of a demonstration pool are cached under ``cache_dir("ike")``, keyed by the pool
-file's digest and the embedder (for ``"model"``: the model's fingerprint and layer).
+file's digest and the embedder (for ``"model"``: the model's fingerprint and layer); an
+entry that does not load or is not one finite unit vector per text is embedded again.
 """
 
 from __future__ import annotations
@@ -23,10 +24,9 @@ from typing import Callable, Sequence
 
 import torch
 from jaxtyping import Float
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from interp_edit import hooks
+from interp_edit import _files, hooks
 from interp_edit._cache import cache_dir
 from interp_edit.errors import InterpEditError
 from interp_edit.models import Model, resid_hook
@@ -128,18 +128,25 @@ def pool_embeddings(
     if name in _LOADED and _LOADED[name].shape[0] == len(texts):
         return _LOADED[name]
     path = cache_dir("ike") / f"{name}.safetensors"
-    if path.exists():
-        emb = load_file(str(path))["embeddings"]
-        if emb.shape[0] == len(texts):
-            _LOADED[name] = emb
-            return emb
+    emb = _files.load_cached(path, functools.partial(_read_embeddings, n=len(texts)))
+    if emb is not None:
+        _LOADED[name] = emb
+        return emb
     log.warning("embedding %d IKE pool demonstrations with %s (once; cached in %s)",
                 len(texts), embedder.key, path.parent)
     emb = embedder.embed(texts).float().contiguous()
-    tmp = path.with_suffix(".tmp")
-    save_file({"embeddings": emb}, str(tmp))
-    tmp.replace(path)
+    _files.save_safetensors({"embeddings": emb}, path)
     _LOADED[name] = emb
+    return emb
+
+
+def _read_embeddings(path: Path, n: int) -> Float[Tensor, "n d"]:
+    """Cached pool embeddings, checked: ``n`` finite unit-norm float32 rows."""
+    emb = _files.read_safetensors(path)[0]["embeddings"]
+    _files.require(emb.ndim == 2 and emb.shape[0] == n and emb.dtype == torch.float32
+                   and bool(emb.isfinite().all())
+                   and bool(((emb.norm(dim=-1) - 1).abs() < 1e-3).all()),
+                   f"not {n} finite unit-norm float32 embeddings")
     return emb
 
 

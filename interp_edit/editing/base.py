@@ -23,15 +23,16 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.profiler import record_function
 
-from interp_edit import _validate
+from interp_edit import _files, _validate
 from interp_edit._cache import tensors_digest
 from interp_edit.errors import InterpEditError, ModelMismatchError
 from interp_edit.editing.request import EditRequest, requests_from  # noqa: F401 (re-exported)
 from interp_edit.models import Model
+
+_EDIT_FORMAT = "interp_edit.AppliedEdit/1"  # in every saved edit's metadata
 
 
 # ---- the registry ------------------------------------------------------------------------
@@ -310,7 +311,7 @@ class AppliedEdit:
     # ---- persistence ----------------------------------------------------------------------
     def metadata(self) -> dict[str, Any]:
         return {
-            "format": "interp_edit.AppliedEdit/1",
+            "format": _EDIT_FORMAT,
             "method": self.method,
             "model_name": self.model_name,
             "fingerprint": self.fingerprint,
@@ -322,36 +323,42 @@ class AppliedEdit:
 
     def save(self, path: str | Path) -> Path:
         """Write the deltas as safetensors with the metadata as JSON in the header."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.deltas.items()}
-        tensors |= {_KEYS + k: v.detach().contiguous().cpu() for k, v in self.keys.items()}
+        tensors = self.deltas | {_KEYS + k: v for k, v in self.keys.items()}
         meta = {"interp_edit": json.dumps(self.metadata(), default=_json_default)}
-        save_file(tensors, str(path), metadata=meta)
-        return path
+        return _files.save_safetensors(tensors, path, meta)
 
 
 def load_edit(path: str | Path) -> AppliedEdit:
-    """Read an edit written by ``AppliedEdit.save``; call ``.apply(model)`` to apply it."""
-    from safetensors import safe_open
-
+    """Read an edit written by ``AppliedEdit.save``; call ``.apply(model)`` to apply it. A
+    damaged or foreign file raises :class:`~interp_edit.errors.CorruptFileError`."""
     path = Path(path)
-    if not path.exists():
-        raise InterpEditError(f"edit file {str(path)!r} does not exist")
-    with safe_open(str(path), framework="pt") as f:
-        header = (f.metadata() or {}).get("interp_edit")
-    if header is None:
-        raise InterpEditError(f"{path} is not an interp_edit edit (no metadata)")
-    meta = json.loads(header)
-    tensors = load_file(str(path))
+    with _files.reading(path, "saved edit", "save the edit again with AppliedEdit.save"):
+        tensors, header = _files.read_safetensors(path)
+        _files.require("interp_edit" in header, "no interp_edit metadata in its header")
+        meta = json.loads(header["interp_edit"])
+        _files.require(isinstance(meta, dict) and meta.get("format") == _EDIT_FORMAT,
+                       f"its metadata is not of format {_EDIT_FORMAT}")
+        for key, kind in (("method", str), ("model_name", str), ("fingerprint", str),
+                          ("requests", list), ("hparams", dict), ("context", str),
+                          ("info", dict)):
+            _files.require(isinstance(meta.get(key), kind),
+                           f"metadata field {key!r} is missing or not a {kind.__name__}")
+        requests = [EditRequest(**r) for r in meta["requests"]]
+        for r in requests:
+            _files.require(all(isinstance(v, str) for v in (r.prompt, r.subject, r.target_new))
+                           and isinstance(r.target_true, (str, type(None))),
+                           "a request has a field that is not text")
+        _files.require(bool(requests), "it holds no request")
+        _files.require(all(t.is_floating_point() for t in tensors.values()),
+                       "a delta or key is not a floating-point tensor")
     return AppliedEdit(
         model=None,
         method=meta["method"],
-        requests=[EditRequest(**r) for r in meta["requests"]],
+        requests=requests,
         hparams=meta["hparams"],
         deltas={k: v for k, v in tensors.items() if not k.startswith(_KEYS)},
-        context=meta.get("context", ""),
-        info=meta.get("info", {}),
+        context=meta["context"],
+        info=meta["info"],
         keys={k[len(_KEYS):]: v for k, v in tensors.items() if k.startswith(_KEYS)},
         model_name=meta["model_name"],
         fingerprint=meta["fingerprint"],
@@ -381,6 +388,8 @@ def loaded_weights(model: Model) -> Iterator[None]:
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(edited[name])
+
+
 _KEYS = "keys/"  # prefix of the written keys' tensor names in a saved edit
 
 

@@ -2,8 +2,9 @@
 In-Context Learning?"). No weight changes: the new fact goes into the prompt, after
 demonstrations that show the model how to use a new fact.
 
-Each demonstration comes from a record of a training pool (CounterFact train by default) and
-is one of three kinds:
+Each demonstration comes from a record of a training pool (a CounterFact file: ``pool=``, else
+``counterfact-train.json`` in the folder named by ``INTERP_EDIT_DATA``) and is one of three
+kinds:
 
 - **copy** (reliability):      ``New Fact: <fact>\\nPrompt: <fact>``
 - **update** (generalization): ``New Fact: <fact>\\nPrompt: <paraphrase> <new target>``
@@ -28,6 +29,7 @@ import torch
 
 from interp_edit import _validate
 from interp_edit._cache import file_digest
+from interp_edit._files import data_file
 from interp_edit.editing import _embed
 from interp_edit.editing.base import AppliedEdit, EditRequest, register_editor
 from interp_edit.errors import InterpEditError
@@ -37,15 +39,14 @@ from interp_edit.models import Model
 
 KINDS = ("copy", "update", "retain")
 _PROMPT_ROOM = 32  # tokens the context must leave for the prompt and its target
-_REPO = Path(__file__).resolve().parents[2]
-DEFAULT_POOL = _REPO.parent / "shared" / "data" / "counterfact-train.json"
+DEFAULT_POOL = "counterfact-train.json"  # looked up in $INTERP_EDIT_DATA when pool is None
 
 
 @dataclass(frozen=True)
 class IKEHparams:
     """``demos``: number of demonstrations (0: the new fact alone). ``mix``: copy:update:retain
-    proportions (the paper: 4:12:16 of 32). ``pool``: a CounterFact-style JSON file (default
-    ``../shared/data/counterfact-train.json`` next to the repository). ``embedder``: "auto",
+    proportions (the paper: 4:12:16 of 32). ``pool``: a CounterFact-style JSON file (default:
+    ``counterfact-train.json`` in the folder ``INTERP_EDIT_DATA`` names). ``embedder``: "auto",
     "minilm" or "model" (see ``_embed``). ``seed``: which retrieved record gets which kind.
 
     Default 8 at 1:1:2 (measured on SmolLM2-135M with ``analyses/compare_editors.py``; README
@@ -125,7 +126,10 @@ def kind_counts(n: int, mix: Sequence[float]) -> dict[str, int]:
 
 # ---- the pool -----------------------------------------------------------------------------
 def pool_path(pool: str | None) -> Path:
-    path = Path(pool).expanduser() if pool else DEFAULT_POOL
+    """The pool file: ``pool``, else :data:`DEFAULT_POOL` in ``$INTERP_EDIT_DATA``."""
+    if not pool:
+        return data_file(DEFAULT_POOL, "the IKE demonstration pool", "pool=")
+    path = Path(pool).expanduser()
     if not path.is_file():
         raise InterpEditError(
             f"IKE demonstration pool {str(path)!r} not found: pass pool='path/to/"

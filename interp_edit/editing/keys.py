@@ -14,9 +14,10 @@ whatever text precedes the subject (Meng et al. 2022, §3.1).
 
 from __future__ import annotations
 
-import json
+import functools
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -24,6 +25,7 @@ from einops import rearrange
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from interp_edit import _files
 from interp_edit._cache import cache_dir
 from interp_edit.arch import adapter
 from interp_edit.arch.stepper import Stepper
@@ -129,15 +131,23 @@ def context_templates(
     if key in _TEMPLATES:
         return _TEMPLATES[key]
     path = cache_dir("prefixes", key[0]) / f"v2-n{n}-len{length}-seed{seed}.json"
-    if path.exists():
-        prefixes = json.loads(path.read_text())["prefixes"]
-    else:
+    prefixes = _files.load_cached(path, functools.partial(_read_prefixes, n=n))
+    if prefixes is None:
         texts = [model.tokenizer.decode(ids) for ids in
                  sample_token_ids(model, n, length, seed=seed)] if n else []
         prefixes = [" ".join(t.replace("{", " ").replace("}", " ").split()) for t in texts]
-        path.write_text(json.dumps({"model": model.name, "prefixes": prefixes}, indent=1))
+        _files.write_json(path, {"model": model.name, "prefixes": prefixes}, indent=1)
     _TEMPLATES[key] = ("{}", *(f"{p}. {{}}" for p in prefixes))
     return _TEMPLATES[key]
+
+
+def _read_prefixes(path: Path, n: int) -> list[str]:
+    """Cached template prefixes, checked: ``n`` strings without braces."""
+    prefixes = _files.read_json(path)["prefixes"]
+    _files.require(isinstance(prefixes, list) and len(prefixes) == n
+                   and all(isinstance(p, str) and "{" not in p and "}" not in p
+                           for p in prefixes), f"not {n} template prefixes")
+    return prefixes
 
 
 @dataclass(frozen=True)

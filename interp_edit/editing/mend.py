@@ -48,12 +48,10 @@ from typing import Any, NamedTuple, Sequence
 import torch
 from einops import einsum
 from jaxtyping import Float
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.profiler import record_function
 
-from interp_edit import _validate
+from interp_edit import _files, _validate
 from interp_edit._cache import cache_dir
 from interp_edit.arch import adapter
 from interp_edit.arch.stepper import resolve_precision
@@ -213,13 +211,8 @@ class MENDEditor(nn.Module):
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the weights and running statistics as safetensors, the config as JSON."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"interp_edit": json.dumps(self.metadata())})
-        tmp.replace(path)  # never leave a half-written editor behind
-        return path
+        return _files.save_safetensors(self.state_dict(), path,
+                                       {"interp_edit": json.dumps(self.metadata())})
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: Model | None = None) -> "MENDEditor":
@@ -228,13 +221,16 @@ class MENDEditor(nn.Module):
         if not path.is_file():
             raise InterpEditError(f"MEND editor {str(path)!r} does not exist: train one with "
                                   "`interp-edit mend-train --out PATH`")
-        with safe_open(str(path), framework="pt") as f:
-            header = (f.metadata() or {}).get("interp_edit")
-        meta = json.loads(header) if header else {}
-        if meta.get("format") != FORMAT:
-            raise InterpEditError(f"{path} is not a MEND editor (format {meta.get('format')!r})")
-        editor = cls(MENDConfig(**meta["config"]), meta.get("info"))
-        editor.load_state_dict(load_file(str(path)))
+        with _files.reading(path, "MEND editor", "train it again with `interp-edit "
+                            "mend-train --out PATH` (or copy an intact one)"):
+            tensors, header = _files.read_safetensors(path)
+            meta = json.loads(header.get("interp_edit", "{}"))
+            _files.require(isinstance(meta, dict) and meta.get("format") == FORMAT,
+                           f"its metadata is not of format {FORMAT}")
+            editor = cls(MENDConfig(**meta["config"]), meta.get("info"))
+            editor.load_state_dict(tensors)  # strict: every weight, each of its shape
+            _files.require(all(bool(t.isfinite().all()) for t in tensors.values()
+                               if t.is_floating_point()), "a weight is not finite")
         editor.eval()
         if model is not None:
             editor.check_model(model)

@@ -40,10 +40,10 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from interp_edit import _files
 from interp_edit import _validate as check
 from interp_edit.arch import adapter
 from interp_edit.editing.mend import MENDConfig, MENDEditor, last_layers
@@ -306,16 +306,23 @@ def _start(model, train, cfg, ckpt, out):
     """A fresh editor and optimizer, or those of the checkpoint in ``ckpt`` (same config)."""
     state_path = ckpt / "state.json"
     if state_path.exists():
-        state = json.loads(state_path.read_text())
-        if state.get("format") != STATE_FORMAT or _fixed(state["train_config"]) != _fixed(
-                _jsonable(cfg)):
+        fix = f"delete the checkpoint directory {ckpt} (or pass another) to start afresh"
+        with _files.reading(state_path, "MEND training checkpoint", fix):
+            state = _files.read_json(state_path)
+            _files.require(isinstance(state, dict) and state.get("format") == STATE_FORMAT,
+                           f"it is not of format {STATE_FORMAT}")
+            _files.require(isinstance(state.get("train_config"), dict),
+                           "it has no train_config")
+        if _fixed(state["train_config"]) != _fixed(_jsonable(cfg)):
             raise InterpEditError(
                 f"checkpoint {ckpt} was made with other settings ({state.get('train_config')});"
                 " delete it or pass another checkpoint directory to start afresh"
             )
         editor = MENDEditor.load(ckpt / "editor.safetensors", model)
         opt = _optimizer(editor, cfg)
-        opt.load_state_dict(_load_optimizer(ckpt / "optimizer.safetensors", state["param_groups"]))
+        optimizer = ckpt / "optimizer.safetensors"
+        with _files.reading(optimizer, "MEND training checkpoint", fix):
+            opt.load_state_dict(_load_optimizer(optimizer, state["param_groups"]))
         state["train_config"] = _jsonable(cfg)
         return editor, opt, state
     layers, how, evidence = choose_layers(model, train, cfg)
@@ -388,12 +395,13 @@ def _validate(model, editor, val, cfg, state, window, out, ckpt, opt, seconds) -
     if state["best_score"] is None or score > state["best_score"]:
         state.update(best_score=score, best_step=state["step"], since_best=0)
         editor.info.update(validation=metrics, best_step=state["step"])
-        shutil.copyfile(editor.save(ckpt / "editor.safetensors"), out)
+        with _files.atomic_path(out) as tmp:
+            shutil.copyfile(editor.save(ckpt / "editor.safetensors"), tmp)
     else:
         state["since_best"] += 1
     editor.info["history"] = state["history"]
     _save_optimizer(opt, ckpt / "optimizer.safetensors", state)
-    (ckpt / "state.json").write_text(json.dumps(state, indent=1))
+    _files.write_json(ckpt / "state.json", state, indent=1)
     return row
 
 
@@ -406,13 +414,13 @@ def _describe(row: dict[str, Any]) -> str:
 def _save_optimizer(opt: torch.optim.Optimizer, path: Path, state: dict[str, Any]) -> None:
     sd = opt.state_dict()
     tensors = {f"{i}.{k}": v.contiguous() for i, s in sd["state"].items() for k, v in s.items()}
-    save_file(tensors, str(path))
+    _files.save_safetensors(tensors, path)
     state["param_groups"] = sd["param_groups"]
 
 
 def _load_optimizer(path: Path, param_groups: list[dict[str, Any]]) -> dict[str, Any]:
     per_param: dict[int, dict[str, Tensor]] = {}
-    for key, value in load_file(str(path)).items():
+    for key, value in _files.read_safetensors(path)[0].items():
         i, name = key.split(".", 1)
         per_param.setdefault(int(i), {})[name] = value
     return {"state": per_param, "param_groups": param_groups}

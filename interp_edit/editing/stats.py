@@ -12,12 +12,13 @@ The text is cut into fixed-length chunks (no padding), the forward pass stops af
 deepest requested layer, and every requested layer is captured in the same pass. Results are
 cached as safetensors plus a JSON sidecar, keyed by the weights in use (``Model.weights_key``:
 the model's fingerprint, plus any applied edit), layer, corpus
-identity (a file's content digest), token count and chunk length.
+identity (a file's content digest), token count and chunk length. An entry that does not
+load, or is not a finite symmetric ``d_mlp x d_mlp`` matrix, is rebuilt with a warning.
 """
 
 from __future__ import annotations
 
-import json
+import functools
 import logging
 import os
 import time
@@ -27,12 +28,12 @@ from typing import Iterator, Sequence
 import torch
 from einops import rearrange
 from jaxtyping import Float
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from interp_edit import _validate
+from interp_edit import _files, _validate
 from interp_edit._cache import cache_dir, file_digest
 from interp_edit._loading import hub_unreachable
+from interp_edit.arch import adapter
 from interp_edit.editing.keys import sample_token_ids
 from interp_edit.errors import InterpEditError
 from interp_edit.hooks import capture, hooked
@@ -85,7 +86,12 @@ def second_moments(
     ident = corpus_identity(corpus, seed)
     paths = {layer: _cache_path(model, layer, ident, n_tokens, seq_len, precision)
              for layer in sorted(set(layers))}
-    missing = [layer for layer, p in paths.items() if refresh or not p.exists()]
+    for layer, path in paths.items():  # read (and check) what is cached
+        if path not in _LOADED and not refresh:
+            mom2 = _files.load_cached(path, functools.partial(_read_mom2, model=model))
+            if mom2 is not None:
+                _LOADED[path] = mom2
+    missing = [layer for layer, p in paths.items() if refresh or p not in _LOADED]
     if missing:
         t0 = time.perf_counter()
         chunks = _chunks(model, corpus, n_tokens, seq_len, seed, progress)
@@ -99,15 +105,23 @@ def second_moments(
                     "weights": model.weights_key, "layer": layer,
                     "corpus": ident, "n_tokens_requested": n_tokens, "n_tokens": count,
                     "seq_len": seq_len, "precision": precision, "seconds": round(seconds, 2)}
-            save_file({"mom2": moments[layer].contiguous()}, str(paths[layer]))
-            paths[layer].with_suffix(".json").write_text(json.dumps(meta, indent=1))
+            _files.save_safetensors({"mom2": moments[layer]}, paths[layer])
+            _files.write_json(paths[layer].with_suffix(".json"), meta, indent=1)
             _LOADED[paths[layer]] = moments[layer]
-    out = {}
-    for layer, path in paths.items():
-        if path not in _LOADED:
-            _LOADED[path] = load_file(str(path))["mom2"]
-        out[layer] = _LOADED[path].to(model.device)
-    return out
+    return {layer: _LOADED[path].to(model.device) for layer, path in paths.items()}
+
+
+def _read_mom2(path: Path, model: Model) -> Tensor:
+    """A cached second moment, checked: ``d_mlp x d_mlp``, finite, symmetric with a
+    non-negative diagonal (a mean of k kᵀ)."""
+    mom2 = _files.read_safetensors(path)[0]["mom2"]
+    d = adapter(model).mlp_out_matrix(0).shape[1]
+    _files.require(mom2.shape == (d, d) and mom2.dtype == torch.float32
+                   and bool(mom2.isfinite().all()) and bool((mom2.diagonal() >= 0).all())
+                   and torch.allclose(mom2, mom2.T, rtol=1e-4,
+                                      atol=1e-6 * float(mom2.diagonal().mean())),
+                   f"not a finite symmetric {d}x{d} float32 second moment")
+    return mom2
 
 
 def solve_mom2(
@@ -138,8 +152,13 @@ def stats_info(model: Model, layer: int, corpus: str | os.PathLike = GENERATED,
     """The JSON metadata of a cached entry (tokens used, build seconds), or None."""
     path = _cache_path(model, layer, corpus_identity(corpus, seed), n_tokens, seq_len,
                        precision)
-    meta = path.with_suffix(".json")
-    return json.loads(meta.read_text()) if meta.exists() else None
+    return _files.load_cached(path.with_suffix(".json"), _read_info)
+
+
+def _read_info(path: Path) -> dict:
+    info = _files.read_json(path)
+    _files.require(isinstance(info, dict), "not a JSON object")
+    return info
 
 
 def _cache_path(model: Model, layer: int, ident: str, n_tokens: int, seq_len: int,
@@ -200,15 +219,26 @@ def _generated(model: Model, n: int, seq_len: int, seed: int, progress: bool | N
 
     name = f"generated-v3-s{seed}-{n}x{seq_len}.safetensors"
     path = cache_dir("corpora", model.fingerprint) / name
-    if path.exists():
-        return load_file(str(path))["ids"]
+    ids = _files.load_cached(path, functools.partial(_read_ids, shape=(n, seq_len),
+                                                     vocab=len(model.tokenizer)))
+    if ids is not None:
+        return ids
     log.warning("sampling %d tokens from %s for key statistics (once; cached)", n * seq_len,
                 model.name)
     with loaded_weights(model):
         rows = sample_token_ids(model, n, seq_len - 1, seed=seed, exact=True, batch_size=128,
                                 progress=_show(progress))
     ids = torch.tensor([r[:seq_len] for r in rows], dtype=torch.long)
-    save_file({"ids": ids}, str(path))
+    _files.save_safetensors({"ids": ids}, path)
+    return ids
+
+
+def _read_ids(path: Path, shape: tuple[int, int], vocab: int) -> Tensor:
+    """Cached sampled token ids, checked: ``shape``, integers in the vocabulary."""
+    ids = _files.read_safetensors(path)[0]["ids"]
+    _files.require(ids.shape == shape and ids.dtype == torch.long
+                   and bool(((ids >= 0) & (ids < vocab)).all()),
+                   f"not {shape[0]}x{shape[1]} token ids below {vocab}")
     return ids
 
 

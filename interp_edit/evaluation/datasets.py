@@ -179,9 +179,10 @@ def _load_json(path: str | os.PathLike) -> Any:
     path = Path(_validate.path("path", path)).expanduser()
     if not path.exists():
         raise InterpEditError(
-            f"dataset file {str(path)!r} does not exist (the shared copies live in ../shared/data)"
+            f"dataset file {str(path)!r} does not exist: pass the path to a CounterFact or "
+            "zsRE JSON file"
         )
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InterpEditError(f"{path} is not valid JSON: {exc}") from exc

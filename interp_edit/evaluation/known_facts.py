@@ -40,11 +40,11 @@ def load_known_facts(path: str | os.PathLike) -> list[KnownFact]:
     if not path.is_file():
         raise InterpEditError(
             f"known facts file {str(path)!r} not found: pass the path to known_1000.json "
-            f"(public at {KNOWN_1000_URL}; tests use ../shared/data/known_1000.json)"
+            f"(public at {KNOWN_1000_URL})"
         )
     try:
         records = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InterpEditError(f"{path} is not valid JSON: {exc}") from None
     names = [f.name for f in fields(KnownFact)]
     if not isinstance(records, list):

@@ -26,14 +26,13 @@ most frequent first; the chain from ``o_true`` falls back on the most frequent. 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import tempfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from interp_edit import _files
 from interp_edit.evaluation.datasets import PROBE_SET_FORMAT
 from interp_edit.evaluation.metrics import score_targets
 from interp_edit.evaluation.probe_schema import COUNTERFACT, Schema
@@ -231,9 +230,7 @@ def _portable(rec: EditRecord, rid: str, chain: tuple[str, ...],
 def save_probe_set(path: str | os.PathLike, records: Sequence[EditRecord], model_name: str,
                    settings: ProbeSettings, sources: dict[str, Any]) -> Path:
     """Write a probe set (records, the model it was filtered for, how it was built) as JSON,
-    atomically (a unique temporary file, then ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    atomically (:func:`interp_edit._files.write_json`)."""
     doc = {
         "format": PROBE_SET_FORMAT,
         "model": model_name,
@@ -244,13 +241,4 @@ def save_probe_set(path: str | os.PathLike, records: Sequence[EditRecord], model
                    "portability": sum(bool(r.portability) for r in records)},
         "records": [r.to_dict() for r in records],
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=0, ensure_ascii=False)
-        os.chmod(tmp, 0o644)  # a data file to share, not mkstemp's private 0600
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
+    return _files.write_json(path, doc, indent=0, ensure_ascii=False)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from interp_edit import _validate
+from interp_edit import _files, _validate
 from interp_edit.errors import InterpEditError
 from interp_edit.evaluation.metrics import METRICS
 
@@ -145,27 +144,45 @@ class EvalReport:
         Returns the JSON path.
         """
         path = report_path(out, self.method)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1, default=str))
-        with open(path.with_suffix(".csv"), "w", newline="") as f:
+        _files.write_json(path, self.to_dict(), indent=1, default=str)
+        with _files.atomic_open(path.with_suffix(".csv"), "w", newline="") as f:
             cols = list(dict.fromkeys(k for r in self.rows for k in r))
             writer = csv.DictWriter(f, fieldnames=cols)
             writer.writeheader()
             writer.writerows(self.rows)
-        path.with_suffix(".md").write_text(self.to_markdown())
+        _files.write_text(path.with_suffix(".md"), self.to_markdown())
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "EvalReport":
+        """Read a report written by :meth:`save`; a damaged or foreign file raises
+        ``CorruptFileError``."""
         path = Path(path)
-        if not path.exists():
-            raise InterpEditError(f"report {str(path)!r} does not exist")
-        d = json.loads(path.read_text())
-        if d.get("format") != _FORMAT:
-            raise InterpEditError(f"{path} is not an interp_edit evaluation report (JSON)")
-        names = {f.name for f in dataclasses.fields(cls)}
-        d = {k: v for k, v in d.items() if k in names}
-        return cls(**{**d, "rows": tuple(d["rows"]), "skipped": tuple(d["skipped"])})
+        with _files.reading(path, "evaluation report",
+                            "run `interp-edit evaluate ... --out` again to rewrite it"):
+            d = _files.read_json(path)
+            _files.require(isinstance(d, dict) and d.get("format") == _FORMAT,
+                           f"it is not of format {_FORMAT}")
+            names = {f.name for f in dataclasses.fields(cls)}
+            d = {k: v for k, v in d.items() if k in names}
+            report = cls(**{**d, "rows": tuple(d["rows"]), "skipped": tuple(d["skipped"])})
+            _check_loaded(report)
+        return report
+
+
+def _check_loaded(report: EvalReport) -> None:
+    """The fields of a read report have the types :meth:`EvalReport.save` writes."""
+    for name, kind in (("method", str), ("model_name", str), ("hparams", dict),
+                       ("seed", int), ("info", dict)):
+        _files.require(isinstance(getattr(report, name), kind),
+                       f"its {name} is not a {kind.__name__}")
+    _files.require(all(isinstance(r, dict) for r in (*report.rows, *report.skipped)),
+                   "a row is not a JSON object")
+    for r in report.rows:
+        bad = [c for c in METRIC_COLUMNS if r.get(c) is not None
+               and (isinstance(r[c], bool) or not isinstance(r[c], (int, float)))]
+        _files.require(not bad, f"row {r.get('case_id')!r} has metrics that are not numbers: "
+                                f"{bad}")
 
 
 def report_path(out: str | os.PathLike, method: str) -> Path:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,9 +204,7 @@ class _Stream:
     def save(self, e: AppliedEdit, b: int) -> None:
         path = self._path(b)
         if path is not None:
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            e.save(tmp)
-            os.replace(tmp, path)
+            e.save(path)  # atomic: a stream stopped half way leaves no half-written batch
 
     def reapply(self, n: int) -> list[AppliedEdit]:
         """The first ``n`` saved edits, applied again in order (a resumed stream)."""

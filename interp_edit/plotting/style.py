@@ -112,12 +112,15 @@ def restored_title(kind: str, window: int, sever: str | None = None, method: str
 
 
 def save_figure(fig: Figure, stem, formats=("png", "pdf")) -> list:
-    """Save ``fig`` as ``stem.png``, ``stem.pdf``, ... (directories created); returns the paths."""
+    """Save ``fig`` as ``stem.png``, ``stem.pdf``, ... (directories created, each file written
+    atomically); returns the paths."""
     from pathlib import Path
 
+    from interp_edit._files import atomic_path
+
     stem = Path(stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
     paths = [stem.with_name(f"{stem.name}.{fmt}") for fmt in formats]
     for path in paths:
-        fig.savefig(path, metadata={"CreationDate": None} if path.suffix == ".pdf" else None)
+        with atomic_path(path, suffix=path.suffix) as tmp:
+            fig.savefig(tmp, metadata={"CreationDate": None} if path.suffix == ".pdf" else None)
     return paths

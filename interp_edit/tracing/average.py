@@ -29,7 +29,7 @@ from jaxtyping import Float, Int
 from scipy import stats as _scipy_stats
 from torch import Tensor
 
-from interp_edit import _validate
+from interp_edit import _files, _validate
 from interp_edit.errors import InterpEditError
 
 if TYPE_CHECKING:
@@ -262,9 +262,8 @@ class AverageTrace:
 
     # ---- saving ------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        """Write one ``.npz`` file: arrays plus a JSON header (no pickle)."""
+        """Write one ``.npz`` file: arrays plus a JSON header (no pickle), atomically."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = {k: getattr(self, k) for k in (
             "prompts", "subjects", "targets", "n_candidates", "model_name", "noise_std",
             "window", "samples", "seed", "noise_source", "trace_dir", "groups")}
@@ -272,25 +271,33 @@ class AverageTrace:
         arrays = {"high_scores": self.high_scores.numpy()}
         for i, (e, low) in enumerate(zip(self.effects, self.low_scores)):
             arrays[f"effects_{i}"], arrays[f"low_scores_{i}"] = e.numpy(), low.numpy()
-        with open(path, "wb") as f:
-            np.savez_compressed(f, meta=np.array(json.dumps(meta)), **arrays)
-        return path
+        return _files.save_npz(path, compress=True, meta=np.array(json.dumps(meta)), **arrays)
 
     @classmethod
     def load(cls, path: str | Path) -> AverageTrace:
-        with np.load(Path(path), allow_pickle=False) as z:
-            meta = json.loads(str(z["meta"]))
-            if meta.pop("format", None) != _FORMAT:
-                raise InterpEditError(f"{path} is not a saved AverageTrace")
+        """Read a saved average; a damaged or foreign file raises ``CorruptFileError``."""
+        with _files.reading(path, "saved AverageTrace",
+                            "run trace_dataset again (its per-fact traces are cached) and save"):
+            z = _files.read_npz(path)
+            meta = json.loads(str(z.pop("meta")))
+            _files.require(isinstance(meta, dict) and meta.pop("format", None) == _FORMAT,
+                           f"it is not of format {_FORMAT}")
             conds = tuple(Condition(**c) for c in meta.pop("conditions"))
-            arrays = {k: torch.from_numpy(z[k].copy()) for k in z.files if k != "meta"}
-            return cls(
+            arrays = {k: torch.from_numpy(v) for k, v in z.items()}
+            out = cls(
                 conditions=conds,
                 effects=tuple(arrays[f"effects_{i}"] for i in range(len(conds))),
                 low_scores=tuple(arrays[f"low_scores_{i}"] for i in range(len(conds))),
                 high_scores=arrays["high_scores"],
                 **{k: tuple(v) if isinstance(v, list) else v for k, v in meta.items()},
             )
+            n, shape = out.n_facts, (out.n_facts, len(out.groups))
+            _files.require(
+                len(out.subjects) == len(out.targets) == n and out.high_scores.shape == (n,)
+                and all(e.shape[:2] == shape and e.ndim == 3 for e in out.effects)
+                and all(low.shape == (n,) for low in out.low_scores),
+                "its arrays do not fit its facts and token groups")
+            return out
 
     # ---- plotting ----------------------------------------------------------------------
     def plot(self, **kwargs) -> Figure:

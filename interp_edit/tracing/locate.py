@@ -27,9 +27,8 @@ model's (an edit applied, or a sequence of edits in progress) nothing is read or
 
 from __future__ import annotations
 
-import json
+import functools
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +38,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from interp_edit import _cache, _validate
+from interp_edit import _cache, _files, _validate
 from interp_edit.errors import InterpEditError
 from interp_edit.models import Model, current_fingerprint
 from interp_edit.tracing.inputs import screen_precision
@@ -257,26 +256,26 @@ def _fact_cache(model: Model, kind: str, settings: dict) -> Path | None:
 def _read(path: Path | None, n_tokens: int, n_layers: int) -> dict[str, Any]:
     empty = {"grid": torch.full((n_tokens, n_layers), math.nan, dtype=torch.float64),
              "high": math.nan, "low": math.nan, "target": None}
-    if path is None or not path.exists():
+    if path is None:
         return empty
-    try:
-        data = json.loads(path.read_text())
-        grid = torch.tensor([[math.nan if x is None else x for x in r] for r in data["grid"]],
-                            dtype=torch.float64)
-        if grid.shape != (n_tokens, n_layers):
-            return empty
-        return {"grid": grid, "high": float(data["high"]), "low": float(data["low"]),
-                "target": str(data["target"])}
-    except (ValueError, KeyError, TypeError):
-        return empty  # a damaged entry is traced again
+    # a damaged entry, or one of another grid, is removed (with a warning) and traced again
+    row = _files.load_cached(path, functools.partial(_read_row, shape=(n_tokens, n_layers)))
+    return empty if row is None else row
+
+
+def _read_row(path: Path, shape: tuple[int, int]) -> dict[str, Any]:
+    data = _files.read_json(path)
+    grid = torch.tensor([[math.nan if x is None else x for x in r] for r in data["grid"]],
+                        dtype=torch.float64)
+    _files.require(grid.shape == shape, f"not a {shape[0]}x{shape[1]} grid of effects")
+    return {"grid": grid, "high": float(data["high"]), "low": float(data["low"]),
+            "target": str(data["target"])}
 
 
 def _write(path: Path, row: dict[str, Any]) -> None:
     grid = [[None if x != x else x for x in r] for r in row["grid"].tolist()]
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.{id(row)}.tmp")
-    tmp.write_text(json.dumps({"grid": grid, "high": row["high"], "low": row["low"],
-                               "target": row["target"]}))
-    os.replace(tmp, path)
+    _files.write_json(path, {"grid": grid, "high": row["high"], "low": row["low"],
+                             "target": row["target"]})
 
 
 def _reason(kind: str, effects: Tensor, layer: int, chosen: Sequence[int], lo: int, hi: int,

@@ -15,15 +15,16 @@ Noise is drawn once per trace from a seeded generator and the same samples serve
 
 from __future__ import annotations
 
-import json
+import math
 import re
+from pathlib import Path
 from typing import Sequence
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from interp_edit import _validate
+from interp_edit import _files, _validate
 from interp_edit._cache import cache_dir
 from interp_edit.errors import InterpEditError
 from interp_edit.models import Model
@@ -70,15 +71,20 @@ def embedding_std(model: Model, subjects: Sequence[str]) -> float:
 def reference_std(model: Model) -> tuple[float, int]:
     """Embedding std over :data:`REFERENCE_SUBJECTS` for this model (cached) and the list size."""
     path = cache_dir("noise") / f"{model.weights_key}-{REFERENCE_LIST_NAME}.json"
-    try:
-        return float(json.loads(path.read_text())["std"]), len(REFERENCE_SUBJECTS)
-    except (OSError, ValueError, KeyError):
-        pass
-    std = embedding_std(model, REFERENCE_SUBJECTS)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"std": std, "list": REFERENCE_LIST_NAME, "model": model.name}))
-    tmp.replace(path)
+    std = _files.load_cached(path, _read_std)
+    if std is None:
+        std = embedding_std(model, REFERENCE_SUBJECTS)
+        _files.write_json(path, {"std": std, "list": REFERENCE_LIST_NAME, "model": model.name})
     return std, len(REFERENCE_SUBJECTS)
+
+
+def _read_std(path: Path) -> float:
+    """A cached reference std, checked: a finite positive number for this list."""
+    entry = _files.read_json(path)
+    std = entry["std"]
+    _files.require(entry.get("list") == REFERENCE_LIST_NAME and isinstance(std, float)
+                   and math.isfinite(std) and std > 0, "not a finite positive std of this list")
+    return std
 
 
 def resolve_noise(

@@ -20,12 +20,13 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from interp_edit import _validate
+from interp_edit import _files, _validate
 from interp_edit.errors import InterpEditError
 
 KINDS = ("resid", "mlp", "attn")
 _FORMAT = "interp_edit.TraceResult/1"
 _ARRAYS = ("scores", "exact")  # saved as arrays, not in the JSON metadata
+_RETRACE = "trace the fact again (ie.trace) and save the result"
 
 
 @dataclass(frozen=True, eq=False)
@@ -116,26 +117,35 @@ class TraceResult:
 
     @classmethod
     def _from_arrays(cls, data: Mapping[str, Any], prefix: str = "") -> TraceResult:
-        try:
-            meta = json.loads(str(data[prefix + "meta"]))
-            scores = torch.from_numpy(np.array(data[prefix + "scores"]))
-        except KeyError as exc:
-            raise InterpEditError(f"not a saved trace: missing array {exc}") from None
-        if meta.pop("format", None) != _FORMAT:
-            raise InterpEditError(f"not a saved trace (expected format {_FORMAT})")
+        """The trace in ``data`` (call inside :func:`interp_edit._files.reading`: a missing
+        array or a field of the wrong kind raises)."""
+        meta = json.loads(str(data[prefix + "meta"]))
+        scores = torch.from_numpy(np.array(data[prefix + "scores"]))
+        _files.require(isinstance(meta, dict) and meta.pop("format", None) == _FORMAT,
+                       f"it is not of format {_FORMAT}")
         meta["subject_range"] = tuple(meta["subject_range"])
         exact = data[prefix + "exact"] if prefix + "exact" in data else None
         exact = None if exact is None else torch.from_numpy(np.array(exact, dtype=bool))
-        return cls(scores=scores, exact=exact, **meta)
+        r = cls(scores=scores, exact=exact, **meta)
+        start, end = r.subject_range
+        _files.require(
+            scores.ndim == 2 and scores.is_floating_point() and r.kind in KINDS
+            and len(r.tokens) == len(r.token_ids) == r.n_tokens
+            and all(isinstance(x, int) for x in (start, end, r.target_id, *r.token_ids))
+            and 0 <= start < end <= r.n_tokens
+            and (exact is None or exact.shape == scores.shape),
+            "its scores, tokens and subject range do not fit together")
+        return r
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write one ``.npz`` file (scores + JSON metadata; no pickle)."""
-        np.savez(_npz(path), **self._arrays())
+        """Write one ``.npz`` file (scores + JSON metadata; no pickle), atomically."""
+        _files.save_npz(_npz(path), **self._arrays())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> TraceResult:
-        with np.load(_npz(path), allow_pickle=False) as data:
-            return cls._from_arrays(data)
+        """Read a saved trace; a damaged or foreign file raises ``CorruptFileError``."""
+        with _files.reading(_npz(path), "saved trace", _RETRACE):
+            return cls._from_arrays(_files.read_npz(_npz(path)))
 
     def to_bytes(self) -> bytes:
         """The ``.npz`` file :meth:`save` writes, as bytes (to send it between processes)."""
@@ -145,9 +155,14 @@ class TraceResult:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> TraceResult:
-        """Read :meth:`to_bytes`' output; a truncated or corrupt file raises."""
-        with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
-            return cls._from_arrays(arrays)
+        """Read :meth:`to_bytes`' output; a truncated or corrupt one raises InterpEditError."""
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+                return cls._from_arrays(arrays)
+        except InterpEditError:
+            raise
+        except Exception as exc:  # zipfile, json, a missing array: not a trace
+            raise InterpEditError(f"not a saved trace ({type(exc).__name__}: {exc})") from None
 
 
 @dataclass(frozen=True, eq=False)
@@ -176,11 +191,13 @@ class TraceSet:
         arrays: dict[str, np.ndarray] = {}
         for kind in KINDS:
             arrays |= self[kind]._arrays(prefix=f"{kind}_")
-        np.savez(_npz(path), **arrays)
+        _files.save_npz(_npz(path), **arrays)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> TraceSet:
-        with np.load(_npz(path), allow_pickle=False) as data:
+        """Read a saved set; a damaged or foreign file raises ``CorruptFileError``."""
+        with _files.reading(_npz(path), "saved TraceSet", _RETRACE):
+            data = _files.read_npz(_npz(path))
             return cls(**{k: TraceResult._from_arrays(data, prefix=f"{k}_") for k in KINDS})
 
 

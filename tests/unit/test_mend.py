@@ -16,7 +16,7 @@ from interp_edit.editing.mend_factors import TargetBatch, gradient_factors
 from interp_edit.editing.mend_network import GradientTransform, RunningNorm
 from interp_edit.editing.mend_train import (
     TrainConfig, choose_layers, substituted, train_editor)
-from interp_edit.errors import InterpEditError, ModelMismatchError
+from interp_edit.errors import CorruptFileError, InterpEditError, ModelMismatchError
 from interp_edit.evaluation import EditRecord, evaluate
 from interp_edit.resume import logits_from, record_block_input
 from interp_edit.testing import RELATIONS
@@ -385,3 +385,20 @@ def test_passes_stop_at_the_last_prediction_position(fm):
                            block_input(m, batch.ids[:, : batch.width], 1))
     _same_factors(cut, whole, layers)
 
+
+
+def test_a_damaged_checkpoint_is_refused_by_name(fm, data, tmp_path):
+    cfg = TrainConfig(steps=2, val_every=2, val_n=1, patience=0)
+    out = tmp_path / "e.safetensors"
+    train_editor(fm.model, data[0], data[1], cfg, out=out, progress=False)
+    ckpt = tmp_path / "e.safetensors.ckpt"
+    longer = TrainConfig(**{**cfg.__dict__, "steps": 4})
+    for name in ("state.json", "optimizer.safetensors", "editor.safetensors"):
+        whole = (ckpt / name).read_bytes()
+        (ckpt / name).write_bytes(whole[: len(whole) // 2])
+        with pytest.raises(CorruptFileError, match=f"{ckpt / name}.*(delete the checkpoint|"
+                                                   "train it again)"):
+            train_editor(fm.model, data[0], data[1], longer, out=out, progress=False)
+        (ckpt / name).write_bytes(whole)
+    assert train_editor(fm.model, data[0], data[1], longer, out=out,
+                        progress=False).history[-1]["step"] == 4
