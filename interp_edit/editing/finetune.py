@@ -65,7 +65,8 @@ class FTHparams:
             _validate.fields(self, positive=("norm_constraint",))
 
     def check_model(self, model: Model) -> None:
-        _validate.index("FTHparams.layer", self.layer_index(model), model.n_layers)
+        """The layer (an index, or a fraction of the depth resolved) exists in ``model``."""
+        self.layer_index(model)
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 GENERATED = "generated"
 _LOADED: dict[Path, Tensor] = {}  # in-memory cache of files read this session
-_FACTORS: dict[tuple[int, float], tuple[Tensor, Tensor]] = {}  # (C, Cholesky factor of C)
+_FACTORS: dict[tuple[int, float], tuple[Tensor, Tensor, Tensor]] = {}  # (C, factor, ridged C)
 _TEXT_SUFFIXES = (".txt", ".text", ".md", ".raw", ".tokens")
 
 
@@ -129,7 +129,8 @@ def solve_mom2(
 ) -> Float[Tensor, "d_mlp *n"]:
     """C⁻¹k in float64 (``k`` one key or a matrix of keys as columns), with
     C = mom2 + ridge · mean(diag mom2) · I. The Cholesky factor of each matrix is kept in
-    memory, so repeated edits at a layer solve in milliseconds."""
+    memory, so repeated edits at a layer solve in milliseconds; the solve is refined against
+    C itself, so it is float64-accurate whatever the factorisation's own accuracy."""
     key = (id(mom2), float(ridge))
     hit = _FACTORS.get(key)
     if hit is None or hit[0] is not mom2:
@@ -140,10 +141,15 @@ def solve_mom2(
             raise InterpEditError(
                 "the key second moment is singular (too few tokens for d_mlp dimensions?): "
                 "use more stats tokens or a ridge > 0")
-        _FACTORS[key] = hit = (mom2, factor)
+        _FACTORS[key] = hit = (mom2, factor, c)
     rhs = k.double()
-    out = torch.cholesky_solve(rhs[:, None] if rhs.dim() == 1 else rhs, hit[1])
-    return out[:, 0] if rhs.dim() == 1 else out
+    rhs = rhs[:, None] if rhs.dim() == 1 else rhs
+    out = torch.cholesky_solve(rhs, hit[1])
+    # two steps of iterative refinement: some CPU builds factor float64 matrices only to
+    # float32 accuracy, and each step gains that many digits again
+    for _ in range(2):
+        out = out + torch.cholesky_solve(rhs - hit[2] @ out, hit[1])
+    return out[:, 0] if k.dim() == 1 else out
 
 
 def stats_info(model: Model, layer: int, corpus: str | os.PathLike = GENERATED,
