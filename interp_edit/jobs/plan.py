@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import uuid
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -218,7 +219,9 @@ def read_result(path: Path, check: Callable[[bytes], None]) -> bytes | None:
     try:
         check(data)
     except Exception as exc:  # noqa: BLE001 - any failure to read it back means: redo it
-        log.warning("%s does not hold its unit's result (%s): doing it again", path, exc)
+        # the toolkit's cache policy (interp_edit._files.load_cached): never used, rebuilt
+        warnings.warn(f"the result file {path} is damaged or another unit's ({exc}); "
+                      "rebuilding it", stacklevel=2)
         path.unlink(missing_ok=True)
         return None
     return data

@@ -183,7 +183,8 @@ def test_edits_saved_with_wrapped_names_still_load(model, tmp_path):
                    if p is model.mlp_out_proj(1).weight)
     assert "_original_component" in wrapped
     delta = torch.full_like(model.mlp_out_proj(1).weight, 1e-3)
-    old = AppliedEdit.from_deltas(model, "toy", [], {}, {wrapped: delta})
+    req = ie.EditRequest("{} is a", "Paris", "city")  # a saved edit holds its requests
+    old = AppliedEdit.from_deltas(model, "toy", [req], {}, {wrapped: delta})
     path = old.save(tmp_path / "old.safetensors")
     want = model.mlp_out_proj(1).weight.detach().clone()
     old.undo()

@@ -57,7 +57,8 @@ def test_nan_deltas_in_a_loaded_edit_file_are_refused(fm, tmp_path):
     m = fm.model
     before = _bits(m)
     name, delta = _nan_delta(m)
-    saved = AppliedEdit(model=None, method="toy", requests=[], hparams={},
+    req = ie.EditRequest("{} is a", "Paris", "city")  # a saved edit holds its requests
+    saved = AppliedEdit(model=None, method="toy", requests=[req], hparams={},
                         deltas={name: delta}, model_name=m.name, fingerprint=m.fingerprint)
     saved.save(tmp_path / "nan.safetensors")
     loaded = ie.load_edit(tmp_path / "nan.safetensors")

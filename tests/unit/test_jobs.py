@@ -38,6 +38,16 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The local runs with the thread budget of each of the 2 workers on 2 CPUs: float sums
+    split over another number of threads round differently, and the comparisons are bytes."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _arrays(avg) -> list[bytes]:
     """Every number an AverageTrace holds, as raw bytes (NaN included)."""
     return [t.numpy().tobytes() for t in (*avg.effects, *avg.low_scores, avg.high_scores)]
