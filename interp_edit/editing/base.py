@@ -145,9 +145,9 @@ def get_parameter(model: Model, name: str) -> torch.nn.Parameter:
 
 
 def parameter_name(model: Model, module: torch.nn.Module, attr: str = "weight") -> str:
-    """The Hugging Face state-dict name of ``module.<attr>`` (e.g. an MLP output projection,
-    ``model.layers.3.mlp.down_proj.weight``), which is what saved edits store: it does not
-    depend on the bridge's wrapper paths (:attr:`Model.parameters_by_name`)."""
+    """The Hugging Face state-dict name of ``module.<attr>`` (e.g. an MLP output projection's
+    weight), which is what saved edits store: it does not depend on the bridge's wrapper paths
+    (:attr:`Model.parameters_by_name`)."""
     target = getattr(module, attr)
     for name, p in model.parameters_by_name.items():
         if p is target:

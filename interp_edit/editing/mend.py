@@ -151,7 +151,7 @@ class MENDEditor(nn.Module):
             if self.config.precondition:
                 u_hat = einsum(u_hat, getattr(self, f"precond_{layer}"), "n i, i j -> n j")
             # the step size scales the n x d_out factor, not the d_out x d_in product: one
-            # matrix-sized tensor per layer (each costs page faults, ~3 ms on this CPU)
+            # matrix-sized tensor fewer per layer
             out[layer] = einsum(-self.log_lr[i].exp() * delta_hat, u_hat,
                                 "n d_out, n d_in -> d_out d_in")
         return out
