@@ -401,8 +401,3 @@ def _fingerprint(model: Model) -> str:
             h.update(p.detach().flatten()[::4099].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
-
-def current_fingerprint(model: Model) -> str:
-    """The fingerprint of the weights as they are now: it differs from ``model.fingerprint``
-    while an edit is applied (a cache keyed by the loaded weights must not serve them)."""
-    return _fingerprint(model)

@@ -135,25 +135,37 @@ def random_hf(n_layers: int = 4, d_model: int = 64, n_subjects: int = 16, seed: 
 
 @functools.lru_cache(maxsize=4)
 def fact_model(
-    n_layers: int = 4, d_model: int = 64, n_subjects: int = 16, steps: int = 300, seed: int = 0
+    n_layers: int = 4, d_model: int = 64, n_subjects: int = 16, steps: int = 300, seed: int = 0,
+    family: str = "llama",
 ) -> FactModel:
-    """A tiny model trained (a few seconds) to complete synthetic facts.
+    """A tiny model of ``family`` (:data:`interp_edit.arch.tiny.TINY_FAMILIES`) trained (a few
+    seconds) to complete synthetic facts.
 
     Each subject gets one city and one job; the model is trained on every template of both
     relations. The trained weights are cached (safetensors, keyed by the arguments, this
     file's code and the torch version) in the user cache and in memory, so tests share them.
     """
-    model = random_model(n_layers, d_model, n_subjects, seed)
+    if family == "llama":
+        model = random_model(n_layers, d_model, n_subjects, seed)
+    else:
+        model = wrap_tiny(family, n_layers, d_model, seed, n_subjects, n_ctx=64)
     rng = random.Random(seed)
     facts = []
     for subject in _subjects(n_subjects, seed):
         for rel, (templates, attrs) in RELATIONS.items():
             facts.append(SyntheticFact(subject, rel, rng.choice(attrs), templates[0],
                                        tuple(templates[1:])))
-    key = stable_hash([n_layers, d_model, n_subjects, steps, seed, torch.__version__,
+    key = stable_hash([n_layers, d_model, n_subjects, steps, seed, family, torch.__version__,
                        file_digest(Path(__file__))])
-    path = cache_dir("testing") / f"fact_model-{key}.safetensors"
-    params = dict(model.hf_model.named_parameters())  # deduplicated: tied weights appear once
+    path = cache_dir("testing") / f"fact_model-{family}-{key}.safetensors"
+    # each storage once, by its largest tensor: tied weights appear once, and the bridge's
+    # views into a fused weight (GPT-2's q/k/v biases in its qkv bias) give way to it
+    largest: dict[int, tuple[str, torch.Tensor]] = {}
+    for name, p in model.hf_model.named_parameters():
+        ptr = p.untyped_storage().data_ptr()
+        if ptr not in largest or p.numel() > largest[ptr][1].numel():
+            largest[ptr] = (name, p)
+    params = dict(largest.values())
     trained = _files.load_cached(path, functools.partial(_read_weights, like=params))
     if trained is not None:
         with torch.no_grad():

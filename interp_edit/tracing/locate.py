@@ -22,7 +22,9 @@ the multi-layer editors). What it does:
 Each fact's effects are cached per model (``INTERP_EDIT_CACHE``/locate, JSON keyed by the
 model fingerprint and every trace setting). A later call with the same settings, or one that
 searches more layers, traces only what is missing. While the weights differ from the loaded
-model's (an edit applied, or a sequence of edits in progress) nothing is read or written.
+model's (:attr:`~interp_edit.models.Model.weights_key` is not the fingerprint: an edit applied,
+or a sequence of edits in progress) nothing is read or written: traces of a passing weight
+state would never be asked for again. This is the policy of every cache keyed by the model.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from torch import Tensor
 
 from interp_edit import _cache, _files, _validate
 from interp_edit.errors import InterpEditError
-from interp_edit.models import Model, current_fingerprint
+from interp_edit.models import Model
 from interp_edit.tracing.inputs import screen_precision
 from interp_edit.tracing.results import KINDS
 
@@ -244,7 +246,7 @@ def _fact_effects(model: Model, text: str, subject: str, target: str | None, kin
 
 def _fact_cache(model: Model, kind: str, settings: dict) -> Path | None:
     """The cache directory for these settings, or None while the weights are edited."""
-    if current_fingerprint(model) != model.fingerprint:
+    if model.weights_key != model.fingerprint:
         return None
     ran = screen_precision(model, settings["method"], "auto")
     key = {"model": model.fingerprint, "kind": kind, "precision": ran, "prepend_bos":
