@@ -279,14 +279,19 @@ class Stepper:
         patches: dict[str, Patch] | None = None,
         last_only: bool = False,
         cache: tuple[Tensor, Tensor] | None = None,
+        add: Float[Tensor, "batch pos d_model"] | None = None,
     ) -> LayerOut:
         """Layer ``j`` on positions ``start .. start+P-1`` of ``x``; ``past`` holds the keys and
         values ``[batch, kv_head, start, d_head]`` of the earlier positions. ``last_only``
         computes the output of the last position only (all that the last layer needs).
         ``cache`` (instead of ``past``): buffers ``[batch, kv_head, capacity, d_head]`` holding
         the earlier positions; this slice's keys and values are written into them and read
-        from there (decoding without a concatenation per step, :meth:`decode`)."""
+        from there (decoding without a concatenation per step, :meth:`decode`). ``add`` is
+        added to what the MLP output matrix writes, before any post-norm (the space of
+        ROME's and MEMIT's δ, :func:`interp_edit.models.mlp_write_hook`); not with patches."""
         lay, patches = self.layers[j], patches or {}
+        if add is not None and patches:
+            raise InterpEditError("Stepper.layer: add= and patches= are not combined")
         q, k, v = self.attention_inputs(j, x, start, last_only)
         keys, values = k, v
         if cache is not None:
@@ -300,15 +305,21 @@ class Stepper:
         a = _apply(_norm(lay.attn_out_norm, a), patches.get("attn"))
         own = x[:, -1:] if last_only else x
         mid = own + a
-        m, key, write = self._patched_mlp(j, _norm(lay.mlp_in_norm, own if lay.parallel else mid),
-                                          patches.get("mlp"))
+        mlp_in = _norm(lay.mlp_in_norm, own if lay.parallel else mid)
+        if add is None:
+            m, key, write = self._patched_mlp(j, mlp_in, patches.get("mlp"))
+        else:
+            m, key, write = self._mlp(j, mlp_in, add)
         return LayerOut(_apply(mid + m, patches.get("resid")), a, m, k, v, key, write)
 
-    def _mlp(self, j: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """MLP ``j`` on normalized inputs: its output, key and the output matrix's output."""
+    def _mlp(self, j: int, x: Tensor, add: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """MLP ``j`` on normalized inputs: its output, key and the output matrix's output
+        (plus ``add``)."""
         lay = self.layers[j]
         key = self._key(j, x)
         write = self._linear(lay.down, key)
+        if add is not None:
+            write = write + add
         return _norm(lay.mlp_out_norm, write), key, write
 
     def _patched_mlp(

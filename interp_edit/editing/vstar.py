@@ -26,11 +26,13 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from interp_edit.arch.stepper import Stepper
 from interp_edit.editing.keys import FactBatch, encode_facts
 from interp_edit.editing.stats import autocast
 from interp_edit.errors import InterpEditError
 from interp_edit.hooks import add_delta, hooked
 from interp_edit.models import Model, mlp_write_hook
+from interp_edit.resume import block_input
 
 KL_TEMPLATE = "{} is a"  # the essence prompt whose next-token distribution must not change
 
@@ -106,7 +108,9 @@ def optimise_deltas(
         live = active.nonzero()[:, 0]
         sel = active[rows.fact].nonzero()[:, 0]  # rows of the facts still optimising
         with autocast(model, opts.precision):
-            nll, logp_kl = _fact_losses(model, layer, rows, sel, delta, live)
+            if step == 0:
+                start = _block_inputs(model, layer, rows)
+            nll, logp_kl = _fact_losses(model, layer, rows, sel, delta, live, start)
         if kl_init is None:
             kl_init = logp_kl.detach()
         kl = (logp_kl.exp() * (logp_kl - kl_init[live])).sum(-1)  # KL(edited ‖ original)
@@ -189,17 +193,28 @@ class _Adam:
 
 def _fact_losses(
     model: Model, layer: int, rows: _Rows, sel: Tensor, delta: Float[Tensor, "n d_model"],
-    live: Tensor,
+    live: Tensor, start: Float[Tensor, "rows pos d_model"] | None,
 ) -> tuple[Float[Tensor, "live"], Float[Tensor, "live d_vocab"]]:
     """For the live facts (``sel``: their rows), with δ added at each row's subject-last
     token: each fact's mean over its prompts of the per-token NLL of the new target, and the
-    next-token log-distribution of its KL row."""
+    next-token log-distribution of its KL row. ``start``: every row's input of block
+    ``layer`` (see :func:`_block_inputs`), or None for a full pass through the hooks."""
     batch = rows.batch.select(sel)
     fact = rows.fact[sel]
     bump = batch.at_subject_last()[..., None] * delta[fact][:, None, :]  # [rows, pos, d_model]
-    with hooked(model, [add_delta(mlp_write_hook(layer), slice(None), bump)]):
-        logits = model.logits(batch.ids)  # [rows, pos, d_vocab]
-    logp = logits[batch.target_mask].float().log_softmax(-1)  # [n_target_tokens, d_vocab]
+    kl_rows = rows.is_kl[sel].nonzero()[:, 0]  # one per live fact, in fact order
+    kl_pos = batch.subject_last[kl_rows]
+    if start is not None:  # the layer stepper from block `layer`, unembedding only what is read
+        stepper = Stepper(model, batch.ids.shape[1])
+        h = stepper.layer(layer, start[sel], 0, add=bump).out
+        h = stepper.run(h, layer + 1, model.n_layers)
+        target_logits = stepper.unembed(h[batch.target_mask])
+        kl_logits = stepper.unembed(h[kl_rows, kl_pos])
+    else:
+        with hooked(model, [add_delta(mlp_write_hook(layer), slice(None), bump)]):
+            logits = model.logits(batch.ids)  # [rows, pos, d_vocab]
+        target_logits, kl_logits = logits[batch.target_mask], logits[kl_rows, kl_pos]
+    logp = target_logits.float().log_softmax(-1)  # [n_target_tokens, d_vocab]
     token_logp = logp.gather(-1, batch.target_labels[batch.target_mask][:, None])[:, 0]
     token_row = batch.target_mask.nonzero()[:, 0]
     n_rows = len(sel)
@@ -211,10 +226,17 @@ def _fact_losses(
         0, slot[prompt], (row_sum / row_len)[prompt])
     n_prompts = torch.zeros(len(live), device=logp.device).index_add(
         0, slot[prompt], torch.ones_like(row_sum[prompt]))
-    kl_rows = rows.is_kl[sel].nonzero()[:, 0]  # one per live fact, in fact order
-    kl_pos = batch.subject_last[kl_rows]
-    logp_kl = logits[kl_rows, kl_pos].float().log_softmax(-1)
-    return -per_fact / n_prompts, logp_kl
+    return -per_fact / n_prompts, kl_logits.float().log_softmax(-1)
+
+
+def _block_inputs(model: Model, layer: int, rows: _Rows) -> Tensor | None:
+    """Every row's input of block ``layer``, computed once: δ changes nothing below it, so
+    each step runs only the blocks from ``layer`` up, on the layer stepper, and unembeds only
+    the positions its losses read. None where the stepper cannot run (a family the adapter
+    does not know, or a bridge hook installed): each step is then a full pass."""
+    if not Stepper.usable(model):
+        return None
+    return block_input(model, rows.batch.ids, layer).hidden
 
 
 def optimise_in_groups(model: Model, layer: int, facts: Sequence[tuple[str, str, str]],
