@@ -100,7 +100,7 @@ def main() -> None:
                        plugins=[outcomes])
     if code not in (0, 1):  # 1: some check failed, which the table shows
         raise SystemExit(f"pytest could not run {TESTS} (exit code {code})")
-    fast = {fam: Stepper.supports(tiny_model(fam)) for fam in TINY_FAMILIES}
+    fast = {fam: Stepper.usable(tiny_model(fam)) for fam in TINY_FAMILIES}
     text = table(outcomes, fast)
     print(text)
     if args.write:

@@ -43,6 +43,11 @@ log = logging.getLogger(__name__)
 _FWD_HOOKS, _BWD_HOOKS = operator.attrgetter("fwd_hooks"), operator.attrgetter("bwd_hooks")
 
 
+def _temporary(handles: list) -> bool:
+    """Whether a hook point's handles include one that is not permanent."""
+    return bool(handles) and not all(h.is_permanent for h in handles)
+
+
 class Model:
     """A language model with the helpers the toolkit needs. Hooks live on ``self.bridge``."""
 
@@ -126,11 +131,15 @@ class Model:
         return tuple({id(hp): hp for hp in self.bridge.hook_dict.values()}.values())
 
     def has_hooks(self) -> bool:
-        """Whether any forward or backward hook is installed on the bridge."""
+        """Whether any forward or backward hook is installed on the bridge, other than the
+        bridge's own permanent ones (TransformerBridge wires OPT's MLP hook points together
+        with permanent hooks at load: they change no activation, and counting them kept OPT
+        off the layer stepper)."""
         if self._hooks_known is not None:
             return self._hooks_known
         points = self.hook_points  # map/attrgetter: the loop runs in C (1200+ points)
-        return any(map(_FWD_HOOKS, points)) or any(map(_BWD_HOOKS, points))
+        return any(map(_temporary, map(_FWD_HOOKS, points))) or any(
+            map(_temporary, map(_BWD_HOOKS, points)))
 
     @contextlib.contextmanager
     def hooks_fixed(self) -> Iterator[None]:

@@ -57,7 +57,10 @@ def _family(model) -> str:
 
 
 def test_family_known_and_fast_path_where_promised(model):
+    """The stepper supports the family, and nothing keeps the fast paths from using it on a
+    freshly loaded model (OPT's bridge installs permanent wiring hooks, which do not count)."""
     assert Stepper.supports(model) == (_family(model) in STEPPER)
+    assert Stepper.usable(model) == (_family(model) in STEPPER)
 
 
 def test_stepper_forward_equals_the_model(stepped):
