@@ -17,10 +17,8 @@ median. On a shared machine compare the ratios, not the seconds.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
@@ -32,22 +30,17 @@ from interp_edit.editing.memit import MEMITHparams
 from interp_edit.editing.vstar import VOptions, optimise_deltas
 from interp_edit.models import mlp_key_hook
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from _args import load, parser  # benchmarks/, beside this script
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--layer", type=int, default=7)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--data", type=Path, default=DATA, help="the shared data directory")
-    ap.add_argument("--model", default=None, help="ie.load_model name (default model)")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    model = ie.load_model(args.model)
+    model = load(args)
     hp = MEMITHparams(v_steps=args.steps, v_nll_stop=0.0)
     opts = VOptions.of(hp)
     records = ie.load_counterfact(args.data / "counterfact-edit.json")[: args.n]

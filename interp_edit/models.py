@@ -252,10 +252,24 @@ class Model:
     ) -> Float[Tensor, "batch k d_vocab"]:
         """Logits at every position, or at ``positions`` only (the same for every row; negative
         indices count from the end, ``[-1]`` is the last position; the unembedding is skipped
-        elsewhere, which is most of a short prompt's last-layer cost)."""
+        elsewhere, which is most of a short prompt's last-layer cost).
+
+        Rows that begin with the same long run of tokens (IKE's context before each query)
+        have it computed once and its keys and values shared, on the layer stepper where it
+        runs the model (:mod:`interp_edit.arch.prefix`): the same logits up to float rounding.
+        """
+        from interp_edit.arch import prefix
+
+        if positions is not None:
+            positions = torch.as_tensor(positions, device=ids.device)
+            width = ids.shape[-1]
+            if positions.ndim != 1 or bool(((positions < -width) | (positions >= width)).any()):
+                raise InterpEditError(f"positions must be a list of indices into the {width} "
+                                      f"token positions, not {positions.tolist()}")
+        if n_shared := prefix.split(self, ids):
+            return prefix.logits(self, ids, n_shared, positions)
         if positions is None:
             return self.bridge(ids, return_type="logits")
-        positions = torch.as_tensor(positions, device=ids.device)
         if self._keeps_logits:  # Hugging Face's logits_to_keep: unembed those positions only
             return self.bridge(ids, return_type="logits", logits_to_keep=positions)
         return self.bridge(ids, return_type="logits")[:, positions]

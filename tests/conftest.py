@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from contextlib import contextmanager
@@ -79,3 +80,18 @@ def fact_corpus(fm, tmp_path_factory) -> Path:
              for t in (f.template, *f.paraphrases)]
     path.write_text("\n".join(lines * 4) + "\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def pool(fm, tmp_path_factory):
+    """A flattened CounterFact-style file built from the tiny model's own facts: the IKE
+    demonstration pool of the tests (its records are usable edit records too)."""
+    facts = fm.facts
+    rows = [{"case_id": i, "prompt": f.prompt, "subject": f.subject, "target_new": "Oslo",
+             "ground_truth": f.attribute, "rephrase_prompt": f.paraphrases[0].format(f.subject),
+             "locality_prompt": facts[(i + 3) % len(facts)].prompt,
+             "locality_ground_truth": facts[(i + 3) % len(facts)].attribute}
+            for i, f in enumerate(facts)]
+    path = tmp_path_factory.mktemp("ike") / "pool.json"
+    path.write_text(json.dumps(rows))
+    return str(path)

@@ -43,6 +43,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from interp_edit.arch import prefix
 from interp_edit.errors import InterpEditError
 from interp_edit.models import Model
 
@@ -96,12 +97,18 @@ def score_targets(
         spans.append((len(pid), len(tid)))
     out = torch.zeros(3, len(seqs))  # rows: mean logprob, first-token prob, token accuracy
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths pad less
-    for chunk in _chunks(order, [len(s) for s in seqs]):
+    # a prefix every sequence shares (an in-context edit's) is run once per batch
+    # (Model.logits): batches are sized by the tokens after it, and only the positions that
+    # predict targets are unembedded, which bounds the logits as the padded tokens did
+    shared = prefix.split_sequences(model, seqs)
+    for chunk in _chunks(order, [len(s) - shared for s in seqs]):
         ids, _ = model.batch_ids([seqs[i] for i in chunk])
-        logits = model.logits(ids)  # [batch, pos, d_vocab]
+        wanted = [torch.arange(spans[i][0] - 1, sum(spans[i]) - 1) for i in chunk]
+        columns = torch.unique(torch.cat(wanted))  # sorted
+        logits = model.logits(ids, columns)  # [batch, columns, d_vocab]
         for row, i in enumerate(chunk):
             start, n = spans[i]
-            pos = torch.arange(start - 1, start - 1 + n, device=ids.device)
+            pos = torch.searchsorted(columns, wanted[row]).to(ids.device)
             logp = logits[row, pos].float().log_softmax(-1)  # [n, d_vocab]
             tgt = ids[row, start : start + n]
             tok_logp = logp.gather(-1, tgt[:, None])[:, 0]

@@ -16,20 +16,6 @@ def _req(fm, i=0):
     return ie.EditRequest(f.template, f.subject, new, f.attribute)
 
 
-@pytest.fixture(scope="module")
-def pool(fm, tmp_path_factory):
-    """A flattened CounterFact-style pool built from the tiny model's own facts."""
-    facts = fm.facts
-    rows = [{"case_id": i, "prompt": f.prompt, "subject": f.subject, "target_new": "Oslo",
-             "ground_truth": f.attribute, "rephrase_prompt": f.paraphrases[0].format(f.subject),
-             "locality_prompt": facts[(i + 3) % len(facts)].prompt,
-             "locality_ground_truth": facts[(i + 3) % len(facts)].attribute}
-            for i, f in enumerate(facts)]
-    path = tmp_path_factory.mktemp("ike") / "pool.json"
-    path.write_text(json.dumps(rows))
-    return str(path)
-
-
 def _weights(model):
     return {k: v.detach().clone() for k, v in model.hf_model.named_parameters()}
 
