@@ -23,6 +23,7 @@ remain, and the next run does only the units whose files are missing or fail the
 from __future__ import annotations
 
 import os
+import warnings
 from collections import Counter, deque
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -101,6 +102,11 @@ class RayExecutor:
     def __init__(self, spec: ModelSpec, workers: int | None = None, address: str | None = None):
         ray = self.ray = _ray()
         self.started = False
+        if os.environ.get("OMP_WAIT_POLICY", "").upper() == "ACTIVE":
+            warnings.warn(
+                "OMP_WAIT_POLICY=ACTIVE with executor='ray': the driver's idle OpenMP threads "
+                "spin while the workers compute and take CPU from them; unset it for Ray runs",
+                UserWarning, stacklevel=3)
         if not ray.is_initialized():
             address = address or os.environ.get("RAY_ADDRESS")
             if address:

@@ -223,3 +223,22 @@ def test_executor_choices_are_checked(fm, tmp_path):
     with pytest.raises(InterpEditError, match="resume= is for in-process runs"):
         evaluate(fm.model, _records(fm)[:1], method="none", executor="ray", progress=False,
                  resume=evaluate(fm.model, _records(fm)[:1], method="none", progress=False))
+
+
+def test_ray_warns_when_openmp_threads_would_spin(monkeypatch):
+    """OMP_WAIT_POLICY=ACTIVE makes the driver's idle OpenMP threads spin beside the workers:
+    the Ray executor says so before it starts anything."""
+    from interp_edit.jobs import executors
+
+    class Stop(Exception):
+        pass
+
+    class FakeRay:
+        @staticmethod
+        def is_initialized():
+            raise Stop
+
+    monkeypatch.setattr(executors, "_ray", lambda: FakeRay)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "active")
+    with pytest.warns(UserWarning, match="OMP_WAIT_POLICY=ACTIVE"), pytest.raises(Stop):
+        executors.RayExecutor(None)
