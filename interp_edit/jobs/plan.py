@@ -34,6 +34,7 @@ from typing import Any, Callable
 
 import torch
 
+from interp_edit._builtin import BUILTINS
 from interp_edit._cache import stable_hash
 from interp_edit.errors import InterpEditError, ModelMismatchError
 from interp_edit.models import DEFAULT_MODEL, Model, load_model
@@ -89,10 +90,12 @@ class ModelSpec:
 
 
 def _loadable_name(model: Model) -> str | None:
-    """The model's name if ``load_model`` can take it: the default model, an existing path or
-    a hub name (``org/name``); ``None`` for models built in memory."""
-    if model.name == DEFAULT_MODEL:
-        return DEFAULT_MODEL
+    """The model's name if ``load_model`` can take it: the default model, a built-in model
+    (``"gemma-3-270m"``: workers load it from their own install, never from weights saved
+    beside the results), an existing path or a hub name (``org/name``); ``None`` for models
+    built in memory."""
+    if model.name == DEFAULT_MODEL or model.name in BUILTINS:
+        return model.name
     path = Path(model.name).expanduser()
     if path.exists():
         return str(path.resolve())

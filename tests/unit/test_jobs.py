@@ -190,6 +190,17 @@ def test_corrupt_or_foreign_result_files_are_redone(fm, tmp_path, monkeypatch):
     assert _arrays(again) == _arrays(first)
 
 
+def test_built_in_models_are_named_not_saved(fm, tmp_path):
+    """A built-in model travels to workers by its name (each loads its own install): nothing
+    is written beside the results, which would put a gigabyte of weights there."""
+    from interp_edit.models import Model
+
+    named = Model(fm.model.bridge, fm.model.tokenizer, "gemma-3-270m")
+    spec = ModelSpec.of(named, tmp_path)
+    assert spec.source == "gemma-3-270m" and spec.fingerprint == named.fingerprint
+    assert not list(tmp_path.iterdir())
+
+
 def test_plan_round_trips_and_checks_what_it_holds(fm, tmp_path):
     spec = ModelSpec.of(fm.model, tmp_path)  # a model built in memory is saved for workers
     assert Path(spec.source).is_dir() and (Path(spec.source) / "model.safetensors").exists()
