@@ -18,7 +18,6 @@ import time
 
 import interp_edit as ie
 from interp_edit import hooks
-from interp_edit.models import mlp_key_hook
 
 from _args import load, parser  # benchmarks/, beside this script
 
@@ -33,7 +32,7 @@ def main() -> None:
     ie.edit(model, [records[0].request], method="ike", pool=pool).undo()  # embeds the pool
 
     def run(cached: bool) -> tuple[float, list[dict]]:
-        plain = hooks.hooked(model, [hooks.capture(mlp_key_hook(0), {})])
+        plain = hooks.hook_path(model)
         with contextlib.nullcontext() if cached else plain:
             t0 = time.perf_counter()
             rep = ie.evaluate(model, records, method="ike", n=args.n, pool=pool, progress=False)

@@ -28,7 +28,6 @@ from interp_edit.arch import adapter
 from interp_edit.editing.keys import context_templates, keys_star
 from interp_edit.editing.memit import MEMITHparams
 from interp_edit.editing.vstar import VOptions, optimise_deltas
-from interp_edit.models import mlp_key_hook
 
 from _args import load, parser  # benchmarks/, beside this script
 
@@ -53,7 +52,7 @@ def main() -> None:
         return optimise_deltas(model, args.layer, facts, v0, contexts, opts)[0]
 
     def through_hooks():
-        with hooks.hooked(model, [hooks.capture(mlp_key_hook(0), {})]):
+        with hooks.hook_path(model):
             return batched()
 
     def one_by_one():

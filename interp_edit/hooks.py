@@ -22,7 +22,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from interp_edit.errors import HookNestingError, InterpEditError
-from interp_edit.models import EMBED_HOOK, Model
+from interp_edit.models import EMBED_HOOK, Model, mlp_key_hook
 
 Positions = Union[int, slice, Sequence[int], Tensor]
 Rows = Union[None, slice, Sequence[int], Tensor]
@@ -118,6 +118,13 @@ def hooked(model: Model, hooks: Sequence[Hook]) -> Iterator[Model]:
             yield model
     finally:
         active -= points
+
+
+def hook_path(model: Model):
+    """A ``with`` block in which every pass runs through the bridge and its hooks: a hook that
+    changes nothing is installed, so the layer stepper's fast paths (tracing, v*, MEND, the
+    shared-prefix cache) step aside. For checking a fast path against the plain one."""
+    return hooked(model, [capture(mlp_key_hook(0), {})])
 
 
 def _resolve(bridge, name: str):

@@ -180,8 +180,8 @@ def fact_model(
     trained = _files.load_cached(path, functools.partial(_read_weights, like=params))
     if trained is not None:
         with torch.no_grad():
-            for key_, value in trained.items():
-                params[key_].copy_(value)
+            for param, value in trained.items():
+                params[param].copy_(value)
     else:
         _train(module, speller, facts, steps, seed)
         _files.save_safetensors(params, path)

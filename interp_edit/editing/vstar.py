@@ -104,12 +104,12 @@ def optimise_deltas(
     active = torch.ones(n, dtype=torch.bool, device=v0.device)
     kl_init: Tensor | None = None  # [n, d_vocab] the unedited KL rows' log-distributions
     curves: list[list[tuple[float, float, float]]] = [[] for _ in range(n)]
+    with autocast(model, opts.precision):
+        start = _block_inputs(model, layer, rows)
     for step in range(opts.v_steps):
         live = active.nonzero()[:, 0]
         sel = active[rows.fact].nonzero()[:, 0]  # rows of the facts still optimising
         with autocast(model, opts.precision):
-            if step == 0:
-                start = _block_inputs(model, layer, rows)
             nll, logp_kl = _fact_losses(model, layer, rows, sel, delta, live, start)
         if kl_init is None:
             kl_init = logp_kl.detach()

@@ -11,12 +11,12 @@ from interp_edit.arch.tiny import tiny_model
 from interp_edit.editing import ike
 from interp_edit.errors import InterpEditError
 from interp_edit.evaluation import metrics
-from interp_edit.models import Model, mlp_key_hook
+from interp_edit.models import Model
 
 
 def plain(model):
     """A no-op hook: the layer stepper stands down, so every pass is the bridge's own."""
-    return hooks.hooked(model, [hooks.capture(mlp_key_hook(0), {})])
+    return hooks.hook_path(model)
 
 
 def _batch(model, n_prefix=40, tails=(3, 7, 1, 12), seed=0):

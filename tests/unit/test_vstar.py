@@ -3,10 +3,13 @@
 import pytest
 import torch
 
+from interp_edit import hooks
+from interp_edit.arch import adapter
+from interp_edit.arch.stepper import Stepper
 from interp_edit.editing import keys
 from interp_edit.editing.vstar import VOptions, optimise_deltas, optimise_in_groups
 from interp_edit.errors import InterpEditError
-from interp_edit.testing import CITIES
+from interp_edit.testing import CITIES, fact_model
 
 
 @pytest.fixture(autouse=True)
@@ -73,7 +76,6 @@ def test_no_step_size_makes_the_loss_rise(family):
     is undone and halved; each halving costs two passes). No weight
     decay: at δ = 0 ROME's ‖δ‖/‖v0‖² term outweighs the NLL's slope when ‖v0‖ is as small as
     on these models (about 1), which makes δ = 0 a true minimum (docs/rome_defaults.md)."""
-    from interp_edit.testing import fact_model
 
     fm = fact_model(family=family)
     m, layer = fm.model, 1
@@ -96,12 +98,6 @@ def test_stepper_path_equals_the_hooked_full_pass(family):
     its losses read; with a bridge hook installed it takes full passes through the hooks
     instead. Both give the same δ and loss curves (fp32), on plain, post-norm (Gemma 3),
     Conv1D (GPT-2) and parallel-block (GPT-NeoX) families."""
-    from interp_edit import hooks
-    from interp_edit.arch import adapter
-    from interp_edit.arch.stepper import Stepper
-    from interp_edit.models import mlp_key_hook
-    from interp_edit.testing import fact_model
-
     fm = fact_model(family=family)
     m, layer = fm.model, 1
     contexts = keys.context_templates(m, 2, 3)
@@ -111,7 +107,7 @@ def test_stepper_path_equals_the_hooked_full_pass(family):
     opts = VOptions(v_lr=0.5, v_steps=8, v_nll_stop=0.0, v_weight_decay=0.01, precision="fp32")
     assert Stepper.usable(m)
     fast, fast_info = optimise_deltas(m, layer, facts, v0, contexts, opts)
-    with hooks.hooked(m, [hooks.capture(mlp_key_hook(0), {})]):  # the stepper cannot run
+    with hooks.hook_path(m):  # the stepper cannot run
         assert not Stepper.usable(m)
         slow, slow_info = optimise_deltas(m, layer, facts, v0, contexts, opts)
     torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4 * float(v0.norm(dim=1).max()))
