@@ -23,12 +23,12 @@ edits. Prints one markdown table; ``--plot`` draws the sequential curves.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
 import interp_edit as ie
+from interp_edit._files import write_json
 from interp_edit.cli import enable_ctrl_c
 from interp_edit.evaluation import EvalReport
 
@@ -185,7 +185,7 @@ def main() -> None:
     summary = {k: {"n": r.n, "aggregate": {c: str(s) for c, s in r.aggregate().items()},
                    "curve": r.info.get("curve"), "undo_bit_exact": r.info.get("undo_bit_exact"),
                    "hparams": r.hparams} for k, r in reports.items()}
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    write_json(args.out / "summary.json", summary, indent=1, default=str)
     if args.plot:
         plot(reports, args.plot)
 

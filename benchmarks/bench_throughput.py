@@ -2,11 +2,14 @@
 (``executor="local"``) and on Ray with 1 and 2 workers, side by side in one run.
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_throughput.py \
-        [--facts 24] [--samples 10] [--kinds all] [--workers 1,2] [--rounds 1] [--data DIR]
-        [--gpu-tmacs 20]
+        [--facts 24] [--samples 10] [--kinds all] [--workers 1x1,2x1,1x2] [--rounds 1]
+        [--data DIR] [--gpu-tmacs 20]
 
 Every configuration traces the same first ``--facts`` known_1000 facts (those the model
-predicts top-1) from an empty result directory, so each does all the work. The rounds
+predicts top-1) from an empty result directory, so each does all the work. A Ray
+configuration ``WxT`` is W workers of T torch threads each: the local cluster is started with
+W x T CPUs, so the executor gives each worker T threads (1x1 against 2x1 is the scaling of
+workers at a fixed budget per worker; 1x2 is the executor's default for one worker here). The rounds
 alternate the order of the configurations and the table gives the median, so a machine that
 gets busier during the run does not favour one. Times are wall clock; a Ray run's includes
 starting its workers (each imports torch and loads the model once), which is also timed
@@ -52,7 +55,8 @@ def trace_once(model, facts, args, out: Path, executor: str, workers: int | None
 
 
 def start_seconds(model, workers: int, spill: Path) -> float:
-    """Wall seconds to start ``workers`` Ray workers (each loads the model) and end them."""
+    """Wall seconds to start ``workers`` Ray workers (each loads the model) and end them, in
+    the cluster that is running."""
     plan = Plan("trace", ModelSpec.of(model, spill), {}, (), str(spill))
     t0 = time.perf_counter()
     with open_executor(plan, model, "ray", workers):
@@ -79,7 +83,8 @@ def main() -> None:
     ap.add_argument("--facts", type=int, default=24, help="known_1000 facts offered (first N)")
     ap.add_argument("--samples", type=int, default=10, help="noise samples per trace")
     ap.add_argument("--kinds", default="all", help="'all' or one of resid, mlp, attn")
-    ap.add_argument("--workers", default="1,2", help="Ray worker counts to compare")
+    ap.add_argument("--workers", default="1x1,2x1,1x2",
+                    help="Ray configurations to compare: workers x torch threads each")
     ap.add_argument("--rounds", type=int, default=1, help="times each configuration runs")
     ap.add_argument("--gpu-tmacs", type=float, default=20.0,
                     help="assumed effective fp32 rate of one GPU, in 10^12 multiply-adds/s")
@@ -91,19 +96,21 @@ def main() -> None:
     model = ie.load_model()
     facts = ie.load_known_facts(args.data / "known_1000.json")[: args.facts]
     cpus = os.cpu_count() or 1
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-    configs = [("local", None)] + [("ray", int(w)) for w in args.workers.split(",")]
+    configs = [("local", None, torch.get_num_threads())] + [
+        ("ray", *map(int, c.split("x"))) for c in args.workers.split(",")]
     walls: dict[tuple, list[float]] = {c: [] for c in configs}
     starts: dict[tuple, list[float]] = {c: [] for c in configs if c[0] == "ray"}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             for k, c in enumerate(configs if r % 2 == 0 else configs[::-1]):
-                wall, avg = trace_once(model, facts, args, Path(tmp) / f"{r}-{k}", *c)
+                if c[0] == "ray":
+                    ray.init(num_cpus=c[1] * c[2], include_dashboard=False, log_to_driver=False)
+                wall, avg = trace_once(model, facts, args, Path(tmp) / f"{r}-{k}", *c[:2])
                 walls[c].append(wall)
                 if c in starts:
                     starts[c].append(start_seconds(model, c[1], Path(tmp) / "spill"))
+                    ray.shutdown()
         ours, big = work_per_fact(model, avg, args.samples)
-    ray.shutdown()
 
     n = avg.n_facts
     print(f"## {model.name}: {n} of {len(facts)} facts kept, kinds {args.kinds}, "
@@ -115,14 +122,15 @@ def main() -> None:
     for c in configs:
         wall = statistics.median(walls[c])
         start = statistics.median(starts[c]) if c in starts else 0.0
-        threads = torch.get_num_threads() if c[0] == "local" else max(1, cpus // c[1])
         rate[c] = 3600 * n / max(wall - start, 1e-9)
-        print(f"| {c[0]} | {c[1] or 1} x {threads} | {wall:.1f} | {start:.1f} | "
+        print(f"| {c[0]} | {c[1] or 1} x {c[2]} | {wall:.1f} | {start:.1f} | "
               f"{3600 * n / wall:.0f} | {rate[c]:.0f} |")
-    ray_rates = [rate[c] for c in configs if c[0] == "ray"]
-    if len(ray_rates) >= 2:
-        print(f"\n{configs[-1][1]} Ray workers / {configs[1][1]}: "
-              f"{ray_rates[-1] / ray_rates[0]:.2f}x (without the start)")
+    print()
+    one = next((c for c in configs if c[0] == "ray" and c[1] == 1), None)
+    for c in configs:
+        if one is not None and c[0] == "ray" and c[1] > 1:
+            print(f"{c[1]} Ray workers x {c[2]} / 1 x {one[2]}: {rate[c] / rate[one]:.2f}x "
+                  "(without the start)")
     achieved = ours * n / (3600 * n / rate[configs[0]])
     print(f"\nWork per fact: {ours / 1e9:.1f} GMAC on {model.name} (the fast engine's count; "
           f"{achieved / 1e9:.0f} GMAC/s achieved in-process), {big / 1e12:.2f} TMAC on a "

@@ -133,10 +133,11 @@ def run_stream(model: Model, chosen: list[tuple[EditRecord, dict]], method: str,
                 try:
                     subjects = {r.subject for r, _ in batch}
                     unrelated = [(p, t) for (s, p), t in zip(pool, pool_top1) if s not in subjects]
+                    # the same prompts for every record of the batch: measured once
+                    kept = metrics.unchanged_top1(
+                        model, [p for p, _ in unrelated], [t for _, t in unrelated], e)
                     for rec, pre in batch:
-                        post = metrics.measure(model, rec, e)
-                        post["unchanged_top1"] = metrics.unchanged_top1(
-                            model, [p for p, _ in unrelated], [t for _, t in unrelated], e)
+                        post = {**metrics.measure(model, rec, e), "unchanged_top1": kept}
                         rows.append({**_row(rec, pre, post, b), "seconds": seconds / len(batch),
                                      "batch_seconds": seconds})
                 finally:
