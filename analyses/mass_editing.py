@@ -13,9 +13,11 @@ From the edit stream ``counterfact-edit.json`` (the first records the model know
 v* depends only on the facts, the v* settings and the weights: while no edit is applied the
 runs share each fact's δ (:func:`share_vstar`; the batched optimisation gives every fact its
 one-at-a-time δ, see ``tests/unit/test_vstar.py``), so the batch runs of both methods and the
-first batch of each stream optimise it once. Each run's report is written as soon as it ends (``results/mass_editing/<run>.json``) and a
-finished run is not redone; a sequential run stopped with Ctrl-C resumes from its saved batch
-edits. Prints one markdown table; ``--plot`` draws the sequential curves.
+first batch of each stream optimise it once. Each run's report is written as soon as it ends
+(``results/studies/mass_editing/smollm2-135m/<run>.json``, committed) and a finished run is not
+redone; a sequential run stopped with Ctrl-C resumes from its saved batch edits (beside the
+report, not committed). Prints one markdown table; ``--plot`` draws the sequential curves;
+``--collect`` computes nothing and shows the reports on disk, a stopped stream by its curve.
 
     python analyses/mass_editing.py --n 100 --batch 20 --batches 5
 """
@@ -58,10 +60,14 @@ def share_vstar(model) -> None:
     memit.optimise_in_groups = shared
 
 
-def run(model, records, name: str, out: Path, method: str, **kw) -> EvalReport:
-    """One evaluation, reused when its report exists (resumed when it was interrupted)."""
+def run(model, records, name: str, out: Path, method: str, collect: bool = False,
+        **kw) -> EvalReport | None:
+    """One evaluation, reused when its report exists (resumed when it was interrupted). With
+    ``collect``, only the report as it is on disk (``None`` when there is none)."""
     path = out / f"{name}.json"
     resume = EvalReport.load(path) if path.exists() else None
+    if collect:
+        return resume
     if resume is not None and not resume.info.get("interrupted"):
         print(f"{name}: reusing {path}", flush=True)
         return resume
@@ -73,20 +79,31 @@ def run(model, records, name: str, out: Path, method: str, **kw) -> EvalReport:
 
 def table(reports: dict[str, EvalReport]) -> str:
     lines = ["| run | n | efficacy | paraphrase | neighbourhood | unchanged top-1 | "
-             "perplexity (start → end) | edit s / batch |", "|---|---|---|---|---|---|---|---|"]
+             "perplexity (start → end) | fluency (start → end) | edit s / batch |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, rep in reports.items():
         agg = rep.aggregate()
+
+        curve = rep.info.get("curve") or []
+        n = rep.n
+        if curve and not rep.rows:  # a stream stopped early: its last checkpoint, no CI
+            last = curve[-1]
+            agg = {c: f"{last[c]:.3f}" for c in ("efficacy", "paraphrase", "neighborhood")
+                   if last.get(c) is not None}
+            n = last["edits"]
+            name = f"{name} (stopped after {last['batches']} batches)"
 
         def cell(col):
             return str(agg[col]) if col in agg else ""
 
-        curve = rep.info.get("curve") or []
         ppl = (f"{curve[0]['perplexity']:.2f} → {curve[-1]['perplexity']:.2f}"
                if curve and "perplexity" in curve[0] else "")
+        flu = (f"{curve[0]['fluency']:.2f} → {curve[-1]['fluency']:.2f}"
+               if curve and curve[0].get("fluency") is not None else "")
         secs = ([p["batch_seconds"] for p in curve[1:]] if curve
                 else sorted({r["batch_seconds"] for r in rep.rows}))
-        lines.append(f"| {name} | {rep.n} | {cell('efficacy')} | {cell('paraphrase')} | "
-                     f"{cell('neighborhood')} | {cell('unchanged_top1')} | {ppl} | "
+        lines.append(f"| {name} | {n} | {cell('efficacy')} | {cell('paraphrase')} | "
+                     f"{cell('neighborhood')} | {cell('unchanged_top1')} | {ppl} | {flu} | "
                      f"{', '.join(f'{s:.0f}' for s in secs)} |")
     return "\n".join(lines)
 
@@ -146,8 +163,12 @@ def main() -> None:
     ap.add_argument("--fluency", action="store_true", help="n-gram entropy at checkpoints")
     ap.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE",
                     help="editor hyperparameter for every run")
-    ap.add_argument("--out", type=Path, default=ROOT / "results" / "mass_editing")
+    ap.add_argument("--out", type=Path,
+                    default=ROOT / "results" / "studies" / "mass_editing" / "smollm2-135m")
     ap.add_argument("--plot", type=Path, default=None, help="draw the stream curves here")
+    ap.add_argument("--collect", action="store_true",
+                    help="compute nothing: table, summary and plot of the reports on disk "
+                         "(an interrupted stream shows its curve so far)")
     ap.add_argument("--spectrum", action="store_true",
                     help="only print the key statistics' spectrum at MEMIT's default layers")
     args = ap.parse_args()
@@ -157,30 +178,32 @@ def main() -> None:
     torch.set_num_threads(1)
     enable_ctrl_c()
     args.out.mkdir(parents=True, exist_ok=True)
-    model = ie.load_model()
-    share_vstar(model)
+    model = None if args.collect else ie.load_model()
+    if model is not None:
+        share_vstar(model)
     if args.spectrum:
         from interp_edit.editing.memit import MEMITHparams
 
         print(spectrum(model, args.corpus, MEMITHparams().layers))
         return
-    records = ie.load_counterfact(args.data / "counterfact-edit.json")
+    records = None if args.collect else ie.load_counterfact(args.data / "counterfact-edit.json")
     hp = {"corpus": args.corpus, **parse_hparams(args.hparam)}
     reports: dict[str, EvalReport] = {}
     for method in args.methods.split(","):
         if args.n:
             reports[f"batch-{method}-n{args.n}"] = run(
-                model, records, f"batch-{method}-n{args.n}", args.out, method, n=args.n,
-                batch_size=args.n, **hp)
+                model, records, f"batch-{method}-n{args.n}", args.out, method, args.collect,
+                n=args.n, batch_size=args.n, **hp)
     for method in (args.sequential_methods or args.methods).split(","):
         if not args.batches:
             continue
         name = f"sequential-{method}-{args.batches}x{args.batch}"
         reports[name] = run(
-            model, records, name, args.out, method, n=args.batch * args.batches,
+            model, records, name, args.out, method, args.collect, n=args.batch * args.batches,
             batch_size=args.batch, sequential=True, every=1, fluency=args.fluency,
             perplexity_text=str(args.data / "wikitext-2" / "test.txt"),
             edits_dir=str(args.out / f"{name}-edits"), **hp)
+    reports = {k: r for k, r in reports.items() if r is not None}
     print(table(reports))
     summary = {k: {"n": r.n, "aggregate": {c: str(s) for c, s in r.aggregate().items()},
                    "curve": r.info.get("curve"), "undo_bit_exact": r.info.get("undo_bit_exact"),
