@@ -158,6 +158,16 @@ def choose_layers(model: Model, requests: Sequence[EditRequest],
 def mass_edit(model: Model, requests: Sequence[EditRequest], hp: MEMITHparams, method: str,
               layer_update: LayerUpdate) -> AppliedEdit:
     """MEMIT's procedure (module docstring) with ``layer_update`` as each layer's closed form."""
+    family = adapter(model).family
+    if family is not None and family.post_norm:
+        # δ is optimised in the MLP output's space, before the post-norm, but z = h + δ and the
+        # per-layer shares R live in the residual stream: the two differ by the post-norm's
+        # scale, so the update misses its target (Gemma-3-270M: target_reached −578 at 3–7)
+        raise InterpEditError(
+            f"{method} does not support {family.name} yet: its MLP output is normalised again "
+            "before the residual add (post-norm), and the spread of the residual over the "
+            "layer range assumes additive MLP outputs; use method='rome', which optimises v* "
+            "at the layer itself")
     check_batch(requests)
     clock = Laps()
     layers, why, located = choose_layers(model, requests, hp)

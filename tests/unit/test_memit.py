@@ -224,3 +224,16 @@ def test_sequential_alphaedit_keeps_earlier_edits_memit_loses_some(fm, HP):
     assert took >= 10 and kept == took, outcome
     took, kept = outcome["memit"]
     assert kept < took, outcome
+
+
+@pytest.mark.parametrize("method", ["memit", "alphaedit"])
+@pytest.mark.parametrize("family", ["gemma3", "olmo2"])
+def test_post_norm_families_are_refused_before_any_weight_changes(method, family):
+    """MEMIT's residual spread assumes MLP outputs add to the residual stream; a post-norm
+    family (the MLP output normalised again before the add) is refused with a clear error."""
+    from interp_edit.testing import wrap_tiny
+    m = wrap_tiny(family, n_layers=2, d_model=32, seed=0)
+    before = _weights(m)
+    with pytest.raises(InterpEditError, match="post-norm"):
+        ie.edit(m, [ie.EditRequest("{} lives in", "s0", "s1")], method=method, layers=(0,))
+    assert _same(m, before)
