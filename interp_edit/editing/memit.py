@@ -162,7 +162,7 @@ def mass_edit(model: Model, requests: Sequence[EditRequest], hp: MEMITHparams, m
     if family is not None and family.post_norm:
         # δ is optimised in the MLP output's space, before the post-norm, but z = h + δ and the
         # per-layer shares R live in the residual stream: the two differ by the post-norm's
-        # scale, so the update misses its target (Gemma-3-270M: target_reached −578 at 3–7)
+        # scale, so the update would miss its target (README, "Reverse and portability")
         raise InterpEditError(
             f"{method} does not support {family.name} yet: its MLP output is normalised again "
             "before the residual add (post-norm), and the spread of the residual over the "

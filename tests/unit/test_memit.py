@@ -9,7 +9,7 @@ import interp_edit as ie
 from interp_edit.editing import keys, rome, update
 from interp_edit.editing.stats import second_moment
 from interp_edit.errors import InterpEditError
-from interp_edit.testing import CITIES
+from interp_edit.testing import CITIES, wrap_tiny
 
 
 @pytest.fixture(autouse=True)
@@ -231,7 +231,6 @@ def test_sequential_alphaedit_keeps_earlier_edits_memit_loses_some(fm, HP):
 def test_post_norm_families_are_refused_before_any_weight_changes(method, family):
     """MEMIT's residual spread assumes MLP outputs add to the residual stream; a post-norm
     family (the MLP output normalised again before the add) is refused with a clear error."""
-    from interp_edit.testing import wrap_tiny
     m = wrap_tiny(family, n_layers=2, d_model=32, seed=0)
     before = _weights(m)
     with pytest.raises(InterpEditError, match="post-norm"):
