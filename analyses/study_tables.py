@@ -21,6 +21,9 @@ COLUMNS = {
 }
 
 
+LABELS = {"none": "no edit", "ike": "IKE", "ft": "FT", "ft-l": "FT-L", "rome": "ROME",
+          "mend": "MEND", "memit": "MEMIT", "alphaedit": "AlphaEdit"}
+
 def _cell(agg: dict, metric: str, show_n: bool) -> str:
     m = agg.get(metric)
     if not m or m.get("mean") is None:
@@ -45,8 +48,7 @@ def table(study: str) -> list[str]:
             agg, n = rep["aggregate"], len(rep["rows"])
             cells = " | ".join(_cell(agg, c, study == "probes" and c.startswith(("rev", "port")))
                                for c in cols)
-            name = "no edit" if method == "none" else method.upper() if len(method) <= 5 \
-                else method
+            name = LABELS.get(method, method)
             lines.append(f"| {model_dir.name} | {name} | {n} | {cells} |")
     return lines
 

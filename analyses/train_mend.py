@@ -2,6 +2,10 @@
 
     HF_HUB_OFFLINE=1 .venv/bin/python analyses/train_mend.py            # ≤ 30 min of training
     HF_HUB_OFFLINE=1 .venv/bin/python analyses/train_mend.py --redraw   # figure from the editor
+    HF_HUB_OFFLINE=1 .venv/bin/python analyses/train_mend.py --model gemma-3-270m --n 0
+
+A model other than the default (``--model``) gets its own editor (the cache is keyed by model),
+results under ``results/mend/<model>/`` and figures ``figures/mend_training-<model>.*``.
 
 1. Meta-trains on counterfact-train (``CONFIG`` below, ``--minutes`` of wall time at most),
    validating every ``val_every`` steps on the first ``val_n`` known records of
@@ -49,6 +53,8 @@ CURVES = (("efficacy", "efficacy", "#0072B2"), ("paraphrase", "paraphrase", "#E6
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None,
+                        help="built-in model name or path (default: the default model)")
     parser.add_argument("--minutes", type=float, default=28.0, help="training time budget")
     parser.add_argument("--n", type=int, default=200, help="held-out records to evaluate")
     parser.add_argument("--passes", default="1,3",
@@ -60,7 +66,9 @@ def main() -> None:
     parser.add_argument("--redraw", action="store_true", help="only redraw from the editor")
     args = parser.parse_args()
 
-    model = ie.load_model()
+    model = ie.load_model(args.model) if args.model else ie.load_model()
+    results = RESULTS / args.model if args.model else RESULTS
+    figures = ROOT / "figures" / ("mend_training" + (f"-{args.model}" if args.model else ""))
     path = default_editor_path(model)
     val = ie.load_counterfact(DATA / "counterfact-val.json")
     if not args.redraw and not args.eval_only:
@@ -68,20 +76,20 @@ def main() -> None:
         cfg = dataclasses.replace(CONFIG, max_minutes=args.minutes)
         result = train_editor(model, train, val[:VAL_POOL], cfg, out=path)
         print(f"{result.stopped}; editor: {path}")
-    if not args.redraw:
+    if not args.redraw and args.n > 0:  # --n 0: train only
         for k in (int(x) for x in args.passes.split(",")):
             report = ie.evaluate(model, val[VAL_POOL:], method="mend", editor=str(path),
                                  passes=k, below=args.below, n=args.n)
-            report.save(RESULTS / (f"passes{k}" + ("" if args.below == "auto" else
+            report.save(results / (f"passes{k}" + ("" if args.below == "auto" else
                                                    f"-{args.below}")))
             print(f"passes={k}\n" + report.to_markdown())
     editor = MENDEditor.load(path, model)
     reports = {int(d.name[6:]): EvalReport.load(d / "mend.json")
-               for d in sorted(RESULTS.glob("passes*"))
+               for d in sorted(results.glob("passes*"))
                if d.name[6:].isdigit() and (d / "mend.json").exists()}
     history = full_history(path, editor)
-    draw(editor, history, ROOT / "figures" / "mend_training.png")
-    write_table(editor, history, reports, ROOT / "figures" / "mend_training.md")
+    draw(editor, history, figures.with_suffix(".png"))
+    write_table(editor, history, reports, figures.with_suffix(".md"))
 
 
 def full_history(path: Path, editor: MENDEditor) -> list[dict]:

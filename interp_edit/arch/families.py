@@ -14,6 +14,8 @@ whether the MLP output is normalised again before the residual add (Gemma 2/3, O
 - (the bridge hook holding what the MLP output matrix writes, before any post-norm, is
   :func:`interp_edit.models.mlp_write_hook`: ROME's δ and MEND's output gradient are taken
   there, so ``W'k* = v*`` holds in the space the edited matrix writes to);
+- ``mlp_post_norm(layer)``: the norm a post-norm family applies to the MLP output before the
+  residual add, or None (MEMIT and AlphaEdit take their residual targets back through it);
 - ``final_logits(h)``: final norm, unembedding and final-logit softcapping (Gemma 2);
 - ``document_start()``: the token that opens a plain document (the tokenizer's
   end-of-text token where it has one, else a non-chat BOS, else none);
@@ -66,20 +68,21 @@ class Family:
     final_norm: str
     mlp_out: str  # the MLP output projection, relative to a block
     conv1d: bool = False  # weight stored [d_in, d_out] (GPT-2 Conv1D)
-    post_norm: bool = False  # the MLP output is normalised again before the residual add
+    post_norm: str | None = None  # the norm applied to the MLP output before the residual add
     stepper: bool = False  # the layer stepper runs this family (fast paths)
 
 
 _LLAMA = dict(blocks="model.layers", final_norm="model.norm", mlp_out="mlp.down_proj")
+_POST = "post_feedforward_layernorm"
 FAMILIES: tuple[Family, ...] = (
     Family("llama", ("LlamaForCausalLM",), **_LLAMA, stepper=True),
     Family("mistral", ("MistralForCausalLM",), **_LLAMA, stepper=True),
     Family("qwen2", ("Qwen2ForCausalLM",), **_LLAMA, stepper=True),
     Family("qwen3", ("Qwen3ForCausalLM",), **_LLAMA, stepper=True),
     Family("gemma", ("GemmaForCausalLM",), **_LLAMA, stepper=True),
-    Family("gemma2", ("Gemma2ForCausalLM",), **_LLAMA, post_norm=True, stepper=True),
-    Family("gemma3", ("Gemma3ForCausalLM",), **_LLAMA, post_norm=True, stepper=True),
-    Family("olmo2", ("Olmo2ForCausalLM",), **_LLAMA, post_norm=True, stepper=True),
+    Family("gemma2", ("Gemma2ForCausalLM",), **_LLAMA, post_norm=_POST, stepper=True),
+    Family("gemma3", ("Gemma3ForCausalLM",), **_LLAMA, post_norm=_POST, stepper=True),
+    Family("olmo2", ("Olmo2ForCausalLM",), **_LLAMA, post_norm=_POST, stepper=True),
     Family("phi3", ("Phi3ForCausalLM",), **_LLAMA, stepper=True),
     Family("gpt2", ("GPT2LMHeadModel",), "transformer.h", "transformer.ln_f", "mlp.c_proj",
            conv1d=True, stepper=True),
@@ -169,6 +172,14 @@ class Adapter:
         if self.family is not None:
             return unwrap(self.blocks[layer].get_submodule(self.family.mlp_out))
         return unwrap(self.model.bridge.blocks[layer].mlp.out)
+
+    def mlp_post_norm(self, layer: int) -> torch.nn.Module | None:
+        """The RMS norm that ``layer``'s MLP output passes before the residual add (Gemma 2/3,
+        OLMo-2), or None where the MLP output is added as it is."""
+        self.model._check_layer(layer)
+        if self.family is None or self.family.post_norm is None:
+            return None
+        return unwrap(self.blocks[layer].get_submodule(self.family.post_norm))
 
     def conv1d(self, layer: int) -> bool:
         """Whether ``layer``'s MLP output weight is stored ``[d_in, d_out]``."""

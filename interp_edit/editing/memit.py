@@ -2,16 +2,19 @@
 
 One update for a batch of facts, spread over a contiguous range of MLP layers ``l₁ < … < l_L``:
 
-1. **targets**: for each fact, z = h + δ, where h is the residual stream after the top layer
-   l_L at the subject's last token of the prompt, and δ is optimised as ROME's v* is
-   (:mod:`~interp_edit.editing.vstar`: added to the top layer's MLP output, which the residual
-   stream carries on unchanged), all facts of the batch together;
+1. **targets**: for each fact, the residual stream z after the top layer l_L at the subject's
+   last token of the prompt when that layer's MLP writes m + δ instead of m, where δ is
+   optimised as ROME's v* is (:mod:`~interp_edit.editing.vstar`: added to what the top
+   layer's MLP output matrix writes), all facts of the batch together. Where the MLP output is
+   added to the residual stream as it is, z = h + δ; through a post-norm N (Gemma 2/3,
+   OLMo-2), z = h + N(m + δ) − N(m) (:func:`resid_change`);
 2. **spread**: for each layer l of the range, bottom up, on the weights as edited so far: the
    batch's keys K_l (k* of each fact at l, :mod:`~interp_edit.editing.keys`), the residual
-   R = (z − h_now) / (layers left, l included), and the update
-   ΔW_l = R K_lᵀ (λ C_l + K_l K_lᵀ)⁻¹ (:func:`~interp_edit.editing.update.memit_update`, C_l the
-   cached key statistics ROME uses). Each layer writes its share; later layers see its effect
-   in h_now, so the top layer writes what is left.
+   R = (z − h_now) / (layers left, l included), taken back through l's post-norm where it has
+   one (:func:`written_change`), and the update ΔW_l = R K_lᵀ (λ C_l + K_l K_lᵀ)⁻¹
+   (:func:`~interp_edit.editing.update.memit_update`, C_l the cached key statistics ROME uses).
+   Each layer writes its share; later layers see its effect in h_now, so the top layer writes
+   what is left.
 
 With one layer, one fact and λ = 0 this is ROME's update (the same k*, v* and C). AlphaEdit
 (:mod:`~interp_edit.editing.alphaedit`) is this procedure with another per-layer update.
@@ -47,7 +50,7 @@ from interp_edit.editing.update import memit_update
 from interp_edit.editing.vstar import VOptions, optimise_in_groups
 from interp_edit.errors import InterpEditError
 from interp_edit.hooks import capture, hooked
-from interp_edit.models import Model, mlp_key_hook, resid_hook
+from interp_edit.models import Model, mlp_key_hook, mlp_write_hook, resid_hook
 from interp_edit.tracing.locate import locate, search_layers
 
 # one layer's update: (layer, R [d_model, n], K [d_mlp, n], C [d_mlp, d_mlp]) -> ΔW
@@ -158,16 +161,6 @@ def choose_layers(model: Model, requests: Sequence[EditRequest],
 def mass_edit(model: Model, requests: Sequence[EditRequest], hp: MEMITHparams, method: str,
               layer_update: LayerUpdate) -> AppliedEdit:
     """MEMIT's procedure (module docstring) with ``layer_update`` as each layer's closed form."""
-    family = adapter(model).family
-    if family is not None and family.post_norm:
-        # δ is optimised in the MLP output's space, before the post-norm, but z = h + δ and the
-        # per-layer shares R live in the residual stream: the two differ by the post-norm's
-        # scale, so the update would miss its target (README, "Reverse and portability")
-        raise InterpEditError(
-            f"{method} does not support {family.name} yet: its MLP output is normalised again "
-            "before the residual add (post-norm), and the spread of the residual over the "
-            "layer range assumes additive MLP outputs; use method='rome', which optimises v* "
-            "at the layer itself")
     check_batch(requests)
     clock = Laps()
     layers, why, located = choose_layers(model, requests, hp)
@@ -177,14 +170,15 @@ def mass_edit(model: Model, requests: Sequence[EditRequest], hp: MEMITHparams, m
                            precision=hp.precision)
     clock("stats")
     top = layers[-1]
-    batch = context_batch(model, [(r.template, r.subject) for r in requests], contexts)
-    k_top, h_top = keys_and_outputs(model, top, top, batch, len(contexts))
     ad = adapter(model)
+    norms = {layer: ad.mlp_post_norm(layer) for layer in layers}
+    batch = context_batch(model, [(r.template, r.subject) for r in requests], contexts)
+    k_top, m_top, h_top = keys_and_outputs(model, top, top, batch, len(contexts))
     v0 = k_top @ ad.mlp_out_matrix(top).detach().T  # [n, d_model] W k* at the top
     facts = [(r.template, r.subject, r.target_new) for r in requests]
     delta, v_info = optimise_in_groups(model, top, facts, v0, contexts, VOptions.of(hp),
                                        hp.v_batch)
-    target = h_top + delta  # z: [n, d_model]
+    target = h_top + resid_change(norms[top], m_top, delta)  # z: [n, d_model]
     clock("v")
     originals: dict[str, Tensor] = {}
     deltas: dict[str, Tensor] = {}
@@ -192,20 +186,21 @@ def mass_edit(model: Model, requests: Sequence[EditRequest], hp: MEMITHparams, m
     resid_norms = []
     try:
         for i, layer in enumerate(layers):
-            keys, h = keys_and_outputs(model, layer, top, batch, len(contexts))
+            keys, m_now, h = keys_and_outputs(model, layer, top, batch, len(contexts))
             resid = (target - h) / (len(layers) - i)  # this layer's share of what is left
             resid_norms.append(round(float(resid.norm(dim=1).mean()), 4))
+            change = written_change(norms[layer], m_now, resid)  # in the matrix's output
             weight = model.mlp_out_proj(layer).weight
             name = parameter_name(model, model.mlp_out_proj(layer))
-            dw = ad.to_parameter(layer, layer_update(layer, resid.T, keys.T, mom2s[layer]))
+            dw = ad.to_parameter(layer, layer_update(layer, change.T, keys.T, mom2s[layer]))
             dw = dw.to(weight.dtype)  # [d_model, d_mlp] in the parameter's own orientation
             originals[name] = weight.detach().clone()
             with torch.no_grad():
                 weight.add_(dw)  # the next layer's keys and residual see this update
             deltas[name], written[name] = dw, keys
         clock("update")
-        _, h_end = keys_and_outputs(model, top, top, batch, len(contexts))
-        reached = 1 - (target - h_end).norm() / delta.norm().clamp(min=1e-12)
+        h_end = keys_and_outputs(model, top, top, batch, len(contexts))[2]
+        reached = 1 - (target - h_end).norm() / (target - h_top).norm().clamp(min=1e-12)
     finally:
         with torch.no_grad():
             for name, orig in originals.items():
@@ -221,16 +216,73 @@ def mass_edit(model: Model, requests: Sequence[EditRequest], hp: MEMITHparams, m
 @torch.no_grad()
 def keys_and_outputs(
     model: Model, layer: int, top: int, batch: FactBatch, n_contexts: int
-) -> tuple[Float[Tensor, "n_facts d_mlp"], Float[Tensor, "n_facts d_model"]]:
-    """In one pass over :func:`~interp_edit.editing.keys.context_batch`'s rows: each fact's
-    k* at ``layer`` (mean over its contexts) and the residual stream after ``top`` at the
-    subject's last token of its prompt alone (context 0)."""
+) -> tuple[Float[Tensor, "n_facts d_mlp"], Float[Tensor, "n_facts d_model"],
+           Float[Tensor, "n_facts d_model"]]:
+    """In one pass over :func:`~interp_edit.editing.keys.context_batch`'s rows, for each fact:
+    its k* at ``layer`` (mean over its contexts), and at the subject's last token of its prompt
+    alone (context 0) what ``layer``'s MLP output matrix writes and the residual stream after
+    ``top``."""
     store: dict[str, Tensor] = {}
-    hooks = [capture(mlp_key_hook(layer), store), capture(resid_hook(top), store)]
-    with hooked(model, hooks):
+    names = (mlp_key_hook(layer), mlp_write_hook(layer), resid_hook(top))
+    with hooked(model, [capture(name, store) for name in names]):
         model.bridge(batch.ids, return_type=None, stop_at_layer=max(layer, top) + 1)
     rows = torch.arange(len(batch.ids), device=batch.ids.device)
-    keys = store[mlp_key_hook(layer)][rows, batch.subject_last].float()  # [rows, d_mlp]
-    resid = store[resid_hook(top)][rows, batch.subject_last].float()  # [rows, d_model]
-    keys = rearrange(keys, "(f c) d -> f c d", c=n_contexts).mean(1)
-    return keys, rearrange(resid, "(f c) d -> f c d", c=n_contexts)[:, 0]
+    keys, written, resid = (
+        rearrange(store[name][rows, batch.subject_last].float(), "(f c) d -> f c d",
+                  c=n_contexts) for name in names)
+    return keys.mean(1), written[:, 0], resid[:, 0]
+
+
+def resid_change(norm: torch.nn.Module | None, written: Float[Tensor, "n d_model"],
+                 delta: Float[Tensor, "n d_model"]) -> Float[Tensor, "n d_model"]:
+    """How the residual stream moves when a layer's MLP output matrix writes
+    ``written + delta`` instead of ``written``: ``delta`` where the MLP output is added as it
+    is, N(written + delta) − N(written) through the layer's post-norm N."""
+    if norm is None:
+        return delta
+    with torch.no_grad():
+        return (norm(written + delta) - norm(written)).float()
+
+
+def written_change(norm: torch.nn.Module | None, written: Float[Tensor, "n d_model"],
+                   resid: Float[Tensor, "n d_model"], steps: int = 8,
+                   damping: float = 1e-2) -> Float[Tensor, "n d_model"]:
+    """The change of what a layer's MLP output matrix writes that moves the residual stream by
+    ``resid``: the inverse of :func:`resid_change`.
+
+    Without a post-norm it is ``resid``. Through an RMS norm N(x) = g ⊙ x / rms(x) the wanted
+    output is y = N(m) + r. N is scale-free, N(c·x) = N(x) for c > 0, so each step writes the
+    wanted output in gain units, u = N(x) ⊘ g + (y − N(x)) ⊘ g, and takes the copy c·u nearest
+    m (c = u·m / u·u: the weights change least), but no shorter than ‖m‖ / 2: v* may turn the
+    output far from m (δ up to 4 ‖W k*‖), where the nearest copy shrinks towards 0 and the
+    norm's ε breaks its scale-freedom. One step is exact when rms(u) = 1 and every
+    gain is large; the division is damped (g / (g² + (damping · rms g)²)), since real post-norms
+    have gains ≈ 0 (Gemma-3-270M) whose coordinates cannot carry the residual, and ``steps``
+    repeats take up what the damping and the rms left (Gauss-Newton on ‖N(x) − y‖). A
+    coordinate of gain ≈ 0 keeps its relative value, and with it its share of the rms, so
+    there the match is close but not exact (``tests/unit/test_memit.py``). Raises
+    :class:`InterpEditError` if N is not an RMS norm (its output not a per-row multiple of
+    g ⊙ m)."""
+    if norm is None:
+        return resid
+    with torch.no_grad():
+        m = written.float()
+        gain = norm(torch.ones_like(m[:1])).float()[0]  # g, up to a factor that c absorbs
+        inverse = gain / (gain.square() + (damping * gain.square().mean().sqrt()).square())
+        want = norm(m).float() + resid.float()
+        x = m
+        for step in range(steps):
+            out = norm(x).float()
+            gx = gain * x
+            a = (out * gx).sum(-1, keepdim=True) / (gx * gx).sum(-1, keepdim=True).clamp(
+                min=1e-30)  # N(x) = a · g ⊙ x
+            if step == 0 and (out - a * gx).norm() > 1e-3 * out.norm():
+                raise InterpEditError(
+                    f"the post-norm {type(norm).__name__} is not an RMS norm (its output is "
+                    "not a per-row multiple of gain × input): the residual cannot be taken "
+                    "back through it")
+            u = a * x + (want - out) * inverse
+            uu = (u * u).sum(-1, keepdim=True).clamp(min=1e-30)
+            nearest = (u * m).sum(-1, keepdim=True) / uu
+            x = torch.maximum(nearest, 0.5 * m.norm(dim=-1, keepdim=True) / uu.sqrt()) * u
+        return x - m

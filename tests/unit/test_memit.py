@@ -6,10 +6,11 @@ import pytest
 import torch
 
 import interp_edit as ie
-from interp_edit.editing import keys, rome, update
+from interp_edit.arch import adapter
+from interp_edit.editing import keys, memit, rome, update
 from interp_edit.editing.stats import second_moment
 from interp_edit.errors import InterpEditError
-from interp_edit.testing import CITIES, wrap_tiny
+from interp_edit.testing import CITIES, fact_model, wrap_tiny
 
 
 @pytest.fixture(autouse=True)
@@ -226,13 +227,74 @@ def test_sequential_alphaedit_keeps_earlier_edits_memit_loses_some(fm, HP):
     assert kept < took, outcome
 
 
-@pytest.mark.parametrize("method", ["memit", "alphaedit"])
+def _post_norm(family, zero_gain, d=24):
+    """The tiny ``family`` model's MLP post-norm with random gains of either sign, one of
+    them 0 if ``zero_gain`` (as Gemma-3-270M has), else all of magnitude ≥ 0.5."""
+    m = wrap_tiny(family, n_layers=1, d_model=d, seed=0)
+    norm = adapter(m).mlp_post_norm(0)
+    g = torch.Generator().manual_seed(1)
+    gain = torch.randn(d, generator=g)
+    gain = torch.where(gain.abs() < 0.5, gain.sign() * 0.5, gain)
+    if zero_gain:
+        gain[0] = 0.0
+    with torch.no_grad():  # Gemma scales by 1 + w, OLMo-2 by w
+        norm.weight.copy_(gain - 1.0 if family == "gemma3" else gain)
+    return norm
+
+
 @pytest.mark.parametrize("family", ["gemma3", "olmo2"])
-def test_post_norm_families_are_refused_before_any_weight_changes(method, family):
-    """MEMIT's residual spread assumes MLP outputs add to the residual stream; a post-norm
-    family (the MLP output normalised again before the add) is refused with a clear error."""
-    m = wrap_tiny(family, n_layers=2, d_model=32, seed=0)
+def test_written_change_takes_the_residual_back_through_the_post_norm(family):
+    """A residual change N(m + δ) − N(m) that the post-norm N can reach is taken back to a
+    write whose output equals it, with the least change among the scale-equivalent writes;
+    with a gain of 0 it is matched to within 5% (that coordinate keeps its relative value,
+    and with it its share of the rms); no norm is the identity; a LayerNorm is refused."""
+    g = torch.Generator().manual_seed(2)
+    m = torch.randn(5, 24, generator=g) * 3
+    delta = torch.randn(5, 24, generator=g)
+    for zero_gain, tol in ((False, 1e-4), (True, 5e-2)):
+        norm = _post_norm(family, zero_gain)
+        r = memit.resid_change(norm, m, delta)
+        change = memit.written_change(norm, m, r)
+        with torch.no_grad():
+            miss = (norm(m + change) - norm(m) - r).norm(dim=1) / r.norm(dim=1)
+            assert float(miss.max()) < tol, (zero_gain, miss)
+            if not zero_gain:  # the same output from a scaled copy is farther from m
+                for c in (0.5, 0.9, 1.1, 2.0):
+                    far = (c * (m + change) - m).norm(dim=1)
+                    assert bool((far >= change.norm(dim=1) - 1e-5).all())
+                assert bool((change.norm(dim=1) <= delta.norm(dim=1) + 1e-5).all())
+    assert memit.written_change(None, m, r) is r and memit.resid_change(None, m, delta) is delta
+    with pytest.raises(InterpEditError, match="not an RMS norm"):
+        memit.written_change(torch.nn.LayerNorm(24), m, r)
+
+
+@pytest.mark.parametrize("method", ["memit", "alphaedit"])
+def test_post_norm_family_reaches_its_target(fact_corpus, method):
+    """On the fact model of a post-norm family (Gemma 3), the spread through each layer's
+    post-norm lands the residual stream on z: one fact at one layer with λ = 0 (to 0.5%), a
+    batch over two layers most of the way (0.80 here); every edited fact moves towards its
+    new object (p(new) up, p(true) down). The facts do not flip: on this tiny model a
+    post-normed MLP output at the subject cannot outweigh the rest of the stream, and ROME
+    at the same layer fails to flip them too. Undo is bit-exact."""
+    fmg = fact_model(family="gemma3")
+    m = fmg.model
+    hp = dict(n_prefixes=0, v_steps=100, v_nll_stop=0.01, v_weight_decay=0.01, v_lr=1.0,
+              corpus=str(fact_corpus), stats_tokens=2000, precision="fp32")
+    reqs = _city_requests(fmg)
     before = _weights(m)
-    with pytest.raises(InterpEditError, match="post-norm"):
-        ie.edit(m, [ie.EditRequest("{} lives in", "s0", "s1")], method=method, layers=(0,))
+
+    def probs():
+        return torch.stack([m.next_token_probs([r.text, r.text], [r.target_true, r.target_new])
+                            for r in reqs[:4]])
+
+    p0 = probs()
+    if method == "memit":
+        with ie.edit(m, reqs[0], method="memit", layers=(1,), mom2_update_weight=0.0,
+                     **hp) as e:
+            assert e.info["target_reached"] > 0.995, e.info["target_reached"]
+    extra = dict(mom2_update_weight=0.0) if method == "memit" else dict(alpha=1e-3)
+    with ie.edit(m, reqs[:4], method=method, layers=(0, 1), **hp, **extra) as e:
+        assert e.info["target_reached"] > 0.7, e.info["target_reached"]
+        p1 = probs()
+        assert bool((p1[:, 1] > p0[:, 1]).all() and (p1[:, 0] < p0[:, 0]).all()), (p0, p1)
     assert _same(m, before)
