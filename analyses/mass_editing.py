@@ -1,4 +1,4 @@
-"""MEMIT and AlphaEdit on the default model: one batch, and a sequential stream of batches.
+"""MEMIT and AlphaEdit on a built-in model: one batch, and a sequential stream of batches.
 
 From the edit stream ``counterfact-edit.json`` (the first records the model knows), through
 ``ie.evaluate``:
@@ -14,12 +14,14 @@ v* depends only on the facts, the v* settings and the weights: while no edit is 
 runs share each fact's δ (:func:`share_vstar`; the batched optimisation gives every fact its
 one-at-a-time δ, see ``tests/unit/test_vstar.py``), so the batch runs of both methods and the
 first batch of each stream optimise it once. Each run's report is written as soon as it ends
-(``results/studies/mass_editing/smollm2-135m/<run>.json``, committed) and a finished run is not
+(``results/studies/mass_editing/<model>/<run>.json``, committed; ``--model`` picks a
+built-in model other than the default) and a finished run is not
 redone; a sequential run stopped with Ctrl-C resumes from its saved batch edits (beside the
 report, not committed). Prints one markdown table; ``--plot`` draws the sequential curves;
 ``--collect`` computes nothing and shows the reports on disk, a stopped stream by its curve.
 
     python analyses/mass_editing.py --n 100 --batch 20 --batches 5
+    python analyses/mass_editing.py --model gemma-3-270m --n 100 --batches 0
 """
 
 from __future__ import annotations
@@ -151,6 +153,8 @@ def plot(reports: dict[str, EvalReport], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None,
+                    help="built-in model name (default: the default model, smollm2-135m)")
     ap.add_argument("--n", type=int, default=100, help="facts in the one-batch edit")
     ap.add_argument("--batch", type=int, default=20, help="facts per batch of the stream")
     ap.add_argument("--batches", type=int, default=5, help="batches in the stream")
@@ -163,8 +167,8 @@ def main() -> None:
     ap.add_argument("--fluency", action="store_true", help="n-gram entropy at checkpoints")
     ap.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE",
                     help="editor hyperparameter for every run")
-    ap.add_argument("--out", type=Path,
-                    default=ROOT / "results" / "studies" / "mass_editing" / "smollm2-135m")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="reports (default: results/studies/mass_editing/<model>)")
     ap.add_argument("--plot", type=Path, default=None, help="draw the stream curves here")
     ap.add_argument("--collect", action="store_true",
                     help="compute nothing: table, summary and plot of the reports on disk "
@@ -174,11 +178,14 @@ def main() -> None:
     args = ap.parse_args()
     from interp_edit.cli.evaluate import parse_hparams
 
+    args.out = args.out or ROOT / "results" / "studies" / "mass_editing" / (
+        args.model or "smollm2-135m")
     args.corpus = args.corpus or str(args.data / "wikitext-2" / "valid.txt")
     torch.set_num_threads(1)
     enable_ctrl_c()
     args.out.mkdir(parents=True, exist_ok=True)
-    model = None if args.collect else ie.load_model()
+    model = None if args.collect else (ie.load_model(args.model) if args.model
+                                        else ie.load_model())
     if model is not None:
         share_vstar(model)
     if args.spectrum:
