@@ -184,8 +184,7 @@ def main() -> None:
     torch.set_num_threads(1)
     enable_ctrl_c()
     args.out.mkdir(parents=True, exist_ok=True)
-    model = None if args.collect else (ie.load_model(args.model) if args.model
-                                        else ie.load_model())
+    model = None if args.collect else ie.load_model(args.model)  # None: the default
     if model is not None:
         share_vstar(model)
     if args.spectrum:

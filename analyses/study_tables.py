@@ -13,16 +13,16 @@ import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "results" / "studies"
-METHODS = ("none", "ft", "ft-l", "ike", "rome", "mend", "memit", "alphaedit")  # table order
+# each method's table label, in table order
+LABELS = {"none": "no edit", "ft": "FT", "ft-l": "FT-L", "ike": "IKE", "rome": "ROME",
+          "mend": "MEND", "memit": "MEMIT", "alphaedit": "AlphaEdit"}
+METHODS = tuple(LABELS)
 COLUMNS = {
     "editors": ("efficacy", "paraphrase", "neighborhood", "unchanged_top1"),
     "probes": ("efficacy", "paraphrase", "neighborhood", "reverse", "reverse_gap",
                "portability", "portability_gap"),
 }
 
-
-LABELS = {"none": "no edit", "ike": "IKE", "ft": "FT", "ft-l": "FT-L", "rome": "ROME",
-          "mend": "MEND", "memit": "MEMIT", "alphaedit": "AlphaEdit"}
 
 def _cell(agg: dict, metric: str, show_n: bool) -> str:
     m = agg.get(metric)

@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--redraw", action="store_true", help="only redraw from the editor")
     args = parser.parse_args()
 
-    model = ie.load_model(args.model) if args.model else ie.load_model()
+    model = ie.load_model(args.model)  # None: the default model
     results = RESULTS / args.model if args.model else RESULTS
     figures = ROOT / "figures" / ("mend_training" + (f"-{args.model}" if args.model else ""))
     path = default_editor_path(model)
