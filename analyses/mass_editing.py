@@ -27,6 +27,8 @@ report, not committed). Prints one markdown table; ``--plot`` draws the sequenti
 from __future__ import annotations
 
 import argparse
+import json
+import time
 from pathlib import Path
 
 import torch
@@ -42,24 +44,67 @@ CURVE = ("efficacy", "paraphrase", "neighborhood", "perplexity", "fluency")
 
 
 def share_vstar(model) -> None:
-    """Memoise each fact's δ, per layer and v* settings, while ``model`` has no edit applied."""
-    from interp_edit.editing import memit
-    from interp_edit.editing.base import applied_edits
+    """Memoise each fact's δ on disk, per weights, layer, contexts and v* settings.
 
-    real, memo = memit.optimise_in_groups, {}
+    An entry is one safetensors file under the user cache dir
+    (``vstar/<model fingerprint>/<key>.safetensors``, the loss curve in its header), keyed by
+    :attr:`~interp_edit.models.Model.weights_key` (so a δ computed while edits are applied is
+    only served to the same edited weights), the layer, the fact, the context prefixes and the
+    :class:`~interp_edit.editing.vstar.VOptions`; checked when read, a damaged entry is
+    recomputed. So the runs of one invocation share δ, a stopped run resumes without
+    optimising again, and ``--vstar-shard`` processes can fill the cache side by side before
+    a large batch."""
+    from dataclasses import asdict
+
+    from interp_edit._cache import cache_dir, stable_hash
+    from interp_edit._files import load_cached, read_safetensors, save_safetensors
+    from interp_edit.editing import memit
+
+    real = memit.optimise_in_groups
+    root = cache_dir("vstar", model.fingerprint)
+
+    def load(path: Path):
+        tensors, meta = read_safetensors(path)
+        info = json.loads(meta["info"])
+        if meta.get("key") != path.stem or tensors["delta"].shape != (model.d_model,):
+            raise ValueError("not this entry's key or shape")
+        return tensors["delta"], info
 
     def shared(m, layer, facts, v0, contexts, opts, group):
-        if applied_edits(m):
-            return real(m, layer, facts, v0, contexts, opts, group)
-        keys = [(layer, f, tuple(contexts), opts) for f in facts]
-        todo = [i for i, k in enumerate(keys) if k not in memo]
+        keys = [stable_hash([m.weights_key, layer, list(f), list(contexts), asdict(opts)])
+                for f in facts]
+        found = [load_cached(root / f"{k}.safetensors", load) for k in keys]
+        todo = [i for i, x in enumerate(found) if x is None]
         if todo:
             d, info = real(m, layer, [facts[i] for i in todo], v0[todo], contexts, opts, group)
             for j, i in enumerate(todo):
-                memo[keys[i]] = (d[j], info[j])
-        return torch.stack([memo[k][0] for k in keys]), [memo[k][1] for k in keys]
+                found[i] = (d[j], info[j])
+                save_safetensors({"delta": d[j].float()}, root / f"{keys[i]}.safetensors",
+                                 metadata={"key": keys[i], "info": json.dumps(info[j])})
+        dev = v0.device
+        return (torch.stack([x[0].to(dev, v0.dtype) for x in found]), [x[1] for x in found])
 
     memit.optimise_in_groups = shared
+
+
+def vstar_shard(model, records, n: int, shard: str, hp: dict) -> None:
+    """Fill the δ cache for shard ``i/k`` of the ``n`` facts the batch runs edit (every k-th,
+    from the i-th): one MEMIT edit of those facts at the top layer of the range alone (δ is
+    optimised there; the keys of one layer cost little), undone at once."""
+    from interp_edit.editing.base import make_hparams
+    from interp_edit.evaluation import harness, streams
+
+    i, k = (int(x) for x in shard.split("/"))
+    chosen, _ = streams.select(model, records, n, harness._skip_reason)
+    requests = [rec.request for rec, _ in chosen][i::k]
+    top = make_hparams("memit", **hp).layers[-1]
+    hp = {**hp, "layers": (top,)}
+    print(f"shard {shard}: optimising δ of {len(requests)} of {len(chosen)} facts", flush=True)
+    t0 = time.perf_counter()
+    for lo in range(0, len(requests), 50):  # a stopped shard keeps what it finished
+        ie.edit(model, requests[lo:lo + 50], method="memit", **hp).undo()
+        print(f"shard {shard}: {lo + len(requests[lo:lo + 50])} done, "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
 
 
 def run(model, records, name: str, out: Path, method: str, collect: bool = False,
@@ -173,6 +218,9 @@ def main() -> None:
     ap.add_argument("--collect", action="store_true",
                     help="compute nothing: table, summary and plot of the reports on disk "
                          "(an interrupted stream shows its curve so far)")
+    ap.add_argument("--vstar-shard", default=None, metavar="I/K",
+                    help="only fill the δ cache for every K-th of the --n batch facts from "
+                         "the I-th (run K of these side by side before a large batch)")
     ap.add_argument("--spectrum", action="store_true",
                     help="only print the key statistics' spectrum at MEMIT's default layers")
     args = ap.parse_args()
@@ -194,6 +242,9 @@ def main() -> None:
         return
     records = None if args.collect else ie.load_counterfact(args.data / "counterfact-edit.json")
     hp = {"corpus": args.corpus, **parse_hparams(args.hparam)}
+    if args.vstar_shard:
+        vstar_shard(model, records, args.n, args.vstar_shard, hp)
+        return
     reports: dict[str, EvalReport] = {}
     for method in args.methods.split(","):
         if args.n:

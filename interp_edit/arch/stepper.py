@@ -270,6 +270,14 @@ class Stepper:
         q = q.transpose(1, 2)
         return q, k, v
 
+    def attention_output(self, j: int, q: Tensor, keys: Tensor, values: Tensor
+                         ) -> Float[Tensor, "batch pos d_model"]:
+        """Layer ``j``'s attention for queries ``q`` over ``keys``/``values`` (as
+        :meth:`attention_inputs` returns them), through the output projection: the attention
+        output before any post-attention norm."""
+        z = self._attend(j, q, keys, values)
+        return self._linear(self.layers[j].o, rearrange(z, "b h p d -> b p (h d)"))
+
     def layer(
         self,
         j: int,
@@ -300,8 +308,7 @@ class Stepper:
             keys, values = cache[0][:, :, :end], cache[1][:, :, :end]
         elif past is not None:
             keys, values = torch.cat((past[0], k), 2), torch.cat((past[1], v), 2)
-        z = self._attend(j, q, keys, values)
-        a = self._linear(lay.o, rearrange(z, "b h p d -> b p (h d)"))
+        a = self.attention_output(j, q, keys, values)
         a = _apply(_norm(lay.attn_out_norm, a), patches.get("attn"))
         own = x[:, -1:] if last_only else x
         mid = own + a

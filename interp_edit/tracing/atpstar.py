@@ -26,8 +26,10 @@ The cost over the plain screen: the keys and values of every cell's input at eve
 layer (``n_layers^2 / 2`` rows per token and sample, of the two small projections) and the
 exact trace of the last token. Like every screen it is an estimate: the column at ``t`` is
 not re-run (its own MLPs' response to the restored state is missed), and what the attention
-outputs do downstream is linear. It needs the layer stepper and a plain attention
-(:func:`supported`).
+outputs do downstream is linear. Softcapped scores and sliding windows (Gemma 2/3) are read
+exactly as the layer computes them; where a norm follows the attention's output projection
+(Gemma 2/3, OLMo-2) the change of the projection's output is taken through that norm to
+first order (:func:`_through_norm`). It needs the layer stepper (:func:`supported`).
 """
 
 from __future__ import annotations
@@ -61,23 +63,27 @@ def read_effects(
         prefix[k] = torch.cumsum(torch.stack([torch.zeros_like(deltas[0])] + deltas), 0)
     for layer in range(1, L):
         x = run.x[layer][rows]
-        q, k, v, grad_z, scale = _attention(stepper, layer, x, run, grad_attn[layer][rows])
+        q, k, v, grad_z = _attention(stepper, layer, x, run, grad_attn[layer][rows])
+        lay = stepper.layers[layer]
         for kind in kinds:
             cells = [c for c, span in enumerate(spans[kind]) if span.start < layer]
             ends = torch.tensor([min(spans[kind][c].stop, layer) for c in cells])
             starts = torch.tensor([spans[kind][c].start for c in cells])
             change = prefix[kind][ends] - prefix[kind][starts]  # [cells, S, T, d]
             k_new, v_new = _keys_values(stepper, layer, x[None] + change)
-            effect = estimates.attention_reads(q, k, v, grad_z, k_new, v_new, scale)
+            effect = estimates.attention_reads(q, k, v, grad_z, k_new, v_new, lay.scaling,
+                                               softcap=lay.softcap, window=lay.window)
             out[kind][:, :, cells] += rearrange(effect, "s c t -> s t c").float().cpu()
     return out
 
 
 def _attention(stepper: Stepper, layer: int, x: Tensor, run: RunCache, grad_a: Tensor
-               ) -> tuple[Tensor, Tensor, Tensor, Tensor, float]:
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Layer ``layer``'s queries, keys, values (query heads, after the rotary embedding)
     ``[S, heads, pos, d_head]`` on the corrupted rows, and the gradient at each head's
-    attention output (before the output projection), from the one at its output."""
+    attention output (before the output projection), from the one at the layer's attention
+    output. Where a norm follows the output projection (Gemma 2/3, OLMo-2) the gradient is
+    taken back through it at the corrupted run's projection output (first order in it)."""
     lay, H = stepper.layers[layer], stepper.n_heads
     rows = slice(1, 1 + x.shape[0])
     q = stepper.attention_inputs(layer, x)[0]
@@ -85,8 +91,23 @@ def _attention(stepper: Stepper, layer: int, x: Tensor, run: RunCache, grad_a: T
             for a in (run.k[layer], run.v[layer]))
     full = grad_a.new_zeros(x.shape[0], x.shape[1], grad_a.shape[-1])
     full[:, x.shape[1] - grad_a.shape[1]:] = grad_a  # the last layer: its last position only
+    if lay.attn_out_norm is not None:
+        full = _through_norm(stepper, layer, q, run.k[layer][rows], run.v[layer][rows], full)
     grad_z = rearrange(full.float() @ lay.o.weight.float(), "s p (h d) -> s h p d", h=H)
-    return q.float(), k.float(), v.float(), grad_z, lay.scaling
+    return q.float(), k.float(), v.float(), grad_z
+
+
+def _through_norm(stepper: Stepper, layer: int, q: Tensor, keys: Tensor, values: Tensor,
+                  grad: Float[Tensor, "S pos d_model"]) -> Float[Tensor, "S pos d_model"]:
+    """``grad`` (at the output of layer ``layer``'s post-attention norm) taken back to the
+    norm's input, the output projection's output of the run that ``q``, ``keys``,
+    ``values`` describe: the vector-Jacobian product of the norm there."""
+    a = stepper.attention_output(layer, q, keys, values).detach()
+    with torch.enable_grad():
+        a.requires_grad_(True)
+        out = stepper.layers[layer].attn_out_norm(a)
+        (back,) = torch.autograd.grad(out, a, grad.to(out.dtype))
+    return back.float()
 
 
 def _keys_values(stepper: Stepper, layer: int, x: Float[Tensor, "cells S pos d"]
@@ -102,13 +123,9 @@ def _keys_values(stepper: Stepper, layer: int, x: Float[Tensor, "cells S pos d"]
 
 
 def supported(model) -> bool:
-    """Whether ``"atpstar"`` runs on ``model``: on the layer stepper, for families whose
-    attention is a plain causal softmax read through the output projection alone (no
-    softcapping, sliding window or norm after the attention)."""
-    if not Stepper.usable(model):
-        return False
-    return all(lay.softcap is None and lay.window is None and lay.attn_out_norm is None
-               for lay in Stepper(model, 1).layers)
+    """Whether ``"atpstar"`` runs on ``model``: on the layer stepper (every family its
+    adapter knows; softcapped scores, sliding windows and post-attention norms included)."""
+    return Stepper.usable(model)
 
 
 def last_token_exact(inputs: TraceInputs, kinds, window: int, progress

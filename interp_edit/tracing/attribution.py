@@ -146,10 +146,9 @@ def run(inputs: TraceInputs, kinds, *, window, sever, cells, progress, precision
     clean_pass=False)``): the screen runs its own. ``estimate``: see the module docstring."""
     name, steps = parse_estimate(estimate)
     if name == "atpstar" and not atpstar.supported(inputs.model):
-        raise InterpEditError("estimate='atpstar' needs the layer stepper (no hooks "
-                              "installed) and a plain causal attention (no softcapping, "
-                              "sliding window or post-attention norm): use 'logodds' or "
-                              "'ig'")
+        raise InterpEditError("estimate='atpstar' needs the layer stepper (a family the "
+                              "architecture adapters know, no hooks installed): use "
+                              "'logodds' or 'ig'")
     g = gradient_pass(inputs, [1 - i / steps for i in range(steps)], precision)
     if name == "atpstar":
         traced = atpstar.run(inputs, g, kinds, window=window, progress=progress,

@@ -101,6 +101,7 @@ def attention_reads(
     v: Float[Tensor, "samples heads pos d_head"], grad_z: Float[Tensor, "samples heads pos d_head"],
     k_new: Float[Tensor, "samples cells pos heads d_head"],
     v_new: Float[Tensor, "samples cells pos heads d_head"], scale: float,
+    softcap: float | None = None, window: int | None = None,
 ) -> Float[Tensor, "samples cells pos"]:
     """First order in one attention layer's outputs, with the softmax recomputed exactly:
     for each cell and key position ``t``, replace position ``t``'s key and value by
@@ -112,16 +113,26 @@ def attention_reads(
     ``z' = (z - a v_t + a e^s v'_t) / (1 - a + a e^s)``. Linearizing the softmax instead
     misses a key that the corrupted query barely attends to but the restored one would
     (the attention saturation of Kramar et al. 2024, AtP*). Queries at ``t`` itself are
-    left out (their position holds the restoration: the caller's)."""
+    left out (their position holds the restoration: the caller's). ``softcap``: the scores
+    pass through ``c tanh(s / c)`` (Gemma 2), so ``s`` is the change of the capped score;
+    ``window``: a sliding window (query ``i`` sees keys ``i - window < j <= i``), a key out
+    of a query's window changes nothing there."""
     T = q.shape[2]
-    scores = torch.einsum("shqd,shkd->shqk", q, k) * scale
+
+    def capped(x: Tensor) -> Tensor:
+        return x if softcap is None else torch.tanh(x / softcap) * softcap
+
+    raw = torch.einsum("shqd,shkd->shqk", q, k) * scale
+    scores = capped(raw)
     causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    if window is not None:
+        causal &= ~torch.ones_like(causal).tril(-window)
     logA = scores.masked_fill(~causal, float("-inf")).log_softmax(-1).double()  # [s h q t]
     gz = (grad_z * (logA.exp().float() @ v)).sum(-1).double()  # grad . z per query
     gv = torch.einsum("shqd,shtd->shqt", grad_z, v).double()  # grad(query) . v_t
     gv_new = torch.einsum("shqd,scthd->schqt", grad_z, v_new).double()
-    ds = (torch.einsum("shqd,scthd->schqt", q, k_new)
-          - torch.einsum("shqd,shtd->shqt", q, k)[:, None]).double() * scale
+    ds = (capped(torch.einsum("shqd,scthd->schqt", q, k_new) * scale)
+          - scores[:, None]).double()
     log_w = (logA[:, None] + ds).clamp_max(700.0)  # log(a e^s)
     a, w = logA.exp()[:, None], log_w.exp()
     change = (gz[:, None, ..., None] - a * gv[:, None] + w * gv_new) / (1 - a + w) \
