@@ -10,10 +10,11 @@ From the edit stream ``counterfact-edit.json`` (the first records the model know
   of every fact edited so far, WikiText-2 perplexity and (``--fluency``) n-gram entropy; then
   the whole stream is undone and the weights are checked bit for bit.
 
-v* depends only on the facts, the v* settings and the weights: while no edit is applied the
-runs share each fact's δ (:func:`share_vstar`; the batched optimisation gives every fact its
-one-at-a-time δ, see ``tests/unit/test_vstar.py``), so the batch runs of both methods and the
-first batch of each stream optimise it once. Each run's report is written as soon as it ends
+v* depends only on the facts, the v* settings and the weights: the runs share each fact's δ
+through a cache on disk keyed by all three (:func:`share_vstar`; the batched optimisation
+gives every fact its one-at-a-time δ, see ``tests/unit/test_vstar.py``), so the batch runs of
+both methods and the first batch of each stream optimise it once, and a large batch can have
+its δ optimised beforehand by ``--vstar-shard I/K`` processes side by side. Each run's report is written as soon as it ends
 (``results/studies/mass_editing/<model>/<run>.json``, committed; ``--model`` picks a
 built-in model other than the default) and a finished run is not
 redone; a sequential run stopped with Ctrl-C resumes from its saved batch edits (beside the
@@ -22,6 +23,9 @@ report, not committed). Prints one markdown table; ``--plot`` draws the sequenti
 
     python analyses/mass_editing.py --n 100 --batch 20 --batches 5
     python analyses/mass_editing.py --model gemma-3-270m --n 100 --batches 0
+    python analyses/mass_editing.py --n 1000 --vstar-shard 0/2 &    # δ of half the facts ...
+    python analyses/mass_editing.py --n 1000 --vstar-shard 1/2      # ... and of the other half
+    python analyses/mass_editing.py --n 1000 --batches 0            # then the batch itself
 """
 
 from __future__ import annotations

@@ -106,6 +106,7 @@ def run_stream(model: Model, chosen: list[tuple[EditRecord, dict]], method: str,
     done = int(resume.info.get("batches_done", 0)) if resume is not None else 0
     rows = list(resume.rows) if resume is not None else []
     curve = list(resume.info.get("curve", [])) if resume is not None else []
+    edits = list(resume.info.get("edit_info", [])) if resume is not None else []
     run = _Stream(model, opts, fluency_tokens, chosen)
     before = {k: v.detach().clone() for k, v in model.hf_model.named_parameters()}
     applied: list[AppliedEdit] = []
@@ -122,6 +123,7 @@ def run_stream(model: Model, chosen: list[tuple[EditRecord, dict]], method: str,
             e = edit(model, [r.request for r, _ in batch], method, **hparams)
             seconds = time.perf_counter() - t0
             run.save(e, b)
+            edits.append(edit_summary(e, b, seconds))
             if opts.sequential:
                 applied.append(e)
                 if (b + 1) % opts.every == 0 or b == len(batches) - 1:
@@ -154,10 +156,21 @@ def run_stream(model: Model, chosen: list[tuple[EditRecord, dict]], method: str,
         raise InterpEditError("undoing the stream did not restore the weights bit for bit")
     info = {"protocol": "sequential" if opts.sequential else "batch", **opts.settings(),
             "batches": len(batches), "batches_done": done, "interrupted": interrupted,
-            "undo_bit_exact": exact, "edits_dir": opts.edits_dir}
+            "undo_bit_exact": exact, "edits_dir": opts.edits_dir, "edit_info": edits}
     if opts.sequential:
         info["curve"] = curve
     return rows, info
+
+
+def edit_summary(e: AppliedEdit, batch: int, seconds: float) -> dict[str, Any]:
+    """What a batch's edit recorded about itself, small enough for a report: its scalar
+    details (MEMIT's ``target_reached``, ROME's ``layer``), the layer range and why, and the
+    editor's timings."""
+    info = {k: v for k, v in e.info.items() if isinstance(v, (bool, int, float, str))}
+    for key in ("layers", "timings", "resid_norm"):
+        if key in e.info:
+            info[key] = e.info[key]
+    return {"batch": batch, "seconds": round(seconds, 2), **info}
 
 
 def _row(rec: EditRecord, pre: dict, post: dict, batch: int) -> dict[str, Any]:

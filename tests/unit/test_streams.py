@@ -44,6 +44,10 @@ def test_batch_protocol_measures_each_batch_then_undoes(fm, HP):
     assert sum(r["efficacy"] for r in rep.rows) >= 4  # the batch edits take
     assert all(0 <= r["unchanged_top1"] <= 1 for r in rep.rows)
     assert all(torch.equal(before[k], v) for k, v in _weights(m).items())
+    # each batch's edit summarised in the report: its range, how far it got, its time
+    assert [e["batch"] for e in rep.info["edit_info"]] == [0, 1]
+    assert all(e["layers"] == [0] and e["n_facts"] in (4, 2) and 0 < e["target_reached"] <= 1
+               and e["seconds"] > 0 for e in rep.info["edit_info"])
 
 
 def test_sequential_stream_curve_undo_and_resume(fm, HP, fact_corpus, tmp_path, monkeypatch):
@@ -78,6 +82,7 @@ def test_sequential_stream_curve_undo_and_resume(fm, HP, fact_corpus, tmp_path, 
     assert [p["efficacy"] for p in resumed.info["curve"]] == [p["efficacy"] for p in curve]
     assert [p["perplexity"] for p in resumed.info["curve"]] == [p["perplexity"] for p in curve]
     assert resumed.rows == full.rows
+    assert [e["batch"] for e in resumed.info["edit_info"]] == [0, 1, 2]
     with pytest.raises(InterpEditError, match="cannot resume"):
         evaluate(m, recs, edits_dir=str(tmp_path / "part"), resume=part,
                  **{**kw, "batch_size": 3})
