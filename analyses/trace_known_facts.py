@@ -1,6 +1,9 @@
 """Causal tracing of the default model over ROME's known facts: figures and a peak table.
 
     .venv/bin/python analyses/trace_known_facts.py --limit 60
+    .venv/bin/python analyses/trace_known_facts.py --model gemma-3-270m --window 3 \
+        --executor ray --cache-dir results/studies/known_facts/gemma-3-270m/traces \
+        --out figures/known_facts/gemma-3-270m
 
 Regenerates, from scratch, into figures/:
   trace_example.png/.pdf         hidden state | MLP | attention heatmaps of one fact (ROME Fig. 1)
@@ -36,14 +39,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--limit", type=int, default=None, help="trace only the first N facts")
     p.add_argument("--samples", type=int, default=10, help="noise samples per trace (ROME: 10)")
     p.add_argument("--out", type=Path, default=ROOT / "figures")
-    p.add_argument("--cache-dir", type=Path, default=None, help="per-fact trace cache")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="per-fact traces (default: the user cache; the study keeps them in "
+                        "results/studies/known_facts/<model>/traces)")
+    p.add_argument("--model", default=None, help="built-in model name (default: the default)")
+    p.add_argument("--window", type=int, default=10, help="MLP/attention window (ROME: 10)")
+    p.add_argument("--executor", choices=("local", "ray"), default="local")
+    p.add_argument("--workers", type=int, default=None, help="Ray workers (default: CPUs)")
+    p.add_argument("--address", default=None, help="an existing Ray cluster")
     args = p.parse_args(argv)
 
     t0, started = time.perf_counter(), time.time()
-    model = ie.load_model()
+    model = ie.load_model(args.model)  # None: the default model
     facts = ie.load_known_facts(args.path)
     avg = ie.trace_dataset(model, facts, kinds="all", sever=True, limit=args.limit,
-                           samples=args.samples, noise="s3", cache_dir=args.cache_dir)
+                           samples=args.samples, noise="s3", window=args.window,
+                           cache_dir=args.cache_dir, executor=args.executor,
+                           workers=args.workers, address=args.address)
     minutes = (time.perf_counter() - t0) / 60
     traces = [Path(avg.trace_dir) / fact_file(*fact, c) for c in avg.conditions
               for fact in zip(avg.prompts, avg.subjects, avg.targets)]
