@@ -108,7 +108,7 @@ def test_atpstar_takes_the_attention_change_through_the_post_norm():
     for a small ``dz``, to first order (the error falls with the square of the step)."""
     from interp_edit.arch.stepper import Stepper
     from interp_edit.arch.tiny import tiny_model
-    from interp_edit.tracing.atpstar import _attention, _through_norm  # noqa: F401
+    from interp_edit.tracing.atpstar import _through_norm
 
     model = tiny_model("gemma3")
     T = 6
