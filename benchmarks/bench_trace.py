@@ -373,12 +373,14 @@ def attribution_table(model, facts: list[dict], samples: int,
     per_kind, ranks, hits, near5, peaks, near, wide = ({key: [] for key in keys}
                                                        for _ in range(7))
     seconds = {"exact": 0.0, **{p: 0.0 for p in screens}}
+    drops = []  # per fact: how far the corruption moves the answer's probability
     ran = "model"
     for rec in facts:
         kw = dict(target=rec["attribute"], samples=samples, progress=False)
         exact, _, dt = timed(lambda: ie.trace_all(model, rec["prompt"], rec["subject"], **kw))
         seconds["exact"] += dt
         start = exact.resid.subject_range[0]
+        drops.append(exact.resid.high_score - exact.resid.low_score)
         for p, options in screens.items():
             approx, _, dt = timed(lambda: ie.trace_all(
                 model, rec["prompt"], rec["subject"], **options, **kw))
@@ -399,7 +401,7 @@ def attribution_table(model, facts: list[dict], samples: int,
         rs = "; ".join(f"{p}: " + " ".join(f"{k} {per_kind[p, k][-1]:.2f}" for k in KINDS)
                        for p in screens)
         print(f"  fact {len(per_kind[sample, 'resid'])}/{len(facts)} {rec['prompt']!r}: "
-              f"r {rs}", flush=True)
+              f"drop {drops[-1]:.3f}, r {rs}", flush=True)
     t_exact = seconds["exact"]
     cost = ", ".join(f"{p} {seconds[p]:.1f} s (1/{t_exact / seconds[p]:.0f})" for p in screens)
     lines = [
@@ -424,6 +426,24 @@ def attribution_table(model, facts: list[dict], samples: int,
                          f"| {sum(peaks[p, k])}/{len(peaks[p, k])} "
                          f"| {sum(near[p, k])}/{len(near[p, k])} "
                          f"| {torch.tensor(wide[p, k]).median().item()} |")
+    d = torch.tensor(drops)
+    strong = torch.zeros(len(d), dtype=torch.bool)
+    strong[d.argsort()[len(d) // 2:]] = True  # the half the corruption moves most
+    lines += [
+        "",
+        f"Pearson r by how far the corruption moves the answer (p clean − p corrupted): mean "
+        f"over the {int(strong.sum())} facts it moves most (drop ≥ {d[strong].min():.3f}) / "
+        f"the {int((~strong).sum())} others.",
+        "",
+        "| screen | " + " | ".join(KINDS) + " |",
+        "|---|" + "---|" * len(KINDS),
+    ]
+    for p in screens:
+        cells = []
+        for k in KINDS:
+            rs = torch.tensor(per_kind[p, k])
+            cells.append(f"{rs[strong].mean():.2f} / {rs[~strong].mean():.2f}")
+        lines.append(f"| {p} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -8,8 +8,10 @@ whatever text precedes the subject (Meng et al. 2022, §3.1).
 - :func:`sample_token_ids`: seeded top-k sampling from the model (prefixes, generated corpora);
 - :func:`context_templates`: ``("{}", "<prefix>. {}", ...)``, cached per model on disk;
 - :func:`encode_facts`: tokenized prompts with the subject's last token and target positions;
+- :func:`at_subject_last`: any activations at the subject's last token, a bounded number of
+  rows per forward pass;
 - :func:`subject_keys` / :func:`key_star` / :func:`keys_star`: the keys at the subject's last
-  token and their mean over the contexts, for one fact or for a batch of facts in one pass.
+  token and their mean over the contexts, for one fact or for a batch of facts.
 """
 
 from __future__ import annotations
@@ -210,15 +212,34 @@ def _count_occurrences(text: str, sub: str) -> int:
     return count
 
 
+ROWS_PER_PASS = 512  # rows of one forward pass when reading activations at the subject
+
+
 @torch.no_grad()
+def at_subject_last(model: Model, names: Sequence[str], batch: FactBatch, stop_at_layer: int,
+                    rows_per_pass: int = ROWS_PER_PASS) -> list[Float[Tensor, "batch d"]]:
+    """Each hook point of ``names`` at every row's subject-last token, from forward passes
+    that stop before block ``stop_at_layer``, over at most ``rows_per_pass`` rows at a time:
+    a batch of a thousand facts in eleven contexts would otherwise hold every position's
+    activation of 11,000 rows at once (gigabytes). The rows keep the batch's padding, and
+    each row's pass is causal and row-independent, so the chunking changes no row's result."""
+    out: dict[str, list[Tensor]] = {name: [] for name in names}
+    for lo in range(0, len(batch.ids), rows_per_pass):
+        ids = batch.ids[lo:lo + rows_per_pass]
+        store: dict[str, Tensor] = {}
+        with hooked(model, [capture(name, store) for name in names]):
+            model.bridge(ids, return_type=None, stop_at_layer=stop_at_layer)
+        rows = torch.arange(len(ids), device=ids.device)
+        last = batch.subject_last[lo:lo + rows_per_pass]
+        for name in names:
+            out[name].append(store[name][rows, last])
+    return [torch.cat(out[name]) for name in names]
+
+
 def subject_keys(model: Model, layer: int, batch: FactBatch) -> Float[Tensor, "batch d_mlp"]:
     """The MLP keys at ``layer`` at each row's subject-last token (the forward stops there)."""
     model._check_layer(layer)
-    store: dict[str, Tensor] = {}
-    with hooked(model, [capture(mlp_key_hook(layer), store)]):
-        model.bridge(batch.ids, return_type=None, stop_at_layer=layer + 1)
-    keys = store[mlp_key_hook(layer)]  # [batch, pos, d_mlp]
-    return keys[torch.arange(len(batch.ids), device=keys.device), batch.subject_last]
+    return at_subject_last(model, [mlp_key_hook(layer)], batch, layer + 1)[0]
 
 
 def key_star(

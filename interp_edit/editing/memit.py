@@ -44,12 +44,12 @@ from interp_edit.editing.base import (
     parameter_name,
     register_editor,
 )
-from interp_edit.editing.keys import FactBatch, context_batch, context_templates
+from interp_edit.editing.keys import (ROWS_PER_PASS, FactBatch, at_subject_last, context_batch,
+                                      context_templates)
 from interp_edit.editing.stats import GENERATED, second_moments
 from interp_edit.editing.update import memit_update
 from interp_edit.editing.vstar import VOptions, optimise_in_groups
 from interp_edit.errors import InterpEditError
-from interp_edit.hooks import capture, hooked
 from interp_edit.models import Model, mlp_key_hook, mlp_write_hook, resid_hook
 from interp_edit.tracing.locate import locate, search_layers
 
@@ -222,14 +222,11 @@ def keys_and_outputs(
     its k* at ``layer`` (mean over its contexts), and at the subject's last token of its prompt
     alone (context 0) what ``layer``'s MLP output matrix writes and the residual stream after
     ``top``."""
-    store: dict[str, Tensor] = {}
     names = (mlp_key_hook(layer), mlp_write_hook(layer), resid_hook(top))
-    with hooked(model, [capture(name, store) for name in names]):
-        model.bridge(batch.ids, return_type=None, stop_at_layer=max(layer, top) + 1)
-    rows = torch.arange(len(batch.ids), device=batch.ids.device)
+    rows_per_pass = max(1, ROWS_PER_PASS // n_contexts) * n_contexts  # whole facts per pass
     keys, written, resid = (
-        rearrange(store[name][rows, batch.subject_last].float(), "(f c) d -> f c d",
-                  c=n_contexts) for name in names)
+        rearrange(act.float(), "(f c) d -> f c d", c=n_contexts)
+        for act in at_subject_last(model, names, batch, max(layer, top) + 1, rows_per_pass))
     return keys.mean(1), written[:, 0], resid[:, 0]
 
 

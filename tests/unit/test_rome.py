@@ -102,6 +102,24 @@ def test_key_star_is_the_mean_over_contexts(fm):
         assert int(batch.subject_last[row]) == span[1] - 1
 
 
+def test_reading_the_subject_a_few_rows_per_pass_changes_no_row(fm):
+    """The bounded-memory reader (a large batch in chunks of rows) gives every row what one
+    pass over all rows gives: the same padding, and each row's pass is its own."""
+    from interp_edit.models import mlp_key_hook, resid_hook
+
+    m, req = fm.model, _req(fm)
+    contexts = keys.context_templates(m, 3, 3)
+    batch = keys.encode_facts(m, [c.format(req.template) for c in contexts], req.subject)
+    names = [mlp_key_hook(1), resid_hook(2)]
+    whole = keys.at_subject_last(m, names, batch, 3, rows_per_pass=len(batch.ids))
+    chunked = keys.at_subject_last(m, names, batch, 3, rows_per_pass=3)
+    assert len(batch.ids) > 3
+    for a, b in zip(whole, chunked):
+        assert a.shape == (len(batch.ids), a.shape[1])
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        assert a.abs().sum() > 0
+
+
 def test_several_requests_apply_sequentially_as_one_edit(fm, HP):
     m = fm.model
     reqs = [_req(fm, 4), _req(fm, 6)]
